@@ -1,0 +1,2 @@
+"""feature-circuits: sparse feature circuits in language models."""
+__version__ = "0.1.0"
