@@ -1,0 +1,414 @@
+"""Contrastive prompt datasets (spec section 8): loading, validation and batching.
+
+A dataset is a JSON Lines file, one example per line::
+
+    {"clean_prefix": "The keys", "patch_prefix": "The key", "clean_answer": " are",
+     "patch_answer": " is", "case": "simple"}
+
+``case`` is optional; other extra keys are allowed and ignored. Every example is validated against
+the tokenizer of the model it will be run on, because the attribution metric reads the logits of the
+answer tokens at the last prefix position:
+
+* both answers must be exactly one token (with ``add_special_tokens=False``), not the unknown token,
+  and different from each other;
+* the answer token must be what actually follows the prefix, i.e.
+  ``tokens(prefix + answer) == tokens(prefix) + [answer token]`` (otherwise a merge across the
+  boundary, or a missing leading space, means the metric would read the wrong token);
+* the clean and patch prefixes must have the same number of tokens (position-aligned patching and
+  aggregation compare position ``t`` of the clean run with position ``t`` of the patch run).
+
+Every error is a :class:`DatasetError` whose message starts with ``path:line:`` (1-based line).
+
+Blank lines: trailing blank lines at the end of the file are ignored (an editor's final newline, or
+several); a blank line *between* examples is reported as an error, since it usually means a line was
+lost or a file was concatenated badly.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from feature_circuits.types import DATA_DIR
+
+if TYPE_CHECKING:  # pragma: no cover
+    import datasets
+
+__all__ = [
+    "Batch",
+    "DatasetError",
+    "Pair",
+    "TokenizedPair",
+    "UnknownDatasetError",
+    "as_hf_dataset",
+    "available_datasets",
+    "load_pairs",
+    "make_batches",
+    "resolve_dataset",
+    "tokenize_pair",
+]
+
+REQUIRED_KEYS = ("clean_prefix", "patch_prefix", "clean_answer", "patch_answer")
+OPTIONAL_KEYS = ("case",)
+SPLITS = ("train", "test")
+
+
+class DatasetError(ValueError):
+    """A malformed dataset line; the message is ``path:line: problem`` (line is 1-based)."""
+
+    def __init__(self, path: str | Path, line: int, problem: str) -> None:
+        self.path = str(path)
+        self.line = int(line)
+        self.problem = problem
+        super().__init__(f"{self.path}:{self.line}: {problem}")
+
+
+class UnknownDatasetError(ValueError):
+    """A dataset name that is neither an existing file nor a shipped dataset."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pair:
+    """One contrastive example. ``source``/``line`` say where it came from (for error messages)."""
+
+    clean_prefix: str
+    patch_prefix: str
+    clean_answer: str
+    patch_answer: str
+    case: str | None = None
+    source: str = "<memory>"
+    line: int = 0
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}"
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """Token ids of a validated :class:`Pair`."""
+
+    clean: tuple[int, ...]
+    patch: tuple[int, ...]
+    clean_answer: int
+    patch_answer: int
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenization checks
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    out = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [int(i) for i in out]
+
+
+def _unk_id(tokenizer: Any) -> int | None:
+    """The unknown-token id, unless it doubles as BOS/EOS/PAD (GPT-NeoX uses <|endoftext|> for all)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return None
+    shared = {getattr(tokenizer, a, None) for a in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return None if unk in shared else int(unk)
+
+
+def _tok_str(tokenizer: Any, ids: Sequence[int]) -> str:
+    return repr(tokenizer.convert_ids_to_tokens(list(ids)))
+
+
+def tokenize_pair(pair: Pair, tokenizer: Any) -> TokenizedPair:
+    """Tokenize and validate one pair; raises :class:`DatasetError` naming ``pair.source:pair.line``."""
+
+    def fail(problem: str) -> DatasetError:
+        return DatasetError(pair.source, pair.line, problem)
+
+    unk = _unk_id(tokenizer)
+    prefixes: dict[str, list[int]] = {}
+    for which in ("clean", "patch"):
+        text = getattr(pair, f"{which}_prefix")
+        ids = _ids(tokenizer, text)
+        if not ids:
+            raise fail(f"{which}_prefix {text!r} tokenizes to no tokens")
+        if unk is not None and unk in ids:
+            raise fail(f"{which}_prefix {text!r} contains the unknown token: {_tok_str(tokenizer, ids)}")
+        prefixes[which] = ids
+    if len(prefixes["clean"]) != len(prefixes["patch"]):
+        raise fail(
+            "clean and patch prefixes have different token lengths "
+            f"({len(prefixes['clean'])} vs {len(prefixes['patch'])}): "
+            f"{_tok_str(tokenizer, prefixes['clean'])} vs {_tok_str(tokenizer, prefixes['patch'])}; "
+            "position-aligned patching needs equal lengths"
+        )
+    answers: dict[str, int] = {}
+    for which in ("clean", "patch"):
+        answer = getattr(pair, f"{which}_answer")
+        ids = _ids(tokenizer, answer)
+        if len(ids) != 1:
+            raise fail(
+                f"{which}_answer {answer!r} is {len(ids)} tokens {_tok_str(tokenizer, ids)}, "
+                "expected exactly one (did you forget or add a leading space?)"
+            )
+        (tok,) = ids
+        if unk is not None and tok == unk:
+            raise fail(f"{which}_answer {answer!r} is the unknown token")
+        # The metric reads the answer logit after the prefix: the answer token must be what the
+        # tokenizer produces after this very prefix (no merge across the boundary).
+        for pwhich in ("clean", "patch"):
+            joined = _ids(tokenizer, getattr(pair, f"{pwhich}_prefix") + answer)
+            expected = prefixes[pwhich] + [tok]
+            if joined != expected:
+                raise fail(
+                    f"{which}_answer {answer!r} does not tokenize as a separate token after the "
+                    f"{pwhich}_prefix: tokens(prefix + answer) = {_tok_str(tokenizer, joined)}, "
+                    f"expected tokens(prefix) + [answer] = {_tok_str(tokenizer, expected)}"
+                )
+        answers[which] = tok
+    if answers["clean"] == answers["patch"]:
+        raise fail(
+            f"clean_answer {pair.clean_answer!r} and patch_answer {pair.patch_answer!r} are the same "
+            "token; the logit-difference metric would be identically zero"
+        )
+    return TokenizedPair(
+        clean=tuple(prefixes["clean"]),
+        patch=tuple(prefixes["patch"]),
+        clean_answer=answers["clean"],
+        patch_answer=answers["patch"],
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _no_duplicate_keys(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in items:
+        if key in seen:
+            raise ValueError(f"duplicate key {key!r}")
+        seen[key] = value
+    return seen
+
+
+def _parse_line(path: Path, lineno: int, raw: bytes) -> Pair:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(path, lineno, f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if not text.strip():
+        raise DatasetError(path, lineno, "blank line between examples")
+    try:
+        obj = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except json.JSONDecodeError as exc:
+        raise DatasetError(path, lineno, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except ValueError as exc:  # duplicate key
+        raise DatasetError(path, lineno, f"invalid JSON object: {exc}") from None
+    if not isinstance(obj, dict):
+        raise DatasetError(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in obj]
+    if missing:
+        raise DatasetError(
+            path, lineno, f"missing key(s) {', '.join(missing)} (required: {', '.join(REQUIRED_KEYS)})"
+        )
+    for key in REQUIRED_KEYS:
+        if not isinstance(obj[key], str):
+            raise DatasetError(path, lineno, f"{key} must be a string, got {type(obj[key]).__name__}")
+    case = obj.get("case")
+    if case is not None and not isinstance(case, str):
+        raise DatasetError(path, lineno, f"case must be a string or null, got {type(case).__name__}")
+    for key in ("clean_prefix", "patch_prefix"):
+        if not obj[key].strip():
+            raise DatasetError(path, lineno, f"{key} is empty")
+    for key in ("clean_answer", "patch_answer"):
+        if not obj[key]:
+            raise DatasetError(path, lineno, f"{key} is empty")
+    return Pair(
+        clean_prefix=obj["clean_prefix"],
+        patch_prefix=obj["patch_prefix"],
+        clean_answer=obj["clean_answer"],
+        patch_answer=obj["patch_answer"],
+        case=case,
+        source=str(path),
+        line=lineno,
+    )
+
+
+def _content_lines(path: Path) -> list[tuple[int, bytes]]:
+    """(1-based line number, raw bytes) of every line up to the last non-blank one."""
+    lines = path.read_bytes().split(b"\n")
+    numbered = [(i + 1, line.rstrip(b"\r")) for i, line in enumerate(lines)]
+    while numbered and not numbered[-1][1].strip():
+        numbered.pop()
+    return numbered
+
+
+def _load(path: str | Path, tokenizer: Any | None, *, skip_invalid: bool, limit: int | None) -> list[Pair]:
+    path = Path(path)
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    lines = _content_lines(path)
+    if not lines:
+        raise DatasetError(path, 1, "dataset file is empty (no examples)")
+    pairs: list[Pair] = []
+    skipped: list[DatasetError] = []
+    for lineno, raw in lines:
+        try:
+            pair = _parse_line(path, lineno, raw)
+            if tokenizer is not None:
+                tokenize_pair(pair, tokenizer)
+        except DatasetError as err:
+            if not skip_invalid:
+                raise
+            skipped.append(err)
+            continue
+        pairs.append(pair)
+        if limit is not None and len(pairs) >= limit:
+            break
+    if skipped:
+        listing = "\n".join(f"  {err}" for err in skipped)
+        warnings.warn(
+            f"{path}: skipped {len(skipped)} invalid line(s), kept {len(pairs)}:\n{listing}",
+            stacklevel=3,
+        )
+    if not pairs:
+        raise DatasetError(path, lines[-1][0], f"no valid examples (all {len(skipped)} lines were invalid)")
+    return pairs
+
+
+def load_pairs(
+    path: str | Path, tokenizer: Any, *, skip_invalid: bool = False, limit: int | None = None
+) -> list[Pair]:
+    """Load and validate a JSON Lines dataset of contrastive pairs (spec section 8).
+
+    Raises :class:`DatasetError` (``path:line: problem``) on the first invalid line, or, with
+    ``skip_invalid=True``, skips invalid lines and emits one :class:`UserWarning` listing each skipped
+    ``path:line: reason`` and their count. ``limit`` keeps the first ``limit`` valid examples (lines
+    after that are not read). A file with no examples is an error either way.
+    """
+    return _load(path, tokenizer, skip_invalid=skip_invalid, limit=limit)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dataset names
+
+
+def available_datasets(data_dir: str | Path | None = None) -> dict[str, list[str]]:
+    """Shipped dataset names mapped to their available splits (from ``<name>_<split>.jsonl`` files)."""
+    data_dir = Path(DATA_DIR if data_dir is None else data_dir)
+    found: dict[str, list[str]] = {}
+    for split in SPLITS:
+        for f in sorted(data_dir.glob(f"*_{split}.jsonl")):
+            found.setdefault(f.name[: -len(f"_{split}.jsonl")], []).append(split)
+    return dict(sorted(found.items()))
+
+
+def resolve_dataset(
+    name_or_path: str | Path, split: str = "train", *, data_dir: str | Path | None = None
+) -> Path:
+    """Turn a dataset name or a path into the path of a ``.jsonl`` file.
+
+    An existing file is used as is (``split`` is then ignored). Otherwise ``name_or_path`` is taken as
+    a shipped dataset name (e.g. ``sva_rc``) and maps to ``DATA_DIR / f"{name}_{split}.jsonl"``.
+    Unknown names raise :class:`UnknownDatasetError` listing the available names and splits.
+    """
+    candidate = Path(name_or_path)
+    if candidate.is_file():
+        return candidate
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    name = str(name_or_path)
+    looks_like_path = candidate.suffix == ".jsonl" or "/" in name or "\\" in name
+    if looks_like_path:
+        raise FileNotFoundError(f"dataset file not found: {candidate}")
+    data_dir = Path(DATA_DIR if data_dir is None else data_dir)
+    target = data_dir / f"{name}_{split}.jsonl"
+    if target.is_file():
+        return target
+    available = available_datasets(data_dir)
+    listing = ", ".join(f"{n} ({'/'.join(s)})" for n, s in available.items()) or "none"
+    if name in available:
+        raise UnknownDatasetError(
+            f"dataset {name!r} has no {split!r} split in {data_dir} (available splits: "
+            f"{', '.join(available[name])})"
+        )
+    raise UnknownDatasetError(
+        f"unknown dataset {name!r}: not an existing file and not a shipped dataset in {data_dir}; "
+        f"available: {listing}"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Batching
+
+
+@dataclass(frozen=True, eq=False)
+class Batch:
+    """Equal-length examples: ``clean``/``patch`` are ``(b, s)`` token ids, answers are ``(b,)``."""
+
+    clean: torch.Tensor
+    patch: torch.Tensor
+    clean_answer: torch.Tensor
+    patch_answer: torch.Tensor
+    pairs: tuple[Pair, ...]
+
+    def __len__(self) -> int:
+        return int(self.clean.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.clean.shape[1])
+
+
+def make_batches(pairs: Iterable[Pair], tokenizer: Any, batch_size: int) -> list[Batch]:
+    """Group pairs into unpadded batches of equal token length.
+
+    No padding is ever used: with rotary position embeddings left padding shifts every position and
+    right padding moves the answer position, and position-aligned aggregation (spec section 6) sums
+    effects at the same position across examples, which is only meaningful when every example in a
+    batch has its tokens at the same positions. So each batch holds examples of a single length.
+
+    Order is deterministic: batches are sorted by length (ascending), and within a length examples
+    keep their original order; each batch has at most ``batch_size`` examples.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    by_len: dict[int, list[tuple[Pair, TokenizedPair]]] = {}
+    for pair in pairs:
+        tok = tokenize_pair(pair, tokenizer)
+        by_len.setdefault(len(tok.clean), []).append((pair, tok))
+    batches: list[Batch] = []
+    for length in sorted(by_len):
+        group = by_len[length]
+        for start in range(0, len(group), batch_size):
+            chunk = group[start : start + batch_size]
+            batches.append(
+                Batch(
+                    clean=torch.tensor([t.clean for _, t in chunk], dtype=torch.long),
+                    patch=torch.tensor([t.patch for _, t in chunk], dtype=torch.long),
+                    clean_answer=torch.tensor([t.clean_answer for _, t in chunk], dtype=torch.long),
+                    patch_answer=torch.tensor([t.patch_answer for _, t in chunk], dtype=torch.long),
+                    pairs=tuple(p for p, _ in chunk),
+                )
+            )
+    return batches
+
+
+# --------------------------------------------------------------------------------------------------
+# Hugging Face datasets
+
+
+def as_hf_dataset(path: str | Path, tokenizer: Any | None = None) -> datasets.Dataset:
+    """Validate ``path`` (schema always; token checks too when ``tokenizer`` is given) and load it as a
+    :class:`datasets.Dataset` with ``datasets.load_dataset("json", ...)``."""
+    import datasets
+
+    path = Path(path)
+    _load(path, tokenizer, skip_invalid=False, limit=None)
+    return datasets.load_dataset("json", data_files=str(path), split="train")
