@@ -119,7 +119,8 @@ def pair_edges(
     dev = gd.f.device
     if e.numel() == 0:
         return torch.sparse_coo_tensor(torch.zeros(5, 0, dtype=torch.long, device=dev),
-                                       torch.zeros(0, dtype=gd.f.dtype, device=dev), shape).coalesce()
+                                       torch.zeros(0, dtype=gd.f.dtype, device=dev), shape,
+                                       check_invariants=False).coalesce()
     saved = edge_forward(loaded, dictionaries, batch.clean, pair, lrp=lrp)
     fu, eu, fd, ed = saved["fu"], saved["eu"], saved["fd"], saved["ed"]
     n_rows = int(rank.max()) + 1
@@ -150,7 +151,7 @@ def pair_edges(
             n_i, su, k = nz[:, 0], nz[:, 1], nz[:, 2]
             all_idx.append(torch.stack([ce[n_i], cp[n_i], cj[n_i], su, k]))
             all_val.append(vals[n_i, su, k])
-    return torch.sparse_coo_tensor(torch.cat(all_idx, 1), torch.cat(all_val), shape).coalesce()
+    return torch.sparse_coo_tensor(torch.cat(all_idx, 1), torch.cat(all_val), shape, check_invariants=False).coalesce()
 
 
 def edge_effects(
