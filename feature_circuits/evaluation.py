@@ -40,6 +40,7 @@ Public API: :class:`CircuitNodes` (what is evaluated), :func:`evaluate_circuit` 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import warnings
@@ -52,7 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .dictionaries import dict_size, encode_with_error
+from .dictionaries import IdentityDictionary, dict_size, encode_with_error
 from .sites import get_activation, set_activation
 from .types import Aggregation, Site, SiteKind
 
@@ -66,6 +67,7 @@ __all__ = [
     "SiteMask",
     "VariantCurve",
     "ablated_metric",
+    "ablated_metrics",
     "compute_means",
     "default_free_layers",
     "default_thresholds",
@@ -423,34 +425,94 @@ def ablated_metric(
 ) -> float:
     """Mean over examples of logit(clean answer) - logit(patch answer) at the last position, in clean
     forwards where every node outside ``masks`` is replaced by its mean (composing in forward order)."""
+    return ablated_metrics(loaded, dictionaries, batches, means, [masks], stack=1, progress=progress)[0]
+
+
+@torch.no_grad()
+def ablated_metrics(
+    loaded: Any,
+    dictionaries: Mapping[str, nn.Module],
+    batches: Sequence[Any],
+    means: Mapping[str, tuple[Tensor, Tensor]],
+    configs: Sequence[Mapping[str, SiteMask | None]],
+    *,
+    stack: int = 1,
+    progress: Any = None,
+) -> list[float]:
+    """:func:`ablated_metric` for several mask configurations; ``stack`` configurations share one
+    forward (the batch is repeated along the batch axis, configuration-major)."""
     lm = loaded.lm
     sites = list(loaded.sites)
     dev = loaded.device
-    dev_masks = {k: None if m is None else (m.f.to(dev), m.err.to(dev)) for k, m in masks.items()}
-    total, n = 0.0, 0
-    for batch in batches:
-        clean, _, ca, pa = _batch_dev(batch, dev)
-        out: dict[str, Any] = {}
-        with lm.trace(clean):
-            for site in sites:
-                mask = dev_masks.get(site.name)
-                if mask is None:
-                    continue
-                keep_f, keep_err = mask
-                mean_f, mean_err = means[site.name]
-                ae = dictionaries[site.name]
-                x = get_activation(lm, site)
-                f, err = encode_with_error(ae, x)
-                f = torch.where(keep_f, f, mean_f)
-                err = torch.where(keep_err, err, mean_err)
-                set_activation(lm, site, ae.decode(f) + err)
-            out["logits"] = lm.output.logits.save()
-        m = _metric(out["logits"], ca, pa)
-        total += float(m.double().sum())
-        n += int(m.shape[0])
-        if progress is not None:
-            progress.update(1)
-    return total / n
+    results = [0.0] * len(configs)
+    n_examples = sum(int(b.clean.shape[0]) for b in batches)
+    stack = max(1, int(stack))
+    for g0 in range(0, len(configs), stack):
+        group = configs[g0 : g0 + stack]
+        k = len(group)
+        # per site: stacked keep masks (k, 1, P, F) and (k, 1, P, 1), or None when nothing is ablated
+        stacked: dict[str, tuple[Tensor, Tensor] | None] = {}
+        for site in sites:
+            ms = [cfg.get(site.name) for cfg in group]
+            if all(m is None for m in ms):
+                stacked[site.name] = None
+                continue
+            ref = next(m for m in ms if m is not None)
+            kf = torch.stack([torch.ones_like(ref.f) if m is None else m.f for m in ms]).to(dev)
+            ke = torch.stack([torch.ones_like(ref.err) if m is None else m.err for m in ms]).to(dev)
+            stacked[site.name] = (kf[:, None], ke[:, None])
+        for batch in batches:
+            clean, _, ca, pa = _batch_dev(batch, dev)
+            b = clean.shape[0]
+            ids = clean.repeat(k, 1) if k > 1 else clean
+            out: dict[str, Any] = {}
+            with lm.trace(ids):
+                for site in sites:
+                    mask = stacked[site.name]
+                    if mask is None:
+                        continue
+                    keep_f, keep_err = mask
+                    mean_f, mean_err = means[site.name]
+                    ae = dictionaries[site.name]
+                    x = get_activation(lm, site)
+                    f, err = encode_with_error(ae, x)
+                    f = torch.where(keep_f, f.view(k, b, *f.shape[1:]), mean_f).view(f.shape)
+                    err = torch.where(keep_err, err.view(k, b, *err.shape[1:]), mean_err).view(err.shape)
+                    set_activation(lm, site, ae.decode(f) + err)
+                out["logits"] = lm.output.logits.save()
+            m = _metric(out["logits"], ca.repeat(k), pa.repeat(k)).double().view(k, b).sum(1)
+            for j in range(k):
+                results[g0 + j] += float(m[j])
+            if progress is not None:
+                progress.update(k)
+    return [r / n_examples for r in results]
+
+
+def _canonical(masks: dict[str, SiteMask | None], dictionaries: Mapping[str, nn.Module]) -> dict[str, SiteMask | None]:
+    """Identity dictionaries (neurons) have a zero error whose mean is zero: ablating it is a no-op,
+    so their error nodes count as kept (lets variants that differ only there share a forward)."""
+    out = {}
+    for name, m in masks.items():
+        if m is not None and isinstance(dictionaries[name], IdentityDictionary):
+            m = SiteMask(m.f, torch.ones_like(m.err))
+            if m.all_kept:
+                m = None
+        out[name] = m
+    return out
+
+
+def _mask_digest(masks: Mapping[str, SiteMask | None]) -> str:
+    h = hashlib.sha1()
+    for name in sorted(masks):
+        m = masks[name]
+        h.update(name.encode())
+        if m is None:
+            h.update(b"-")
+        else:
+            h.update(np.packbits(m.f.cpu().numpy()).tobytes())
+            h.update(np.packbits(m.err.cpu().numpy()).tobytes())
+            h.update(str(tuple(m.f.shape)).encode())
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -562,12 +624,15 @@ def evaluate_circuit(
     batch_size: int = 32,
     free_layers: int | None = None,
     means: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+    stack: int | None = None,
+    max_rows: int = 128,
     progress: bool = False,
 ) -> EvalResult:
     """Sweep node thresholds over ``circuit`` (a :class:`CircuitNodes`, a graph ``Circuit``, a parsed
     circuit.json dict) and measure faithfulness and completeness by mean ablation on ``pairs``
     (``feature_circuits.data.Pair``), for each variant. Means (over the patch inputs of ``pairs``)
-    are computed once (or passed in) and reused; identical node sets are evaluated once."""
+    are computed once (or passed in) and reused; identical ablation masks are evaluated once, and
+    ``stack`` mask configurations share a forward (default: as many as fit in ``max_rows`` rows)."""
     from .data import make_batches
 
     circ = CircuitNodes.from_circuit(circuit)
@@ -599,56 +664,68 @@ def evaluate_circuit(
     _check_nodes(circ, sites, sizes, seq_len)
     n_positions = seq_len if per_position else 1
 
-    # distinct node sets: nested by threshold, so identified by their size
+    # Every (variant, node set, complement) configuration; identical masks share one evaluation, so
+    # faithfulness(M) = 1, faithfulness(empty) = 0 and completeness(M) = 0 hold exactly.
     selections = [circ.selected(t) for t in thr]
-    distinct = {0} | {len(sel) for sel in selections}
-    n_forwards = len(batches) * len(variants) * 2 * len(distinct)
+    distinct_sizes = sorted({0} | {len(sel) for sel in selections})
+    by_size = {len(sel): sel for sel in selections}
+    by_size.setdefault(0, [])
+    digest_of: dict[tuple[str, bool, int], str] = {}
+    configs: dict[str, dict[str, SiteMask | None]] = {}
+    for variant in variants:
+        for size in distinct_sizes:
+            for complement in (False, True):
+                masks = keep_masks(
+                    by_size[size], sites, sizes, n_positions=n_positions, complement=complement, variant=variant,
+                    free_layers=free,
+                )
+                masks = _canonical(masks, dictionaries)
+                dg = _mask_digest(masks)
+                digest_of[(variant, complement, size)] = dg
+                configs.setdefault(dg, masks)
+    order = list(configs)
+    if stack is None:
+        rows = max(int(b.clean.shape[0]) for b in batches)
+        stack = max(1, max_rows // rows)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n_forwards + (0 if means is not None else len(batches)), desc="evaluate", unit="fwd")
+        total = len(order) * len(batches) + (0 if means is not None else len(batches))
+        bar = tqdm(total=total, desc="evaluate", unit="fwd")
     try:
         if means is None:
             means = compute_means(loaded, dictionaries, batches, per_position=per_position, sites=sites, progress=bar)
-        # (variant, complement, size of the node set) -> metric; the full model is the complement of
-        # the empty set, so it is the same forward as the complement of any empty selection
-        cache: dict[tuple[str, bool, int], float] = {}
-
-        def run(variant: str, nodes: list[CircuitNode], complement: bool) -> float:
-            ck = (variant, complement, len(nodes))
-            if ck not in cache:
-                masks = keep_masks(
-                    nodes, sites, sizes, n_positions=n_positions, complement=complement, variant=variant,
-                    free_layers=free,
-                )
-                cache[ck] = ablated_metric(loaded, dictionaries, batches, means, masks, progress=bar)
-            return cache[ck]
-
-        curves: dict[str, VariantCurve] = {}
-        for variant in variants:
-            m_full = run(variant, [], True)  # complement of nothing: everything kept
-            m_empty = run(variant, [], False)
-            n_nodes, faith, comp, mc, mcomp = [], [], [], [], []
-            for sel in selections:
-                m_c = run(variant, sel, False)
-                m_k = run(variant, sel, True)
-                n_nodes.append(node_count(sel, sites, free))
-                mc.append(m_c)
-                mcomp.append(m_k)
-                faith.append(_faith(m_c, m_full, m_empty))
-                comp.append(_faith(m_k, m_full, m_empty))
-            if m_full == m_empty:
-                warnings.warn(
-                    f"variant {variant}: m(M) == m(empty) = {m_full}; faithfulness is undefined (nan)", stacklevel=2
-                )
-            curves[variant] = VariantCurve(
-                n_nodes=n_nodes, faithfulness=faith, completeness=comp, m_circuit=mc, m_complement=mcomp,
-                m_full=m_full, m_empty=m_empty,
-            )
+        values = ablated_metrics(
+            loaded, dictionaries, batches, means, [configs[d] for d in order], stack=stack, progress=bar
+        )
     finally:
         if bar is not None:
             bar.close()
+    metric_of = dict(zip(order, values))
+
+    def value(variant: str, complement: bool, size: int) -> float:
+        return metric_of[digest_of[(variant, complement, size)]]
+
+    curves: dict[str, VariantCurve] = {}
+    for variant in variants:
+        m_full = value(variant, True, 0)  # the complement of nothing: everything kept
+        m_empty = value(variant, False, 0)
+        mc = [value(variant, False, len(sel)) for sel in selections]
+        mk = [value(variant, True, len(sel)) for sel in selections]
+        if m_full == m_empty:
+            warnings.warn(
+                f"variant {variant}: m(M) == m(empty) = {m_full}; faithfulness is undefined (nan)", stacklevel=2
+            )
+        curves[variant] = VariantCurve(
+            n_nodes=[node_count(sel, sites, free) for sel in selections],
+            faithfulness=[_faith(x, m_full, m_empty) for x in mc],
+            completeness=[_faith(x, m_full, m_empty) for x in mk],
+            m_circuit=mc,
+            m_complement=mk,
+            m_full=m_full,
+            m_empty=m_empty,
+        )
     per_site = [(sizes[s.name] + 1) * n_positions for s in sites if not _is_free(s, free)]
     disc = circ.node_threshold
     return EvalResult(

@@ -233,6 +233,11 @@ def test_sweep_from_graph_circuit_sum_and_none(neox, aes):
         assert res.aggregation == agg and res.meta["method"] == "relp"
         assert all(math.isfinite(x) for x in res.faithfulness + res.completeness)
         assert res.faithfulness[-1] == 0.0 and res.completeness[-1] == 1.0
+        # several mask configurations stacked in one forward == one forward per configuration
+        one = evaluate_circuit(neox, aes, circ, _pairs(6), thresholds=[0.001, 0.1, 0.3, 1.0], batch_size=6,
+                               variants=["all_errors_ablated"], stack=1)
+        assert one.faithfulness == pytest.approx(res.faithfulness, abs=1e-5)
+        assert one.completeness == pytest.approx(res.completeness, abs=1e-5)
     with pytest.raises(EvaluationError, match="position out of range"):
         bad = CircuitNodes(aggregation="none", nodes=[CircuitNode("mlp_1", 40, 1, 1.0)])
         evaluate_circuit(neox, aes, bad, _pairs(), thresholds=[0.1])
