@@ -327,11 +327,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .data import DatasetError, UnknownDatasetError
     from .dictionaries import DictionaryError
     from .model import ModelLoadError
+    from .sites import UnsupportedModelError
 
     try:
         return run(args)
     except (UsageError, EvaluationError, DatasetError, UnknownDatasetError, DictionaryError, ModelLoadError,
-            FileNotFoundError) as err:
+            UnsupportedModelError, FileNotFoundError) as err:
         msg = " ".join(str(err).split())
         print(f"evaluate.py: error: {msg}", file=sys.stderr)
         return 2

@@ -661,6 +661,12 @@ def evaluate_circuit(
             f"the circuit is position-aligned (aggregation 'none'): evaluation examples must all have one "
             f"token length, found {lengths}"
         )
+    tokens = circ.meta.get("tokens")
+    if per_position and tokens and len(tokens) != seq_len:
+        raise EvaluationError(
+            f"the circuit is position-aligned over {len(tokens)} tokens ({' '.join(map(str, tokens))!r}) but the "
+            f"evaluation examples have {seq_len}: evaluate on data of the same template"
+        )
     _check_nodes(circ, sites, sizes, seq_len)
     n_positions = seq_len if per_position else 1
 

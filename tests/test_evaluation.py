@@ -241,6 +241,9 @@ def test_sweep_from_graph_circuit_sum_and_none(neox, aes):
     with pytest.raises(EvaluationError, match="position out of range"):
         bad = CircuitNodes(aggregation="none", nodes=[CircuitNode("mlp_1", 40, 1, 1.0)])
         evaluate_circuit(neox, aes, bad, _pairs(), thresholds=[0.1])
+    with pytest.raises(EvaluationError, match="position-aligned over 3 tokens"):
+        bad = CircuitNodes(aggregation="none", nodes=[CircuitNode("mlp_1", 1, 1, 1.0)], meta={"tokens": ["a", "b", "c"]})
+        evaluate_circuit(neox, aes, bad, _pairs(), thresholds=[0.1])
     with pytest.raises(EvaluationError, match="unknown site"):
         evaluate_circuit(neox, aes, CircuitNodes(aggregation="sum", nodes=[CircuitNode("mlp_9", None, 1, 1.0)]),
                          _pairs(), thresholds=[0.1])
@@ -302,7 +305,9 @@ def test_cli_end_to_end(neox_dir, neox_saes, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "allow-discovery-split" in err[0]
     assert main(["--circuit", str(cdir / "circuit.json"), "--thresholds", "a,b"]) == 2
-    capsys.readouterr()
+    assert main(["--circuit", str(tmp_path / "missing.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "not found" in err[1]
     # default: the sibling test file
     assert main(["--circuit", str(cdir), "--thresholds", "0.001,0.1,1", "--quiet", "--batch-size", "6"]) == 0
     out = capsys.readouterr().out
