@@ -180,11 +180,13 @@ def aggregate_edges(
             bsz = t.shape[0] if bsz is None else bsz
             if t.shape[0] != bsz:
                 raise CircuitError(f"batch {i}: edge tensors disagree on the batch size")
-            t = (t if t.is_sparse else t.to_sparse()).to(torch.float64).cpu()
-            dims = (0, 1, 3) if agg is Aggregation.SUM else (0,)
-            part = torch.sparse.sum(t, dim=dims)
-            if not part.is_sparse:  # torch returns dense when every dim is summed; not the case here
-                part = part.to_sparse()
+            t = (t if t.is_sparse else t.to_sparse()).cpu()
+            t = t.coalesce() if not t.is_coalesced() else t
+            keep = [2, 4] if agg is Aggregation.SUM else [1, 2, 3, 4]  # axes that survive the sum
+            # summing over axes = dropping those index rows and coalescing (duplicates add up)
+            part = torch.sparse_coo_tensor(
+                t.indices()[keep], t.values().to(torch.float64), tuple(t.shape[a] for a in keep)
+            ).coalesce()
             if key in totals:
                 if totals[key].shape != part.shape:
                     what = "lengths differ" if agg is Aggregation.NONE else "shapes differ"
