@@ -165,10 +165,19 @@ class CircuitNodes:
 
     @classmethod
     def from_circuit(cls, circuit: Any) -> CircuitNodes:
-        """From a ``feature_circuits.graph.Circuit`` (or anything with the same fields / ``to_dict``)."""
+        """From a ``graph.Circuit``, a ``graph.AggregatedNodes`` (dense effects), a parsed circuit.json
+        dict, or anything with the same fields / a ``to_dict``."""
         if isinstance(circuit, CircuitNodes):
             return circuit
+        effects = _field(circuit, "effects")
+        if isinstance(effects, Mapping) and _field(circuit, "aggregation") is not None:
+            # graph.AggregatedNodes: dense effects of every node (no discovery threshold)
+            return cls.from_effects(effects, _field(circuit, "aggregation"))
         if isinstance(circuit, Mapping):
+            if circuit and all(isinstance(v, Tensor) for v in circuit.values()):
+                raise EvaluationError(
+                    "got a mapping of effect tensors: wrap it as CircuitNodes.from_effects(effects, aggregation)"
+                )
             return cls.from_dict(circuit)
         to_dict = getattr(circuit, "to_dict", None)
         if callable(to_dict):
@@ -593,7 +602,7 @@ class EvalResult:
                 "thresholds apply to the node effects stored in the circuit, which holds only nodes with "
                 "|effect| > discovery_node_threshold: every threshold at or below it gives the same node set "
                 "(flagged in below_discovery_threshold). Node counts exclude the embedding and the first "
-                f"{self.free_layers} layer(s), which are always kept."
+                f"{self.free_layers} layer(s), which are always kept, and the error nodes a variant keeps by force."
             ),
             "aggregation": self.aggregation,
             "free_layers": self.free_layers,

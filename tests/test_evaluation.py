@@ -249,6 +249,18 @@ def test_sweep_from_graph_circuit_sum_and_none(neox, aes):
                          _pairs(), thresholds=[0.1])
 
 
+def test_from_aggregated_effects(neox, aes):
+    from feature_circuits.graph import AggregatedNodes
+
+    eff = {s.name: torch.zeros(65) for s in neox.sites}
+    eff["mlp_1"][3], eff["resid_1"][64] = 0.5, -2.0
+    agg = AggregatedNodes(aggregation=Aggregation.SUM, effects=eff, num_examples=6, total_effect=1.0)
+    circ = CircuitNodes.from_circuit(agg)
+    assert sorted((n.site, n.feature, n.effect) for n in circ.nodes) == [("mlp_1", 3, 0.5), ("resid_1", None, -2.0)]
+    with pytest.raises(EvaluationError, match="from_effects"):
+        CircuitNodes.from_circuit(eff)
+
+
 def test_neuron_baseline(neox):
     neurons = load_dictionaries(neox.sites, "neurons")
     batches = make_batches(_pairs(6), neox.tokenizer, 6)
