@@ -78,8 +78,8 @@ def check_held_out(circuit_dataset: str, circuit_split: str, dataset: str, split
     if same:
         raise EvaluationError(
             f"refusing to evaluate on the circuit's own discovery data (dataset {circuit_dataset!r}, split "
-            f"{circuit_split!r}): held-out evaluation needs a disjoint split (e.g. --split test); pass "
-            "--allow-discovery-split to do it anyway"
+            f"{circuit_split!r}, file {b or dataset}): held-out evaluation needs disjoint data (--split test, or "
+            "--dataset with held-out examples); pass --allow-discovery-split to do it anyway"
         )
 
 
