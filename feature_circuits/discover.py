@@ -219,9 +219,6 @@ def user_errors() -> tuple[type[BaseException], ...]:
             UnsupportedModelError, LabelsError, FileNotFoundError)
 
 
-
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = DiscoverConfig(
