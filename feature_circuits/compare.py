@@ -367,8 +367,8 @@ def markdown_table(result: CompareResult) -> str:
     head = f"| method | {' | '.join(result.kinds)} | time (s) |"
     sep = "|" + "---|" * (len(result.kinds) + 2)
     lines = [
-        f"PCC with exact activation patching ({result.level} level), model `{result.model}`, task "
-        f"{result.task}, {result.num_pairs} pairs",
+        (f"PCC with exact activation patching ({result.level} level), model `{result.model}`, task "
+         f"{result.task}, {result.num_pairs} pairs"),
         "",
         head,
         sep,
