@@ -185,7 +185,7 @@ def aggregate_edges(
             keep = [2, 4] if agg is Aggregation.SUM else [1, 2, 3, 4]  # axes that survive the sum
             # summing over axes = dropping those index rows and coalescing (duplicates add up)
             part = torch.sparse_coo_tensor(
-                t.indices()[keep], t.values().to(torch.float64), tuple(t.shape[a] for a in keep)
+                t.indices()[keep], t.values().to(torch.float64), tuple(t.shape[a] for a in keep), check_invariants=False
             ).coalesce()
             if key in totals:
                 if totals[key].shape != part.shape:
