@@ -33,17 +33,17 @@ from feature_circuits.types import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_NAME, EMBE
 
 
 @torch.no_grad()
-def collect(model, tok, texts: list[str], site, batch_size: int = 512) -> torch.Tensor:
-    """(n_tokens, d) activations of ``site`` over ``texts`` (no padding positions)."""
+def collect_sites(model, tok, texts: list[str], sites, batch_size: int = 512) -> dict[str, torch.Tensor]:
+    """{site name: (n_tokens, d) activations} over ``texts`` (no padding positions), one forward pass."""
     ids = encode_words(tok, texts)
-    module = get_submodule(model, site.module_path)
-    out = []
-    store = {}
+    out: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
+    store: dict[str, torch.Tensor] = {}
+    handles = []
+    for site in sites:
+        def hook(_m, _i, o, site=site):
+            store[site.name] = o[0] if site.output_is_tuple else o
 
-    def hook(_m, _i, o):
-        store["x"] = o[0] if site.output_is_tuple else o
-
-    h = module.register_forward_hook(hook)
+        handles.append(get_submodule(model, site.module_path).register_forward_hook(hook))
     try:
         for i in range(0, len(ids), batch_size):
             chunk = ids[i : i + batch_size]
@@ -54,12 +54,19 @@ def collect(model, tok, texts: list[str], site, batch_size: int = 512) -> torch.
                 x[j, : len(s)] = torch.tensor(s)
                 mask[j, : len(s)] = True
             model(input_ids=x, attention_mask=mask.long())
-            act = store["x"]
-            assert act.shape[:2] == x.shape, (site.name, act.shape)
-            out.append(act[mask].float())
+            for site in sites:
+                act = store[site.name]
+                assert act.shape[:2] == x.shape, (site.name, act.shape)
+                out[site.name].append(act[mask].float())
     finally:
-        h.remove()
-    return torch.cat(out)
+        for h in handles:
+            h.remove()
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def collect(model, tok, texts: list[str], site, batch_size: int = 512) -> torch.Tensor:
+    """(n_tokens, d) activations of one ``site`` over ``texts`` (no padding positions)."""
+    return collect_sites(model, tok, texts, [site], batch_size)[site.name]
 
 
 @torch.no_grad()

@@ -91,14 +91,26 @@ def test_shipped_saes_reconstruct(shipped):
     texts = heldout_eval_texts(seed=0)
     sites = build_sites(model)
     assert len(sites) == 13
+    acts = train_saes.collect_sites(model, tok, texts, sites)
     for site in sites:
         ddir = EMBEDDED_SAE_ROOT / EMBEDDED_MODEL_NAME / site.marks_dir / "1024"
         cfg = json.loads((ddir / "config.json").read_text())
         ae = load_autoencoder(ddir / "ae.safetensors", d_model=128, site=site.name)
         assert ae.dict_size == 1024
-        stats = train_saes.sae_stats(ae, train_saes.collect(model, tok, texts, site))
+        stats = train_saes.sae_stats(ae, acts[site.name])
         assert abs(stats["fve"] - cfg["fve"]) < 0.02, (site.name, stats["fve"], cfg["fve"])
         assert stats["fve"] >= 0.9, site.name
+
+
+def test_project_loaders():
+    """The project's own loaders find the shipped model and SAEs by default."""
+    from feature_circuits.dictionaries import load_dictionaries
+    from feature_circuits.model import load_model
+
+    loaded = load_model("embedded", device="cpu", dtype=torch.float32)
+    assert [s.name for s in loaded.sites][:4] == ["embed", "attn_0", "mlp_0", "resid_0"]
+    dicts = load_dictionaries(loaded.sites)
+    assert len(dicts) == 13 and all(d.dict_size == 1024 for d in dicts.values())
 
 
 def test_training_scripts_tiny(tmp_path):
