@@ -96,13 +96,7 @@ def test_script_help():
         assert opt in res.stdout
 
 
-EMBEDDED_READY = (EMBEDDED_MODEL_DIR / "config.json").is_file() and all(
-    any((EMBEDDED_SAE_ROOT / EMBEDDED_MODEL_NAME / d).glob("*/ae.*"))
-    for d in ["embed"] + [f"{k}_out_layer{i}" for k in ("attn", "mlp", "resid") for i in range(4)]
-)
 
-
-@pytest.mark.skipif(not EMBEDDED_READY, reason="embedded model/SAEs not built yet (scripts/train_*.py)")
 @pytest.mark.parametrize("method", ["relp", "ig"])
 def test_discover_embedded_cli(tmp_path, method):
     outs = []

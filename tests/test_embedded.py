@@ -15,9 +15,6 @@ from feature_circuits import grammar
 from feature_circuits.datasets_gen import build_tokenizer, encode_words, evaluate_pairs, heldout_eval_texts
 from feature_circuits.types import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_NAME, EMBEDDED_SAE_ROOT, REPO_ROOT
 
-pytestmark = pytest.mark.skipif(
-    not (EMBEDDED_MODEL_DIR / "model.safetensors").is_file(), reason="embedded model not built"
-)
 
 
 def _script(name: str):
