@@ -13,7 +13,7 @@ import pytest
 
 from feature_circuits.discover import DiscoverConfig, discover, main
 from feature_circuits.graph import LOGIT_ID, load_circuit, validate_circuit_dict
-from feature_circuits.types import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_NAME, EMBEDDED_SAE_ROOT, REPO_ROOT
+from feature_circuits.types import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "scripts" / "discover.py"
 

@@ -16,7 +16,6 @@ from feature_circuits.datasets_gen import build_tokenizer, encode_words, evaluat
 from feature_circuits.types import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_NAME, EMBEDDED_SAE_ROOT, REPO_ROOT
 
 
-
 def _script(name: str):
     path = REPO_ROOT / "scripts" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"_script_{name}", path)
