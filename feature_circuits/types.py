@@ -97,7 +97,7 @@ class LRPConfig:
     epsilon: float | None = None  # epsilon-rule on linear layers when set
 
     @classmethod
-    def off(cls) -> "LRPConfig":
+    def off(cls) -> LRPConfig:
         return cls(ln_rule=False, identity_rule=False, half_rule=False, ah_rule=False, epsilon=None)
 
     @property

@@ -28,11 +28,11 @@ def make_tokenizer():
 def tiny_gpt_neox(seed: int = 0, **overrides):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    cfg = dict(
-        vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64, rotary_pct=0.25, use_parallel_residual=True,
-        tie_word_embeddings=False,
-    )
+    cfg = {
+        "vocab_size": len(VOCAB), "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 64, "max_position_embeddings": 64, "rotary_pct": 0.25, "use_parallel_residual": True,
+        "tie_word_embeddings": False,
+    }
     cfg.update(overrides)
     torch.manual_seed(seed)
     return GPTNeoXForCausalLM(GPTNeoXConfig(**cfg)).eval()
@@ -41,10 +41,10 @@ def tiny_gpt_neox(seed: int = 0, **overrides):
 def tiny_llama(seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = dict(
-        vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64, tie_word_embeddings=False,
-    )
+    cfg = {
+        "vocab_size": len(VOCAB), "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64, "tie_word_embeddings": False,
+    }
     cfg.update(overrides)
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
@@ -88,4 +88,4 @@ def neox_saes(tmp_path_factory) -> Path:
     return save_random_saes(tiny_gpt_neox(), tmp_path_factory.mktemp("saes"))
 
 
-__all__ = ["make_tokenizer", "tiny_gpt_neox", "tiny_llama", "save_model", "save_random_saes", "save_autoencoder"]
+__all__ = ["make_tokenizer", "save_autoencoder", "save_model", "save_random_saes", "tiny_gpt_neox", "tiny_llama"]

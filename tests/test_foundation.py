@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_tokenizer, save_model, save_random_saes, tiny_gpt_neox
+
 from feature_circuits.dictionaries import (
     DictionaryError,
     IdentityDictionary,

@@ -22,13 +22,13 @@ class SiteState:
     f: Tensor
     err: Tensor
 
-    def __sub__(self, other: "SiteState") -> "SiteState":
+    def __sub__(self, other: SiteState) -> SiteState:
         return SiteState(self.f - other.f, self.err - other.err)
 
-    def detach(self) -> "SiteState":
+    def detach(self) -> SiteState:
         return SiteState(self.f.detach(), self.err.detach())
 
-    def node_product(self, other: "SiteState") -> Tensor:
+    def node_product(self, other: SiteState) -> Tensor:
         """(b, s, F+1): elementwise product for features, dot product over d for the error node."""
         return torch.cat([self.f * other.f, (self.err * other.err).sum(-1, keepdim=True)], dim=-1)
 
