@@ -38,8 +38,8 @@ __all__ = ["LabelsError", "load_labels", "neuronpedia_url", "render_circuit_html
 
 POS_COLOR = "#1f77b4"
 NEG_COLOR = "#d62728"
-POS_EDGE = "rgba(31,119,180,0.55)"
-NEG_EDGE = "rgba(214,39,40,0.55)"
+POS_EDGE = "rgba(31,119,180,0.35)"
+NEG_EDGE = "rgba(214,39,40,0.45)"
 KIND_COL = {"attn": 0, "mlp": 1, "resid": 2, "embed": 1}
 KIND_DY = {"attn": -0.22, "mlp": 0.0, "resid": 0.22, "embed": 0.0}
 WIDTH_BINS = 4
@@ -201,7 +201,7 @@ def _figure(circuit: Circuit, labels: Labels):
             ys += [y0, y1, None]
         traces.append(go.Scatter(
             x=xs, y=ys, mode="lines", hoverinfo="skip", showlegend=False,
-            line={"width": 0.8 + 4.0 * (b + 0.5) / WIDTH_BINS, "color": POS_EDGE if positive else NEG_EDGE},
+            line={"width": 0.5 + 3.5 * (b + 0.5) / WIDTH_BINS, "color": POS_EDGE if positive else NEG_EDGE},
             name=f"edges {'+' if positive else '-'} level {lvl}",
         ))
         trace_level.append(lvl)
