@@ -3,7 +3,10 @@
     python scripts/evaluate.py --circuit out/relp/circuit.json --circuit out/ig/circuit.json \
         --split test --num-examples 100
 
-For each ``--circuit`` it loads the model and SAEs named in the circuit.json (``model``, ``saes``),
+For each ``--circuit`` it loads the model and SAEs named in the circuit.json (``model``, ``saes``)
+and, when the circuit.json names an ``effects_file`` (discovery writes ``effects.safetensors``), the
+effect of every node, so the threshold sweep reaches below the discovery threshold (older circuit
+files without it: only the stored nodes are swept),
 evaluates on ``--dataset`` (default: the circuit's own dataset) split ``--split`` (default ``test``)
 and writes ``eval.json`` (the standard variant at the top level, every variant under ``variants``)
 to ``--out`` (default: the circuit's directory; with several circuits and ``--out``,
@@ -100,7 +103,8 @@ def summary_table(label: str, result: EvalResult) -> str:
     )
     title = (
         f"== {label}: {result.num_examples} examples, aggregation {result.aggregation}, "
-        f"free layers embed + <{result.free_layers}, {result.n_nodes_total} ablatable nodes"
+        f"free layers embed + <{result.free_layers}, {result.n_nodes_total} ablatable nodes, thresholds over "
+        + ("every node's effect (effects file)" if result.all_nodes else "the circuit's stored nodes only")
     )
     lines = [title, head]
     for i, t in enumerate(result.thresholds):
@@ -218,6 +222,8 @@ def _load_jobs(args: argparse.Namespace) -> list[_Job]:
         except CircuitError as err:
             raise UsageError(str(err).replace("\n", " ")) from None
         nodes = CircuitNodes.from_circuit(circ)
+        if circ.effects_file is not None:  # dense effects of every node: the sweep goes below the discovery threshold
+            nodes = nodes.with_effects_file(path.parent / circ.effects_file, source=str(path))
         nodes.meta["path"] = str(path)
         dataset = args.dataset if args.dataset is not None else default_dataset(circ.dataset, args.split)
         check_held_out(circ.dataset, circ.split, dataset, args.split, allow=args.allow_discovery_split)

@@ -21,10 +21,13 @@ Protocol
   for free": early features are token-specific and do not transfer between splits). Their nodes are
   never ablated -- not in M minus C nor in the empty circuit -- and are excluded from node counts.
   Pass ``free_layers=`` to override.
-* **Sweep.** A circuit (e.g. a ``circuit.json``) holds only the nodes whose |effect| exceeded the
-  discovery node threshold, with their effects; the sweep keeps the nodes with |effect| > t for
-  each threshold t. Thresholds at or below the discovery threshold all give the same set (the whole
-  stored circuit); they are flagged in :attr:`EvalResult.below_discovery_threshold`. Under ``sum`` a
+* **Sweep.** The sweep keeps the nodes with |effect| > t for each threshold t. When the circuit
+  comes with the dense effects of every node (``circuit.json``'s ``effects_file``, written by
+  discovery, or a ``graph.AggregatedNodes``), the sweep runs over all of them, so thresholds below
+  the discovery threshold give larger circuits. Otherwise (an older circuit.json, or a bare node
+  list) only the stored nodes -- those whose |effect| exceeded the discovery node threshold -- are
+  available: thresholds at or below the discovery threshold all give the same set (the whole stored
+  circuit) and are flagged in :attr:`EvalResult.below_discovery_threshold`. Under ``sum`` a
   kept node (site, feature) is kept at every position; under ``none`` only at its position. The
   complement M minus C is every node not in C (also those with no stored effect), free layers kept.
 * **Variants.** ``all_errors_ablated`` (the standard: an error node is kept only if it is in the
@@ -40,6 +43,7 @@ Public API: :class:`CircuitNodes` (what is evaluated), :func:`evaluate_circuit` 
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import math
@@ -93,7 +97,7 @@ class EvaluationError(ValueError):
 # What is evaluated
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CircuitNode:
     """One node: ``feature`` is None for the site's error node; ``position`` is None under ``sum``."""
 
@@ -113,7 +117,9 @@ def _field(obj: Any, key: str, default: Any = None) -> Any:
 class CircuitNodes:
     """The nodes of a circuit with their (aggregated) effects, plus where they came from.
 
-    ``node_threshold`` is the discovery threshold (nodes below it are absent, i.e. effect 0).
+    ``node_threshold`` is the discovery threshold. ``all_nodes`` is True when ``nodes`` holds every
+    node with a nonzero effect (built from dense effects, e.g. circuit.json's ``effects_file``);
+    otherwise nodes below the discovery threshold are absent (effect 0 in the sweep).
     ``meta`` keeps the circuit's other fields (model, saes, method, dataset, split, ...).
     """
 
@@ -121,14 +127,21 @@ class CircuitNodes:
     nodes: list[CircuitNode]
     node_threshold: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    all_nodes: bool = False
 
     def __post_init__(self) -> None:
         self.aggregation = Aggregation(self.aggregation)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str = "circuit") -> CircuitNodes:
+    def from_dict(
+        cls, data: Mapping[str, Any], *, source: str = "circuit", base_dir: str | Path | None = None
+    ) -> CircuitNodes:
         """From the ``circuit.json`` schema (``aggregation``, ``node_threshold``, ``nodes`` with
-        ``site``, ``position``, ``feature`` (null for error nodes), ``is_error``, ``effect``)."""
+        ``site``, ``position``, ``feature`` (null for error nodes), ``is_error``, ``effect``).
+
+        With ``base_dir`` (the circuit.json's directory) and an ``effects_file`` key, the dense
+        effects of every node are read from that file (:meth:`with_effects`); a missing or bad file
+        is an :class:`EvaluationError` naming it."""
         if not isinstance(data, Mapping):
             raise EvaluationError(f"{source}: expected a JSON object, got {type(data).__name__}")
         for key in ("aggregation", "nodes"):
@@ -148,7 +161,11 @@ class CircuitNodes:
                 raise EvaluationError(f"{source}: node {i} is malformed ({err}): {raw!r}") from None
         thr = data.get("node_threshold")
         meta = {k: v for k, v in data.items() if k not in ("nodes", "edges")}
-        return cls(aggregation=agg, nodes=nodes, node_threshold=None if thr is None else float(thr), meta=meta)
+        out = cls(aggregation=agg, nodes=nodes, node_threshold=None if thr is None else float(thr), meta=meta)
+        effects_file = data.get("effects_file")
+        if effects_file is not None and base_dir is not None:
+            out = out.with_effects_file(Path(base_dir) / str(effects_file), source=source)
+        return out
 
     @classmethod
     def from_json(cls, path: str | Path) -> CircuitNodes:
@@ -159,9 +176,47 @@ class CircuitNodes:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise EvaluationError(f"{path}: not valid JSON ({err})") from None
-        out = cls.from_dict(data, source=str(path))
+        out = cls.from_dict(data, source=str(path), base_dir=path.parent)
         out.meta.setdefault("path", str(path))
         return out
+
+    def with_effects_file(self, path: str | Path, *, source: str = "circuit") -> CircuitNodes:
+        """:meth:`with_effects` with the dense effects read from ``path`` (a file written by
+        ``graph.save_effects``); :class:`EvaluationError` naming the file if it is missing or bad."""
+        from .graph import CircuitError, load_effects
+
+        try:
+            effects = load_effects(path, self.aggregation)
+        except CircuitError as err:
+            raise EvaluationError(f"{source}: effects_file: {err}") from None
+        out = self.with_effects(effects, source=f"{source} (effects file {path})")
+        out.meta["effects_file"] = str(path)
+        return out
+
+    def with_effects(self, effects: Mapping[str, Tensor], *, source: str = "effects") -> CircuitNodes:
+        """The same circuit with ``nodes`` = every node of the dense ``effects`` ((F+1,) or (s, F+1)
+        per site, error node last). The stored nodes must agree with the dense effects (same site,
+        same effect up to float32 rounding), which catches an effects file from another run."""
+        dense = CircuitNodes.from_effects(effects, self.aggregation)
+        for n in self.nodes:
+            eff = effects.get(n.site)
+            if eff is None:
+                raise EvaluationError(f"{source}: no effects for site {n.site!r} of circuit node {n}")
+            n_feat = eff.shape[-1] - 1
+            idx = n_feat if n.feature is None else n.feature
+            row = eff if n.position is None else (eff[n.position] if 0 <= n.position < eff.shape[0] else None)
+            if row is None or not 0 <= idx <= n_feat:
+                raise EvaluationError(f"{source}: circuit node {n} is outside the effects of shape {tuple(eff.shape)}")
+            val = float(row[idx])
+            if not math.isclose(val, n.effect, rel_tol=1e-5, abs_tol=1e-7):
+                raise EvaluationError(
+                    f"{source}: circuit node {n.site}/{'err' if n.feature is None else n.feature} has effect "
+                    f"{n.effect:g} in the circuit but {val:g} in the effects file (from another run?)"
+                )
+        meta = dict(self.meta)
+        meta["effects_sizes"] = {site: int(t.shape[-1]) - 1 for site, t in effects.items()}
+        return CircuitNodes(aggregation=self.aggregation, nodes=dense.nodes, node_threshold=self.node_threshold,
+                            meta=meta, all_nodes=True)
 
     @classmethod
     def from_circuit(cls, circuit: Any) -> CircuitNodes:
@@ -197,7 +252,8 @@ class CircuitNodes:
         cls, effects: Mapping[str, Tensor], aggregation: Aggregation | str, node_threshold: float | None = None
     ) -> CircuitNodes:
         """From dense aggregated effects per site: (F+1,) under ``sum`` or (s, F+1) under ``none``
-        (error node last). Every nonzero entry becomes a node (above ``node_threshold`` if given)."""
+        (error node last). Every nonzero entry becomes a node (above ``node_threshold`` if given;
+        without it the result holds every node: ``all_nodes``)."""
         agg = Aggregation(aggregation)
         nodes = []
         for site, eff in effects.items():
@@ -208,16 +264,18 @@ class CircuitNodes:
             grid = eff.unsqueeze(0) if agg is Aggregation.SUM else eff
             n_feat = grid.shape[-1] - 1
             cut = 0.0 if node_threshold is None else node_threshold
-            for pos, idx in (grid.abs() > cut).nonzero().tolist():
+            nz = (grid.abs() > cut).nonzero()
+            values = grid[nz[:, 0], nz[:, 1]].tolist()
+            for (pos, idx), val in zip(nz.tolist(), values):
                 nodes.append(
                     CircuitNode(
                         site=site,
                         position=None if agg is Aggregation.SUM else pos,
                         feature=None if idx == n_feat else idx,
-                        effect=float(grid[pos, idx]),
+                        effect=float(val),
                     )
                 )
-        return cls(aggregation=agg, nodes=nodes, node_threshold=node_threshold)
+        return cls(aggregation=agg, nodes=nodes, node_threshold=node_threshold, all_nodes=node_threshold is None)
 
     def selected(self, threshold: float) -> list[CircuitNode]:
         return [n for n in self.nodes if abs(n.effect) > threshold]
@@ -327,13 +385,29 @@ def keep_masks(
         s.name: [torch.zeros(n_positions, sizes[s.name], dtype=torch.bool), torch.zeros(n_positions, 1, dtype=torch.bool)]
         for s in sites
     }
+    # per site: (position, feature) of positioned nodes and features of position-free ones (-1: error)
+    at: dict[str, tuple[list[int], list[int]]] = {}
+    every: dict[str, list[int]] = {}
     for n in nodes:
-        f, err = masks[n.site]
-        pos = slice(None) if n.position is None else n.position
-        if n.feature is None:
-            err[pos, 0] = True
+        feat = -1 if n.feature is None else n.feature
+        if n.position is None:
+            every.setdefault(n.site, []).append(feat)
         else:
-            f[pos, n.feature] = True
+            pos, fs = at.setdefault(n.site, ([], []))
+            pos.append(n.position)
+            fs.append(feat)
+    for name, feats in every.items():
+        f, err = masks[name]
+        idx = torch.tensor(feats, dtype=torch.long)
+        f[:, idx[idx >= 0]] = True
+        if bool((idx < 0).any()):
+            err[:, 0] = True
+    for name, (pos, feats) in at.items():
+        f, err = masks[name]
+        p, idx = torch.tensor(pos, dtype=torch.long), torch.tensor(feats, dtype=torch.long)
+        is_f = idx >= 0
+        f[p[is_f], idx[is_f]] = True
+        err[p[~is_f], 0] = True
     out: dict[str, SiteMask | None] = {}
     for s in sites:
         f, err = masks[s.name]
@@ -565,6 +639,7 @@ class EvalResult:
     variants: dict[str, VariantCurve]
     below_discovery_threshold: list[bool]
     discovery_node_threshold: float | None
+    all_nodes: bool = False  # swept over every node's effect (effects file), not only the stored nodes
     aggregation: str
     free_layers: int
     n_nodes_total: int
@@ -598,11 +673,18 @@ class EvalResult:
             "variants": {k: v.to_dict() for k, v in self.variants.items()},
             "below_discovery_threshold": self.below_discovery_threshold,
             "discovery_node_threshold": self.discovery_node_threshold,
+            "sweep_nodes": "all" if self.all_nodes else "stored",
             "note": (
-                "thresholds apply to the node effects stored in the circuit, which holds only nodes with "
-                "|effect| > discovery_node_threshold: every threshold at or below it gives the same node set "
-                "(flagged in below_discovery_threshold). Node counts exclude the embedding and the first "
-                f"{self.free_layers} layer(s), which are always kept, and the error nodes a variant keeps by force."
+                (
+                    "thresholds apply to the aggregated effects of every node (the circuit's effects file), "
+                    "so thresholds below discovery_node_threshold give larger circuits. "
+                    if self.all_nodes
+                    else "thresholds apply to the node effects stored in the circuit, which holds only nodes with "
+                    "|effect| > discovery_node_threshold: every threshold at or below it gives the same node set "
+                    "(flagged in below_discovery_threshold). "
+                )
+                + f"Node counts exclude the embedding and the first {self.free_layers} layer(s), which are always "
+                "kept, and the error nodes a variant keeps by force."
             ),
             "aggregation": self.aggregation,
             "free_layers": self.free_layers,
@@ -677,11 +759,20 @@ def evaluate_circuit(
             f"evaluation examples have {seq_len}: evaluate on data of the same template"
         )
     _check_nodes(circ, sites, sizes, seq_len)
+    for site, n_feat in (circ.meta.get("effects_sizes") or {}).items():
+        if site in sizes and n_feat != sizes[site]:
+            raise EvaluationError(
+                f"the circuit's node effects have {n_feat} features at site {site}, the dictionary has "
+                f"{sizes[site]} (wrong --saes?)"
+            )
     n_positions = seq_len if per_position else 1
 
     # Every (variant, node set, complement) configuration; identical masks share one evaluation, so
     # faithfulness(M) = 1, faithfulness(empty) = 0 and completeness(M) = 0 hold exactly.
-    selections = [circ.selected(t) for t in thr]
+    # nodes by decreasing |effect|: the selection at t (|effect| > t) is a prefix
+    ranked = sorted(circ.nodes, key=lambda n: -abs(n.effect))
+    neg_mag = [-abs(n.effect) for n in ranked]  # ascending
+    selections = [ranked[: bisect.bisect_left(neg_mag, -t)] for t in thr]
     distinct_sizes = sorted({0} | {len(sel) for sel in selections})
     by_size = {len(sel): sel for sel in selections}
     by_size.setdefault(0, [])
@@ -746,8 +837,9 @@ def evaluate_circuit(
     return EvalResult(
         thresholds=thr,
         variants=curves,
-        below_discovery_threshold=[disc is not None and t <= disc for t in thr],
+        below_discovery_threshold=[disc is not None and not circ.all_nodes and t <= disc for t in thr],
         discovery_node_threshold=disc,
+        all_nodes=circ.all_nodes,
         aggregation=circ.aggregation.value,
         free_layers=free,
         n_nodes_total=int(sum(per_site)),

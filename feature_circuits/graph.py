@@ -25,7 +25,13 @@ target of edges and is added as a node by :func:`to_networkx`.
      "aggregation", "node_threshold", "edge_threshold", "total_effect",
      "nodes": [{"id", "site", "kind", "layer", "position", "feature", "is_error", "effect"}],
      "edges": [{"source", "target", "weight"}], "timing_s": {...},
-     "tokens": [...] (optional), "n_layers": int (optional)}
+     "tokens": [...] (optional), "n_layers": int (optional), "effects_file": str (optional)}
+
+``effects_file`` (written by discovery, :data:`EFFECTS_FILE`) names a safetensors file beside
+circuit.json holding the aggregated effect of EVERY node, not just the kept ones: one float32 tensor
+per site, (F+1,) under ``sum`` or (s, F+1) under ``none``, error node last (:func:`save_effects`,
+:func:`load_effects`). The evaluation sweeps thresholds over it, so thresholds below the discovery
+threshold give larger circuits.
 
 Node ids: ``resid_3/123`` (sum) or ``resid_3@4/123`` (none, position 4); error nodes
 ``resid_3/err`` / ``resid_3@4/err`` (``feature`` null). ``position`` is null under ``sum``.
@@ -50,10 +56,14 @@ from .types import Aggregation, Method, SiteKind
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("circuit.schema.json")
+#: File name of the dense node effects written beside circuit.json by discovery.
+EFFECTS_FILE = "effects.safetensors"
+_EFFECTS_FORMAT = "feature_circuits.node_effects"
 LOGIT_ID = "logit"
 LOGIT_KIND = "logit"
 
 __all__ = [
+    "EFFECTS_FILE",
     "LOGIT_ID",
     "SCHEMA_VERSION",
     "AggregatedNodes",
@@ -68,9 +78,11 @@ __all__ = [
     "circuit_to_dict",
     "export_graphml",
     "load_circuit",
+    "load_effects",
     "node_id",
     "parse_site",
     "save_circuit",
+    "save_effects",
     "to_networkx",
     "validate_circuit_dict",
 ]
@@ -262,6 +274,7 @@ class Circuit:
     timing_s: Mapping[str, float] = field(default_factory=dict)
     tokens: tuple[str, ...] | None = None
     n_layers: int | None = None
+    effects_file: str | None = None  # dense effects of every node, relative to circuit.json's directory
     schema_version: int = SCHEMA_VERSION
 
     __hash__ = None  # holds a mapping
@@ -418,6 +431,8 @@ def circuit_to_dict(c: Circuit) -> dict[str, Any]:
         d["tokens"] = list(c.tokens)
     if c.n_layers is not None:
         d["n_layers"] = c.n_layers
+    if c.effects_file is not None:
+        d["effects_file"] = c.effects_file
     return d
 
 
@@ -528,6 +543,7 @@ def circuit_from_dict(d: Mapping[str, Any], source: str = "circuit") -> Circuit:
         timing_s={k: float(v) for k, v in d["timing_s"].items()},
         tokens=tuple(d["tokens"]) if d.get("tokens") is not None else None,
         n_layers=d.get("n_layers"),
+        effects_file=d.get("effects_file"),
     )
 
 
@@ -551,6 +567,61 @@ def load_circuit(path: str | Path) -> Circuit:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CircuitError(f"{path}: not valid JSON ({err})") from None
     return circuit_from_dict(d, str(path))
+
+
+# -------------------------------------------------------------------------------------- dense effects
+
+
+def save_effects(effects: Mapping[str, Tensor], path: str | Path, aggregation: Aggregation | str) -> Path:
+    """Write dense aggregated node effects (``{site: (F+1,) or (s, F+1)}``, error node last) as a
+    float32 safetensors file (metadata: format and aggregation)."""
+    from safetensors.torch import save_file
+
+    agg = _agg(aggregation)
+    want = 1 if agg is Aggregation.SUM else 2
+    tensors = {}
+    for site, eff in effects.items():
+        parse_site(site)
+        if eff.dim() != want:
+            raise CircuitError(f"effects[{site!r}] has shape {tuple(eff.shape)}; expected {want} dims for {agg.value}")
+        tensors[site] = eff.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"format": _EFFECTS_FORMAT, "aggregation": agg.value})
+    return path
+
+
+def load_effects(path: str | Path, aggregation: Aggregation | str | None = None) -> dict[str, Tensor]:
+    """Read a file written by :func:`save_effects`; :class:`CircuitError` naming the file when it is
+    missing, unreadable, or does not hold node effects (of ``aggregation``, when given)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CircuitError(f"node effects file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            effects = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CircuitError(f"{path}: not a readable safetensors node effects file ({type(err).__name__}: {err})") from None
+    if meta.get("format") != _EFFECTS_FORMAT:
+        raise CircuitError(f"{path}: not a feature_circuits node effects file (metadata format {meta.get('format')!r})")
+    stored = meta.get("aggregation")
+    if aggregation is not None and stored != _agg(aggregation).value:
+        raise CircuitError(f"{path}: effects are for aggregation {stored!r}, the circuit uses {_agg(aggregation).value!r}")
+    if not effects:
+        raise CircuitError(f"{path}: no node effects in the file")
+    want = 1 if stored == Aggregation.SUM.value else 2
+    for site, eff in effects.items():
+        try:
+            parse_site(site)
+        except CircuitError as err:
+            raise CircuitError(f"{path}: {err}") from None
+        if eff.dim() != want or eff.shape[-1] < 1 or not eff.is_floating_point():
+            raise CircuitError(f"{path}: effects[{site!r}] has shape {tuple(eff.shape)} ({eff.dtype}); expected "
+                               f"{want} floating-point dims for aggregation {stored!r}")
+    return effects
 
 
 # -------------------------------------------------------------------------------------- networkx

@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from feature_circuits.discover import DiscoverConfig, discover, main
-from feature_circuits.graph import LOGIT_ID, load_circuit, validate_circuit_dict
+from feature_circuits.graph import LOGIT_ID, load_circuit, load_effects, validate_circuit_dict
 from feature_circuits.types import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "scripts" / "discover.py"
@@ -51,6 +52,16 @@ def test_discover_tiny(tmp_path, neox_dir, neox_saes, tiny_data, method):
     assert d["num_examples"] == 8 and d["method"] == method
     assert load_circuit(tmp_path / "a" / "circuit.json").nodes == c1.nodes
     assert (tmp_path / "a" / "circuit.html").stat().st_size > 1_000_000
+    # the dense effects of every node, beside circuit.json; the kept nodes are those above the threshold
+    assert d["effects_file"] == "effects.safetensors" and c1.effects_file == "effects.safetensors"
+    eff = load_effects(tmp_path / "a" / "effects.safetensors", "sum")
+    kept = {(n.site, n.feature): n.effect for n in c1.nodes}
+    dense = {}
+    for site, t in eff.items():
+        assert t.dim() == 1 and t.dtype == torch.float32
+        for i in torch.nonzero(t.abs() > 1e-4).flatten().tolist():
+            dense[(site, None if i == t.shape[0] - 1 else i)] = float(t[i])
+    assert dense == kept
 
 
 def test_discover_tiny_none_and_nodes_only(tmp_path, neox_dir, neox_saes, tiny_data):
@@ -58,6 +69,8 @@ def test_discover_tiny_none_and_nodes_only(tmp_path, neox_dir, neox_saes, tiny_d
                                 num_examples=4, aggregation="none", nodes_only=True, node_threshold=1e-4,
                                 progress=False, out=str(tmp_path)))
     assert c.tokens == ("the", "w0", "and", "w1")
+    eff = load_effects(tmp_path / "effects.safetensors", "none")
+    assert all(t.shape[0] == 4 for t in eff.values())  # (s, F+1): positions kept
     assert c.nodes and all(n.position is not None for n in c.nodes)
     assert all(e.target == LOGIT_ID for e in c.edges)  # nodes only: just the logit sink's edges
 

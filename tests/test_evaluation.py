@@ -336,3 +336,65 @@ def test_cli_end_to_end(neox_dir, neox_saes, tmp_path, capsys):
                  "--thresholds", "0.1", "--quiet", "--out", str(tmp_path / "o"), "--variants",
                  "all_errors_ablated"]) == 0
     assert json.loads((tmp_path / "o" / "eval.json").read_text())["num_examples"] == 6
+
+
+def test_sweep_over_effects_file(neox, neox_dir, neox_saes, aes, tmp_path, capsys):
+    """A circuit.json with an effects file: the sweep covers every node (more than the stored ones at
+    low thresholds, no below-discovery flag), faithfulness 1 / completeness 0 with everything kept and
+    0 / 1 with nothing; a missing or corrupt effects file is a one-line error naming it."""
+    from feature_circuits.graph import save_effects
+
+    _write_jsonl(tmp_path / "tiny_train.jsonl", _pairs(6))
+    _write_jsonl(tmp_path / "tiny_test.jsonl", _pairs(10)[4:])
+    gen = torch.Generator().manual_seed(0)
+    # every node has a nonzero effect in (0.001, 0.5]; two stored nodes above the discovery threshold 0.6
+    eff = {s.name: 0.001 + 0.499 * torch.rand(aes[s.name].dict_size + 1, generator=gen) for s in neox.sites}
+    eff["resid_1"][-1], eff["mlp_1"][3] = 0.9, -0.7
+    cdir = tmp_path / "circ"
+    save_effects(eff, cdir / "effects.safetensors", "sum")
+    circ = {
+        "schema_version": 1, "model": str(neox_dir), "saes": str(neox_saes / "tiny"), "method": "atp",
+        "dataset": str(tmp_path / "tiny_train.jsonl"), "split": "train", "num_examples": 6, "aggregation": "sum",
+        "node_threshold": 0.6, "edge_threshold": 0.01, "total_effect": 0.5, "edges": [], "timing_s": {},
+        "effects_file": "effects.safetensors",
+        "nodes": [
+            {"id": "resid_1/err", "site": "resid_1", "kind": "resid", "layer": 1, "position": None, "feature": None,
+             "is_error": True, "effect": 0.9},
+            {"id": "mlp_1/3", "site": "mlp_1", "kind": "mlp", "layer": 1, "position": None, "feature": 3,
+             "is_error": False, "effect": float(torch.tensor(-0.7))},
+        ],
+    }
+    (cdir / "circuit.json").write_text(json.dumps(circ))
+    args = ["--circuit", str(cdir), "--thresholds", "0,0.25,0.6,1", "--quiet", "--batch-size", "6", "--variants",
+            "all_errors_ablated"]
+    assert main(args) == 0
+    assert "every node's effect" in capsys.readouterr().out
+    res = json.loads((cdir / "eval.json").read_text())
+    ablatable = sum(aes[s.name].dict_size + 1 for s in neox.sites if s.name != "embed")
+    assert res["n_nodes"][0] == ablatable > 2  # every node (embed is free), not just the 2 stored
+    assert 2 < res["n_nodes"][1] < ablatable and res["n_nodes"][2:] == [2, 0]
+    assert res["below_discovery_threshold"] == [False] * 4 and res["sweep_nodes"] == "all"
+    assert res["faithfulness"][0] == 1.0 and res["completeness"][0] == 0.0
+    assert res["faithfulness"][-1] == 0.0 and res["completeness"][-1] == 1.0
+    # the same circuit through the Python API
+    nodes = CircuitNodes.from_json(cdir / "circuit.json")
+    assert nodes.all_nodes and len(nodes.nodes) == sum(t.numel() for t in eff.values())
+    # without the effects file key: only the stored nodes, flagged below the discovery threshold
+    (cdir / "circuit.json").write_text(json.dumps({k: v for k, v in circ.items() if k != "effects_file"}))
+    assert main(args) == 0
+    res = json.loads((cdir / "eval.json").read_text())
+    assert res["n_nodes"] == [2, 2, 2, 0] and res["below_discovery_threshold"] == [True, True, True, False]
+    capsys.readouterr()
+    # missing / corrupt / mismatched effects file: exit 2, one line naming the file
+    (cdir / "circuit.json").write_text(json.dumps(circ))
+    for damage, msg in (
+        (lambda p: p.unlink(), "not found"),
+        (lambda p: p.write_bytes(b"garbage"), "not a readable safetensors"),
+        (lambda p: save_effects({**eff, "mlp_1": -eff["mlp_1"]}, p, "sum"), "from another run"),
+    ):
+        damage(cdir / "effects.safetensors")
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0] and str(cdir / "effects.safetensors") in err[0], err
+        with pytest.raises(EvaluationError, match=msg):
+            CircuitNodes.from_json(cdir / "circuit.json")

@@ -21,8 +21,10 @@ from feature_circuits.graph import (
     circuit_to_dict,
     export_graphml,
     load_circuit,
+    load_effects,
     node_id,
     save_circuit,
+    save_effects,
     to_networkx,
     validate_circuit_dict,
 )
@@ -195,6 +197,37 @@ def test_json_round_trip(tmp_path):
     assert "nodes" in schema["required"]
 
 
+def test_effects_file_round_trip(tmp_path):
+    import dataclasses
+
+    for agg in ("sum", "none"):
+        c = small_circuit(agg)
+        eff = {"embed": torch.randn((F + 1,) if agg == "sum" else (2, F + 1)).double(),
+               "resid_0": torch.zeros((F + 1,) if agg == "sum" else (2, F + 1))}
+        p = save_effects(eff, tmp_path / agg / "effects.safetensors", agg)
+        back = load_effects(p, agg)
+        assert set(back) == set(eff) and all(back[k].dtype == torch.float32 for k in back)
+        assert all(torch.equal(back[k], eff[k].float()) for k in eff)
+        c = dataclasses.replace(c, effects_file="effects.safetensors")
+        cp = save_circuit(c, tmp_path / agg / "circuit.json")
+        assert json.loads(cp.read_text())["effects_file"] == "effects.safetensors"
+        assert load_circuit(cp) == c
+    assert "effects_file" not in circuit_to_dict(small_circuit())  # optional
+    with pytest.raises(CircuitError, match="aggregation 'sum'"):
+        load_effects(tmp_path / "sum" / "effects.safetensors", "none")
+    with pytest.raises(CircuitError, match="expected 1 dims"):
+        save_effects({"embed": torch.zeros(2, 3)}, tmp_path / "x.safetensors", "sum")
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(CircuitError, match="not found") as info:
+        load_effects(missing)
+    assert str(missing) in str(info.value)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(CircuitError, match="not a readable safetensors") as info:
+        load_effects(bad)
+    assert str(bad) in str(info.value)
+
+
 def test_jsonschema_package_agrees_if_installed(tmp_path):
     jsonschema = pytest.importorskip("jsonschema", reason="jsonschema not installed; the hand check is used")
     d = circuit_to_dict(small_circuit("none"))
@@ -215,6 +248,7 @@ def test_jsonschema_package_agrees_if_installed(tmp_path):
         (lambda d: d["nodes"].append(dict(d["nodes"][0])), "duplicate node id"),
         (lambda d: d["nodes"][0].update(feature=None), "is_error must be true exactly when feature is null"),
         (lambda d: d["nodes"][0].update(position=3), "position must be null"),
+        (lambda d: d.update(effects_file=3), r"\$.effects_file: expected string"),
     ],
 )
 def test_schema_errors(tmp_path, mutate, message):
