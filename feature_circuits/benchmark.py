@@ -116,27 +116,42 @@ class PeakMemory:
         self.peak = max(0, top - self.start)
 
 
-def measure(fn: Callable[[], Any], device: torch.device, repeats: int = 3, warmup: int = 1) -> dict[str, Any]:
-    """Median wall time of ``repeats`` runs after ``warmup`` untimed runs, and the peak memory (max
-    over the timed runs)."""
+def measure_many(
+    fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int = 3, warmup: int = 1,
+) -> dict[str, dict[str, Any]]:
+    """Median wall time of ``repeats`` runs of each function after ``warmup`` untimed runs, and the
+    peak memory (max over the timed runs). The repeats are interleaved (f1, f2, ..., f1, f2, ...) so a
+    change of the machine's load during the measurement hits every function alike."""
     for _ in range(warmup):
-        fn()
-    times, peaks, abs_peaks = [], [], []
-    for _ in range(repeats):
-        with PeakMemory(device) as pm:
-            t0 = time.perf_counter()
+        for fn in fns.values():
             fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
-        peaks.append(pm.peak)
-        abs_peaks.append(pm.absolute_peak)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    peaks: dict[str, list[int]] = {k: [] for k in fns}
+    abs_peaks: dict[str, list[int]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            with PeakMemory(device) as pm:
+                t0 = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times[name].append(time.perf_counter() - t0)
+            peaks[name].append(pm.peak)
+            abs_peaks[name].append(pm.absolute_peak)
     return {
-        "median_s": statistics.median(times),
-        "times_s": [round(t, 5) for t in times],
-        "peak_mem_mb": max(peaks) / 2**20,
-        "peak_total_mb": max(abs_peaks) / 2**20,
+        k: {
+            "median_s": statistics.median(times[k]),
+            "times_s": [round(t, 5) for t in times[k]],
+            "peak_mem_mb": max(peaks[k]) / 2**20,
+            "peak_total_mb": max(abs_peaks[k]) / 2**20,
+        }
+        for k in fns
     }
+
+
+def measure(fn: Callable[[], Any], device: torch.device, repeats: int = 3, warmup: int = 1) -> dict[str, Any]:
+    """:func:`measure_many` of one function."""
+    return measure_many({"f": fn}, device, repeats, warmup)["f"]
 
 
 # ------------------------------------------------------------------------------------------ floor
@@ -360,31 +375,30 @@ def bench_model(
         "n_sites": len(dicts), "dict_size": int(next(iter(dicts.values())).dict_size), "ig_steps": steps,
         "repeats": repeats, "warmup": warmup,
     }
-    log(f"[{name}] floor")
-    res["floor"] = measure(lambda: floor_node_effects(loaded, dicts, batch), dev, repeats, warmup)
+    log(f"[{name}] floor and nodes (interleaved)")
+    fns: dict[str, Callable[[], Any]] = {"floor": lambda: floor_node_effects(loaded, dicts, batch)}
+    for m in METHODS:
+        fns[m] = lambda m=m: node_effects(loaded, dicts, batch, Method(m), steps=steps)
+    timed = measure_many(fns, dev, repeats, warmup)
+    res["floor"] = timed.pop("floor")
     floor_s = res["floor"]["median_s"]
     fl = floor_node_effects(loaded, dicts, batch)
-    atp_ref = node_effects(loaded, dicts, batch, Method.ATP)
-    res["floor"]["max_abs_diff_vs_atp"] = max(float((fl[k] - atp_ref.effects[k]).abs().max()) for k in fl)
-    res["nodes"], res["edges"] = {}, {}
-    node_results = {}
+    node_results = {m: node_effects(loaded, dicts, batch, Method(m), steps=steps) for m in METHODS}
+    res["floor"]["max_abs_diff_vs_atp"] = max(float((fl[k] - node_results["atp"].effects[k]).abs().max()) for k in fl)
+    res["nodes"] = {m: {**timed[m], "ratio_to_floor": timed[m]["median_s"] / floor_s} for m in METHODS}
     downstream = {p.down for p in site_pairs(loaded, set(dicts))}
+    log(f"[{name}] edges (interleaved)")
+    thresholds = {m: threshold_for(node_results[m], n_edge_nodes, downstream) for m in METHODS}
+    timed = measure_many(
+        {m: (lambda m=m: edge_effects(loaded, dicts, batch, node_results[m], node_threshold=thresholds[m]))
+         for m in METHODS}, dev, repeats, warmup)
+    res["edges"] = {}
     for m in METHODS:
-        log(f"[{name}] nodes {m}")
-        r = measure(lambda m=m: node_effects(loaded, dicts, batch, Method(m), steps=steps), dev, repeats, warmup)
-        r["ratio_to_floor"] = r["median_s"] / floor_s
-        res["nodes"][m] = r
-        node_results[m] = node_effects(loaded, dicts, batch, Method(m), steps=steps)
-    for m in METHODS:
-        log(f"[{name}] edges {m}")
-        nodes = node_results[m]
-        thr = threshold_for(nodes, n_edge_nodes, downstream)
-        r = measure(lambda nodes=nodes, thr=thr: edge_effects(loaded, dicts, batch, nodes, node_threshold=thr), dev,
-                    repeats, warmup)
-        r["node_threshold"] = thr
-        r["n_downstream_nodes"] = int(sum(int((nodes.effects[k].abs() > thr).sum()) for k in downstream))
-        r["ratio_to_floor"] = r["median_s"] / floor_s
-        res["edges"][m] = r
+        nodes, thr = node_results[m], thresholds[m]
+        res["edges"][m] = {
+            **timed[m], "node_threshold": thr, "ratio_to_floor": timed[m]["median_s"] / floor_s,
+            "n_downstream_nodes": int(sum(int((nodes.effects[k].abs() > thr).sum()) for k in downstream)),
+        }
     # batched vs per-node loop (relp)
     m = "relp"
     log(f"[{name}] edges loop ({m})")
@@ -538,7 +552,7 @@ def run_benchmark(
             batch = random_batch(vocab, pythia_b, pythia_s)
             key = "pythia-70m-shaped" if pythia_shape is None else "pythia-shaped-custom"
             r = bench_model(key, loaded, dicts, batch, repeats=repeats, warmup=warmup,
-                            n_edge_nodes=8 if quick else 64, loop_nodes_per_pair=2 if quick else 4,
+                            n_edge_nodes=8 if quick else 256, loop_nodes_per_pair=2 if quick else 4,
                             loop_repeats=1, log=log)
             clean = node_effects(loaded, dicts, batch, Method.ATP).clean
             r["mean_active_features_per_token"] = {k: float((v.f > 0).sum(-1).float().mean()) for k, v in clean.items()}
