@@ -216,3 +216,25 @@ def splice_with_grad_leaves(ae: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, T
 def splice_patched(ae: nn.Module, f: Tensor, err: Tensor) -> Tensor:
     """Site output for given features and error: decode(f) + err."""
     return ae.decode(f) + err
+
+
+def decoder_directions(ae: nn.Module, like: Tensor) -> Tensor:
+    """The decoder as an (F, d) matrix with ``like``'s dtype and device: row k is d decode(f)/d f_k
+    (decode is affine in f).
+
+    Read from the weights for the dictionary_learning layouts (``decoder`` Linear or ``W_dec``) and
+    the identity dictionary; any other dictionary gets it from one batched VJP of its ``decode``."""
+    n_f = dict_size(ae)
+    if isinstance(ae, IdentityDictionary):
+        return torch.eye(n_f, dtype=like.dtype, device=like.device)
+    dec = getattr(ae, "decoder", None)
+    if isinstance(dec, nn.Linear) and dec.weight.shape[1] == n_f:
+        return dec.weight.detach().T.to(like)
+    w_dec = getattr(ae, "W_dec", None)
+    if isinstance(w_dec, Tensor) and w_dec.shape[0] == n_f:
+        return w_dec.detach().to(like)
+    f0 = torch.zeros(1, n_f, dtype=like.dtype, device=like.device, requires_grad=True)
+    out = ae.decode(f0)
+    eye = torch.eye(out.shape[-1], dtype=out.dtype, device=out.device).unsqueeze(1)
+    (jac,) = torch.autograd.grad(out, f0, eye, is_grads_batched=True)
+    return jac[:, 0].T.contiguous()

@@ -188,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
         "logit(clean answer)) to SAE features and error nodes, aggregate over examples, threshold, and write "
         "DIR/circuit.json and an interactive DIR/circuit.html.",
         epilog="Example: scripts/discover.py --method relp --num-examples 64 --out out/  "
-        "(the defaults run the embedded model and SAEs on sva_rc in about 50 s on a 2-core CPU, edges dominating; "
-        "--node-threshold 0.1 takes about 35 s, --nodes-only much less). "
+        "(the defaults run the embedded model and SAEs on sva_rc in about 11 s on a 2-core CPU, model loading "
+        "and edges dominating; --nodes-only skips the edges). "
         "DIR/effects.safetensors holds the aggregated effect of every node, so scripts/evaluate.py can sweep "
         "node thresholds below --node-threshold. Default thresholds: on the embedded model (relp, sva_rc) "
         "--node-threshold 0.003 gives ~580 nodes (~260 outside the always-kept embedding and layer 0) with "

@@ -104,3 +104,28 @@ def test_edges_deterministic_and_exact_rejected(tmp_path):
     with pytest.raises(ValueError, match="exact"):
         edge_effects(loaded, dicts, batch, node_effects(loaded, dicts, batch, "exact", sites=["resid_1"]),
                      node_threshold=0.1)
+
+
+def test_decoder_directions_match_decode():
+    """Row k of decoder_directions is decode(e_k) - decode(0), from the weights and from the
+    generic VJP fallback alike."""
+    from dictionary_learning import AutoEncoder
+
+    from feature_circuits.dictionaries import IdentityDictionary, decoder_directions
+
+    torch.manual_seed(0)
+    ae = AutoEncoder(6, 10).double()
+    like = torch.zeros(1, dtype=torch.float64)
+    expect = ae.decode(torch.eye(10, dtype=torch.float64)) - ae.decode(torch.zeros(1, 10, dtype=torch.float64))
+
+    class Wrapped(torch.nn.Module):  # no `decoder`/`W_dec` attribute: forces the VJP path
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.dict_size = inner, inner.dict_size
+
+        def decode(self, f):
+            return self.inner.decode(f)
+
+    assert torch.allclose(decoder_directions(ae, like), expect, atol=1e-14)
+    assert torch.allclose(decoder_directions(Wrapped(ae), like), expect, atol=1e-14)
+    assert torch.equal(decoder_directions(IdentityDictionary(4), like), torch.eye(4, dtype=torch.float64))

@@ -4,14 +4,23 @@ edge(k -> j) = g_j . (d d_j / d u_k)|clean . delta u_k, with g_j the downstream 
 the node pass (plain for atp, IG-averaged for ig, LRP propagation coefficient for relp: for relp the
 edge backward also runs with the LRP rules on).
 
-One clean forward per site pair: the upstream site's output is decode(f_u) + err_u with f_u, err_u
-grad leaves (the gradient reaches the features through the decoder only), the intermediate sites
-named by the pair are replaced by their detached clean value (direct paths only), and the
-downstream node values are f_d = encode(x_d), err_d = x_d - decode(f_d). The VJPs from the selected
-downstream nodes are batched with ``is_grads_batched``: row r of a batched VJP carries the r-th
-selected node of EVERY example at once (examples are independent), so a pair costs
-ceil(max nodes per example / chunk_size) batched backwards. Future positions are structurally zero
-and not stored; exact zeros are dropped.
+One clean forward for all pairs (:func:`leaf_forward`): every site's output is saved and then
+replaced by a gradient leaf of the same value, so the derivative of a site's saved output with
+respect to an earlier site's leaf runs along the direct path only (the sites in between are leaves). Since u = decode(f_u) + err_u with decode affine, d/d f_u = decoder rows and
+d/d err_u = I, so the chain factors as
+
+    edge(k -> j) = [ c_j . (d x_d / d x_u) ] . W_dec[k] * delta f_k      (error node: . delta err)
+
+where c_j = g_j d node_j / d x_d is computed at node j's own row through its dictionary. The VJPs
+from the site output x_d to all its upstream leaves at once are batched with ``is_grads_batched``:
+row r of a batched VJP carries the r-th selected node of EVERY example at once (examples are
+independent), so a downstream site costs ceil(max nodes per example / chunk_size) batched
+backwards that are d wide, not F wide. Only the
+upstream features with a non-zero delta in the batch are multiplied out. Future positions are
+structurally zero and not stored; exact zeros are dropped.
+
+:func:`edge_forward` is the unfactored form (features and errors of both sites as tensors in the
+graph), kept as the one-backward-per-node reference the tests and the benchmark compare against.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..dictionaries import encode_with_error, splice_with_grad_leaves
+from ..dictionaries import decoder_directions, encode_with_error, splice_with_grad_leaves
 from ..lrp import lrp_context
 from ..sites import get_activation, set_activation
 from ..types import LRPConfig, Method, Site
@@ -96,62 +105,134 @@ def select_nodes(effects: Tensor, threshold: float) -> tuple[Tensor, Tensor, Ten
     return e, p, j, rank
 
 
-def pair_edges(
+def leaf_forward(
     loaded: Any,
+    ids: Tensor,
+    names: set[str],
+    lrp: LRPConfig | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """One clean forward in which every named site's output is saved (``outs``, still a function of
+    the earlier leaves) and then replaced by a gradient leaf with the same value (``leaves``).
+
+    So d outs[d] / d leaves[u] is the derivative along the paths from u to d that cross no other
+    named site: the direct path of spec section 4 when the named sites are all the sites between."""
+    lm = loaded.lm
+    leaves: dict[str, Tensor] = {}
+    outs: dict[str, Tensor] = {}
+    with lrp_context(loaded, lrp), lm.trace(ids.to(loaded.device)):
+        for site in sorted((s for s in loaded.sites if s.name in names), key=lambda t: t.order):
+            x = get_activation(lm, site)
+            outs[site.name] = x.save()
+            leaf = x.detach().clone().requires_grad_(True)
+            set_activation(lm, site, leaf)
+            leaves[site.name] = leaf.save()
+    return leaves, outs
+
+
+def pair_sites(pairs: list[SitePair]) -> set[str]:
+    return {n for p in pairs for n in (p.up, p.down, *p.stop)}
+
+
+def check_direct_pairs(loaded: Any, pairs: list[SitePair]) -> None:
+    """Each pair's stops must be exactly the sites of the computation that lie between its ends."""
+    order = {s.name: s.order for s in loaded.sites}
+    names = pair_sites(pairs)
+    for p in pairs:
+        if order[p.up] >= order[p.down]:
+            raise ValueError(f"pair {p} is not in forward order")
+        between = {n for n in names if order[p.up] < order[n] < order[p.down]}
+        if between != set(p.stop):
+            raise ValueError(f"pair {p}: the sites between its ends are {sorted(between)}, its stops {sorted(p.stop)}")
+
+
+def _node_cotangents(ae: nn.Module, x: Tensor, j: Tensor, g_f: Tensor, g_err: Tensor, n_fd: int) -> Tensor:
+    """d(g . node)/dx for n downstream nodes at their own activation rows ``x`` (n, d): feature node
+    j < F is g_j f_j(x), the error node (j = F) is g_err . (x - decode(f(x)))."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        f, err = encode_with_error(ae, x)
+        is_f = j < n_fd
+        rows = torch.arange(x.shape[0], device=x.device)
+        scalar = (f[rows[is_f], j[is_f]] * g_f[is_f]).sum() + (err[~is_f] * g_err[~is_f]).sum()
+        (cot,) = torch.autograd.grad(scalar, x)
+    return cot
+
+
+def _empty_edges(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    return torch.sparse_coo_tensor(torch.zeros(5, 0, dtype=torch.long, device=like.device),
+                                   torch.zeros(0, dtype=like.dtype, device=like.device), shape,
+                                   check_invariants=False).coalesce()
+
+
+def down_edges(
     dictionaries: dict[str, nn.Module],
-    batch: Any,
     nodes: NodeEffects,
-    pair: SitePair,
+    down: str,
+    ups: list[str],
+    leaves: dict[str, Tensor],
+    outs: dict[str, Tensor],
     *,
     node_threshold: float,
-    lrp: LRPConfig | None = None,
     chunk_size: int = 64,
-) -> Tensor:
-    """Sparse COO (b, s_d, F_d+1, s_u, F_u+1) edge effects of one site pair."""
+) -> dict[str, Tensor]:
+    """Sparse COO (b, s_d, F_d+1, s_u, F_u+1) edge effects into site ``down`` from each of ``ups``.
+
+    The VJP is factored so that no F-wide tensor is ever backpropagated: each selected downstream
+    node's cotangent on its site output row is computed through its own dictionary (n rows, not
+    b*s), one batched VJP per chunk runs through the model from that output to all upstream site
+    outputs at once (d wide), and the upstream features' gradients are the products with the
+    decoder rows of the features whose delta is non-zero (the only ones with a non-zero edge)."""
     if nodes.grads is None:
         raise ValueError("edge effects need node gradients: compute nodes with atp, ig or relp (not exact)")
-    gd = nodes.grads[pair.down]
-    du = nodes.deltas[pair.up]
+    gd = nodes.grads[down]
+    xd = outs[down]
     b, s, n_fd = gd.f.shape
-    n_fu = du.f.shape[-1]
-    shape = (b, s, n_fd + 1, s, n_fu + 1)
-    e, p, j, rank = select_nodes(nodes.effects[pair.down], node_threshold)
-    dev = gd.f.device
+    shapes = {u: (b, s, n_fd + 1, s, nodes.deltas[u].f.shape[-1] + 1) for u in ups}
+    e, p, j, rank = select_nodes(nodes.effects[down], node_threshold)
     if e.numel() == 0:
-        return torch.sparse_coo_tensor(torch.zeros(5, 0, dtype=torch.long, device=dev),
-                                       torch.zeros(0, dtype=gd.f.dtype, device=dev), shape,
-                                       check_invariants=False).coalesce()
-    saved = edge_forward(loaded, dictionaries, batch.clean, pair, lrp=lrp)
-    fu, eu, fd, ed = saved["fu"], saved["eu"], saved["fd"], saved["ed"]
+        return {u: _empty_edges(shapes[u], gd.f) for u in ups}
+    j_f = j.clamp(max=n_fd - 1)
+    cot_rows = _node_cotangents(dictionaries[down], xd.detach()[e, p], j, gd.f[e, p, j_f].to(xd.dtype),
+                                gd.err[e, p].to(xd.dtype), n_fd)
+    # per upstream site: features with a non-zero delta somewhere in the batch, their decoder rows
+    up_data = {}
+    for u in ups:
+        du = nodes.deltas[u]
+        active = (du.f != 0).any(0).any(0).nonzero().squeeze(1)
+        up_data[u] = (
+            decoder_directions(dictionaries[u], leaves[u])[active],  # (K, d)
+            du.f[..., active].to(xd.dtype),  # (b, s, K)
+            du.err.to(xd.dtype),
+            torch.cat([active, active.new_tensor([du.f.shape[-1]])]),  # column K is the error node
+        )
     n_rows = int(rank.max()) + 1
-    positions = torch.arange(s, device=dev)
-    all_idx, all_val = [], []
+    positions = torch.arange(s, device=xd.device)
+    found: dict[str, tuple[list[Tensor], list[Tensor]]] = {u: ([], []) for u in ups}
     for r0 in range(0, n_rows, chunk_size):
         r1 = min(n_rows, r0 + chunk_size)
         sel = (rank >= r0) & (rank < r1)
         ce, cp, cj, cr = e[sel], p[sel], j[sel], rank[sel] - r0
-        is_f = cj < n_fd
-        cot_f = torch.zeros(r1 - r0, *fd.shape, dtype=fd.dtype, device=fd.device)
-        cot_e = torch.zeros(r1 - r0, *ed.shape, dtype=ed.dtype, device=ed.device)
-        cot_f[cr[is_f], ce[is_f], cp[is_f], cj[is_f]] = gd.f[ce[is_f], cp[is_f], cj[is_f]].to(fd.dtype)
-        cot_e[cr[~is_f], ce[~is_f], cp[~is_f]] = gd.err[ce[~is_f], cp[~is_f]].to(ed.dtype)
-        gfu, geu = torch.autograd.grad(
-            [fd, ed], [fu, eu], [cot_f, cot_e], retain_graph=r1 < n_rows, is_grads_batched=True, allow_unused=True
-        )
-        if gfu is None:
-            gfu = torch.zeros(r1 - r0, *fu.shape, dtype=fu.dtype, device=fu.device)
-        if geu is None:
-            geu = torch.zeros(r1 - r0, *eu.shape, dtype=eu.dtype, device=eu.device)
+        cot = torch.zeros(r1 - r0, *xd.shape, dtype=xd.dtype, device=xd.device)
+        cot[cr, ce, cp] = cot_rows[sel]
+        grads = torch.autograd.grad([xd], [leaves[u] for u in ups], [cot], retain_graph=True,
+                                    is_grads_batched=True, allow_unused=True)
         with torch.no_grad():
-            vf = gfu[cr, ce] * du.f[ce]  # (n, s_u, F_u)
-            ve = (geu[cr, ce] * du.err[ce]).sum(-1, keepdim=True)  # (n, s_u, 1)
-            vals = torch.cat([vf, ve], -1)
-            vals = vals * (positions.view(1, -1, 1) <= cp.view(-1, 1, 1))  # drop future positions
-            nz = vals.nonzero()
-            n_i, su, k = nz[:, 0], nz[:, 1], nz[:, 2]
-            all_idx.append(torch.stack([ce[n_i], cp[n_i], cj[n_i], su, k]))
-            all_val.append(vals[n_i, su, k])
-    return torch.sparse_coo_tensor(torch.cat(all_idx, 1), torch.cat(all_val), shape, check_invariants=False).coalesce()
+            future = positions.view(1, -1, 1) > cp.view(-1, 1, 1)
+            for u, gxu in zip(ups, grads, strict=True):
+                if gxu is None:
+                    continue
+                w_act, df_act, derr, cols = up_data[u]
+                g = gxu[cr, ce]  # (n, s_u, d)
+                vals = torch.cat([(g @ w_act.T) * df_act[ce], (g * derr[ce]).sum(-1, keepdim=True)], -1)
+                vals = vals.masked_fill(future, 0)  # future positions are structurally zero
+                n_i, su, k = vals.nonzero().unbind(1)
+                found[u][0].append(torch.stack([ce[n_i], cp[n_i], cj[n_i], su, cols[k]]))
+                found[u][1].append(vals[n_i, su, k])
+    return {
+        u: torch.sparse_coo_tensor(torch.cat(idx, 1), torch.cat(val), shapes[u], check_invariants=False).coalesce()
+        if idx else _empty_edges(shapes[u], gd.f)
+        for u, (idx, val) in found.items()
+    }
 
 
 def edge_effects(
@@ -179,14 +260,23 @@ def edge_effects(
     t0 = time.perf_counter()
     available = set(nodes.effects) & set(dictionaries)
     pairs = site_pairs(loaded, available) if pairs is None else pairs
+    check_direct_pairs(loaded, pairs)
     edges: dict[tuple[str, str], Tensor] = {}
     timing: dict[str, float] = {}
-    for pair in pairs:
+    if pairs:
         t1 = time.perf_counter()
-        edges[(pair.up, pair.down)] = pair_edges(
-            loaded, dictionaries, batch, nodes, pair, node_threshold=node_threshold, lrp=lrp, chunk_size=chunk_size
-        )
-        timing[f"{pair.up}->{pair.down}"] = time.perf_counter() - t1
+        leaves, outs = leaf_forward(loaded, batch.clean, pair_sites(pairs), lrp)
+        timing["forward"] = time.perf_counter() - t1
+        downs = list(dict.fromkeys(p.down for p in pairs))
+        for down in downs:
+            t1 = time.perf_counter()
+            ups = [p.up for p in pairs if p.down == down]
+            got = down_edges(dictionaries, nodes, down, ups, leaves, outs, node_threshold=node_threshold,
+                             chunk_size=chunk_size)
+            for u in ups:
+                edges[(u, down)] = got[u]
+            timing[f"->{down}"] = time.perf_counter() - t1
+        del leaves, outs
     last = f"resid_{loaded.n_layers - 1}"
     if last in nodes.effects:
         edges[(last, "logit")] = nodes.effects[last]
