@@ -119,7 +119,7 @@ def load_model(
     sites = tuple(build_sites(hf_model))
     if before_wrap is not None:
         before_wrap(hf_model)
-    lm = wrap(hf_model, tokenizer)
+    lm = wrap(hf_model, tokenizer, dev)
     return LoadedModel(
         name=str(name_or_path or "embedded"),
         lm=lm,
@@ -132,10 +132,21 @@ def load_model(
     )
 
 
-def wrap(hf_model: nn.Module, tokenizer: object):
-    """Wrap an in-memory HF model with nnsight (it needs the tokenizer passed explicitly)."""
+def wrap(hf_model: nn.Module, tokenizer: object, device: torch.device | None = None):
+    """Wrap an in-memory HF model with nnsight (it needs the tokenizer passed explicitly).
+
+    nnsight 0.8 builds a ``transformers.pipeline`` around the model, and a pipeline given no device
+    moves the model to the first accelerator it finds: on a CUDA machine a model loaded for the CPU
+    would silently end up on the GPU (and its SAEs, on the CPU, would no longer match). So the
+    device is passed through (default: the device the model's parameters are on) and checked."""
     from nnsight import LanguageModel
 
+    device = next(hf_model.parameters()).device if device is None else torch.device(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return LanguageModel(hf_model, tokenizer=tokenizer)
+        lm = LanguageModel(hf_model, tokenizer=tokenizer, device=device)
+    moved = {p.device for p in hf_model.parameters()
+             if p.device.type != device.type or (device.index is not None and p.device.index != device.index)}
+    if moved:
+        raise ModelLoadError(f"wrapping the model with nnsight moved it from {device} to {sorted(map(str, moved))}")
+    return lm

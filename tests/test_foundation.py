@@ -155,3 +155,16 @@ def test_tokenizer_helper_roundtrip(tmp_path):
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(tmp_path)("the w1").input_ids == tok("the w1").input_ids
+
+
+def test_wrap_keeps_the_requested_device(neox_dir):
+    """nnsight wraps the model in a transformers pipeline, which (given no device) moves it to the first
+    accelerator: the loader must keep the model where it was asked to be."""
+    from feature_circuits.model import wrap
+
+    loaded = load_model(neox_dir, device="cpu")
+    assert loaded.device == torch.device("cpu")
+    assert {p.device.type for p in loaded.hf_model.parameters()} == {"cpu"}
+    assert {b.device.type for b in loaded.hf_model.buffers()} == {"cpu"}
+    lm = wrap(loaded.hf_model, loaded.tokenizer)  # default: where the parameters are
+    assert {p.device.type for p in lm._module.parameters()} == {"cpu"}
