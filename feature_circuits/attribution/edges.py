@@ -164,6 +164,22 @@ def _empty_edges(shape: tuple[int, ...], like: Tensor) -> Tensor:
                                    check_invariants=False).coalesce()
 
 
+#: per upstream site: decoder rows (K, d) of the K features whose delta is non-zero somewhere in the
+#: batch, their deltas (b, s, K), the error delta (b, s, d), and the K+1 output columns (K: error node)
+UpstreamFactors = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+def upstream_factors(ae: nn.Module, delta: Any, like: Tensor) -> UpstreamFactors:
+    """What an upstream site contributes to every edge out of it (computed once per site)."""
+    active = (delta.f != 0).any(0).any(0).nonzero().squeeze(1)
+    return (
+        decoder_directions(ae, like)[active],
+        delta.f[..., active].to(like.dtype),
+        delta.err.to(like.dtype),
+        torch.cat([active, active.new_tensor([delta.f.shape[-1]])]),
+    )
+
+
 def down_edges(
     dictionaries: dict[str, nn.Module],
     nodes: NodeEffects,
@@ -171,6 +187,7 @@ def down_edges(
     ups: list[str],
     leaves: dict[str, Tensor],
     outs: dict[str, Tensor],
+    factors: dict[str, UpstreamFactors],
     *,
     node_threshold: float,
     chunk_size: int = 64,
@@ -194,17 +211,6 @@ def down_edges(
     j_f = j.clamp(max=n_fd - 1)
     cot_rows = _node_cotangents(dictionaries[down], xd.detach()[e, p], j, gd.f[e, p, j_f].to(xd.dtype),
                                 gd.err[e, p].to(xd.dtype), n_fd)
-    # per upstream site: features with a non-zero delta somewhere in the batch, their decoder rows
-    up_data = {}
-    for u in ups:
-        du = nodes.deltas[u]
-        active = (du.f != 0).any(0).any(0).nonzero().squeeze(1)
-        up_data[u] = (
-            decoder_directions(dictionaries[u], leaves[u])[active],  # (K, d)
-            du.f[..., active].to(xd.dtype),  # (b, s, K)
-            du.err.to(xd.dtype),
-            torch.cat([active, active.new_tensor([du.f.shape[-1]])]),  # column K is the error node
-        )
     n_rows = int(rank.max()) + 1
     positions = torch.arange(s, device=xd.device)
     found: dict[str, tuple[list[Tensor], list[Tensor]]] = {u: ([], []) for u in ups}
@@ -221,7 +227,7 @@ def down_edges(
             for u, gxu in zip(ups, grads, strict=True):
                 if gxu is None:
                     continue
-                w_act, df_act, derr, cols = up_data[u]
+                w_act, df_act, derr, cols = factors[u]
                 g = gxu[cr, ce]  # (n, s_u, d)
                 vals = torch.cat([(g @ w_act.T) * df_act[ce], (g * derr[ce]).sum(-1, keepdim=True)], -1)
                 vals = vals.masked_fill(future, 0)  # future positions are structurally zero
@@ -267,16 +273,18 @@ def edge_effects(
         t1 = time.perf_counter()
         leaves, outs = leaf_forward(loaded, batch.clean, pair_sites(pairs), lrp)
         timing["forward"] = time.perf_counter() - t1
+        factors = {u: upstream_factors(dictionaries[u], nodes.deltas[u], leaves[u])
+                   for u in dict.fromkeys(p.up for p in pairs)}
         downs = list(dict.fromkeys(p.down for p in pairs))
         for down in downs:
             t1 = time.perf_counter()
             ups = [p.up for p in pairs if p.down == down]
-            got = down_edges(dictionaries, nodes, down, ups, leaves, outs, node_threshold=node_threshold,
+            got = down_edges(dictionaries, nodes, down, ups, leaves, outs, factors, node_threshold=node_threshold,
                              chunk_size=chunk_size)
             for u in ups:
                 edges[(u, down)] = got[u]
             timing[f"->{down}"] = time.perf_counter() - t1
-        del leaves, outs
+        del leaves, outs, factors
     last = f"resid_{loaded.n_layers - 1}"
     if last in nodes.effects:
         edges[(last, "logit")] = nodes.effects[last]
