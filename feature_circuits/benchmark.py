@@ -504,6 +504,8 @@ def machine_summary(device: torch.device) -> dict[str, Any]:
         "device": str(device),
         "loadavg_start": [round(x, 2) for x in load],
     }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
     cpu = ""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -511,8 +513,9 @@ def machine_summary(device: torch.device) -> dict[str, Any]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     info["cpu"] = cpu
+    gpu = f" ({info['gpu']})" if "gpu" in info else ""
     info["summary"] = (f"{info['cpu_count']}-core CPU ({cpu or 'unknown'}), torch {torch.__version__} with "
-                       f"{info['torch_threads']} threads, device {device}, load average at start "
+                       f"{info['torch_threads']} threads, device {device}{gpu}, load average at start "
                        f"{load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}")
     return info
 
