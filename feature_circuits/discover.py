@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         "logit(clean answer)) to SAE features and error nodes, aggregate over examples, threshold, and write "
         "DIR/circuit.json and an interactive DIR/circuit.html.",
         epilog="Example: scripts/discover.py --method relp --num-examples 64 --out out/  "
-        "(the defaults run the embedded model and SAEs on sva_rc in about 11 s on a 2-core CPU, model loading "
+        "(the defaults run the embedded model and SAEs on sva_rc in about 8 s on a 2-core CPU, model loading "
         "and edges dominating; --nodes-only skips the edges). "
         "DIR/effects.safetensors holds the aggregated effect of every node, so scripts/evaluate.py can sweep "
         "node thresholds below --node-threshold. Default thresholds: on the embedded model (relp, sva_rc) "
