@@ -149,11 +149,11 @@ def _node_cotangents(ae: nn.Module, x: Tensor, j: Tensor, g_f: Tensor, g_err: Te
     """d(g . node)/dx for n downstream nodes at their own activation rows ``x`` (n, d): feature node
     j < F is g_j f_j(x), the error node (j = F) is g_err . (x - decode(f(x)))."""
     x = x.detach().requires_grad_(True)
+    is_f = j < n_fd  # masks as factors, not boolean indexing: no host-device synchronisation
     with torch.enable_grad():
         f, err = encode_with_error(ae, x)
-        is_f = j < n_fd
-        rows = torch.arange(x.shape[0], device=x.device)
-        scalar = (f[rows[is_f], j[is_f]] * g_f[is_f]).sum() + (err[~is_f] * g_err[~is_f]).sum()
+        picked = f.gather(1, j.clamp(max=n_fd - 1).unsqueeze(1)).squeeze(1)
+        scalar = (picked * g_f * is_f).sum() + ((err * g_err).sum(-1) * ~is_f).sum()
         (cot,) = torch.autograd.grad(scalar, x)
     return cot
 
@@ -211,12 +211,16 @@ def down_edges(
     j_f = j.clamp(max=n_fd - 1)
     cot_rows = _node_cotangents(dictionaries[down], xd.detach()[e, p], j, gd.f[e, p, j_f].to(xd.dtype),
                                 gd.err[e, p].to(xd.dtype), n_fd)
-    n_rows = int(rank.max()) + 1
+    # nodes sorted by rank, so that a chunk of rows is a contiguous slice (one synchronisation here)
+    order = torch.argsort(rank, stable=True)
+    e, p, j, rank, cot_rows = e[order], p[order], j[order], rank[order], cot_rows[order]
+    ends = torch.bincount(rank).cumsum(0).tolist()  # ends[r]: nodes of rank <= r
+    n_rows = len(ends)
     positions = torch.arange(s, device=xd.device)
     found: dict[str, tuple[list[Tensor], list[Tensor]]] = {u: ([], []) for u in ups}
     for r0 in range(0, n_rows, chunk_size):
         r1 = min(n_rows, r0 + chunk_size)
-        sel = (rank >= r0) & (rank < r1)
+        sel = slice(ends[r0 - 1] if r0 else 0, ends[r1 - 1])
         ce, cp, cj, cr = e[sel], p[sel], j[sel], rank[sel] - r0
         cot = torch.zeros(r1 - r0, *xd.shape, dtype=xd.dtype, device=xd.device)
         cot[cr, ce, cp] = cot_rows[sel]
