@@ -11,7 +11,8 @@ correlation with exact per component kind over all (pair, layer, position) point
 
 ``features=True`` does the same at the SAE-feature level: the attribution engine's exact (one
 patched forward per feature with a nonzero delta, and per error node) against atp / relp / ig, over
-every node whose delta is nonzero.
+every node whose delta is nonzero, per site kind with feature nodes and error nodes apart (kinds
+``"resid features"``, ``"resid errors"``, ...).
 
 Pairs are built for the model's own tokenizer from the project's word lists (feature_circuits.grammar),
 keeping only words that are one token (with the leading space) and pairs whose clean/patch prefixes
@@ -325,14 +326,20 @@ def run_compare(
             ex = node_effects(loaded, dicts, batch, Method.EXACT)
             timing["exact"] += time.perf_counter() - t0
             keep = {k: torch.cat([d.f != 0, (d.err != 0).any(-1, keepdim=True)], -1) for k, d in ex.deltas.items()}
-            for k, eff in ex.effects.items():
-                exact_pts.setdefault(site_kind[k], []).append(eff[keep[k]].detach().cpu().numpy())
+
+            def add(pts: dict[str, list[np.ndarray]], effects: dict[str, torch.Tensor]) -> None:
+                # feature nodes and error nodes of a site kind are reported apart
+                for k, eff in effects.items():
+                    for part, cols in (("features", slice(0, -1)), ("errors", slice(-1, None))):
+                        vals = eff[..., cols][keep[k][..., cols]]
+                        pts.setdefault(f"{site_kind[k]} {part}", []).append(vals.detach().cpu().numpy())
+
+            add(exact_pts, ex.effects)
             for m in methods:
                 t0 = time.perf_counter()
                 ne = node_effects(loaded, dicts, batch, Method(m), steps=steps)
                 timing[m] += time.perf_counter() - t0
-                for k, eff in ne.effects.items():
-                    score_pts[m].setdefault(site_kind[k], []).append(eff[keep[k]].detach().cpu().numpy())
+                add(score_pts[m], ne.effects)
         else:
             sites = component_sites(loaded)
             t0 = time.perf_counter()
@@ -349,6 +356,9 @@ def run_compare(
         if log:
             log(f"batch {bi + 1}/{len(batches)} (b={len(batch)}, s={batch.seq_len}) done")
     kinds = [k for k in ("embed", *COMPONENT_KINDS) if k in exact_pts]
+    if features:
+        kinds = [f"{k} {part}" for k in ("embed", *COMPONENT_KINDS) for part in ("features", "errors")
+                 if f"{k} {part}" in exact_pts]
     points = {m: {k: (_concat(exact_pts[k]), _concat(score_pts[m][k])) for k in kinds} for m in methods}
     return CompareResult(
         model=loaded.name, task=task, num_pairs=len(pairs), methods=methods,

@@ -223,6 +223,12 @@ def test_feature_level(tmp_path, ioi_model_dir):
     result = run_compare(ioi_model_dir, task="ioi", num_pairs=3, methods=["atp"], features=True,
                          saes=str(sae_root), batch_size=3)
     assert result.level == "feature"
-    assert set(result.kinds) >= {"resid", "attn", "mlp"}
-    x, y = result.points["atp"]["resid"]
-    assert x.shape == y.shape and x.size > 0
+    assert set(result.kinds) >= {f"{k} {part}" for k in ("embed", "resid", "attn", "mlp") for part in ("features", "errors")}
+    for kind in ("resid features", "resid errors"):
+        x, y = result.points["atp"][kind]
+        assert x.shape == y.shape and x.size > 0
+    # one error node per (example, position, site) against up to 64 features there
+    x_err, _ = result.points["atp"]["resid errors"]
+    x_feat, _ = result.points["atp"]["resid features"]
+    assert x_err.size < x_feat.size
+    assert json.loads(json.dumps(result.to_json()))["pcc"]["atp"].keys() == set(result.kinds)
