@@ -287,6 +287,15 @@ def _concat(chunks: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(chunks) if chunks else np.zeros(0)
 
 
+def _add_node_points(pts: dict[str, list[np.ndarray]], effects: dict[str, torch.Tensor],
+                     keep: dict[str, torch.Tensor], site_kind: dict[str, str]) -> None:
+    """Append the effects of the kept nodes, feature nodes and error nodes of a site kind apart."""
+    for k, eff in effects.items():
+        for part, cols in (("features", slice(0, -1)), ("errors", slice(-1, None))):
+            vals = eff[..., cols][keep[k][..., cols]]
+            pts.setdefault(f"{site_kind[k]} {part}", []).append(vals.detach().cpu().numpy())
+
+
 def run_compare(
     model: str | None = None,
     *,
@@ -326,20 +335,12 @@ def run_compare(
             ex = node_effects(loaded, dicts, batch, Method.EXACT)
             timing["exact"] += time.perf_counter() - t0
             keep = {k: torch.cat([d.f != 0, (d.err != 0).any(-1, keepdim=True)], -1) for k, d in ex.deltas.items()}
-
-            def add(pts: dict[str, list[np.ndarray]], effects: dict[str, torch.Tensor]) -> None:
-                # feature nodes and error nodes of a site kind are reported apart
-                for k, eff in effects.items():
-                    for part, cols in (("features", slice(0, -1)), ("errors", slice(-1, None))):
-                        vals = eff[..., cols][keep[k][..., cols]]
-                        pts.setdefault(f"{site_kind[k]} {part}", []).append(vals.detach().cpu().numpy())
-
-            add(exact_pts, ex.effects)
+            _add_node_points(exact_pts, ex.effects, keep, site_kind)
             for m in methods:
                 t0 = time.perf_counter()
                 ne = node_effects(loaded, dicts, batch, Method(m), steps=steps)
                 timing[m] += time.perf_counter() - t0
-                add(score_pts[m], ne.effects)
+                _add_node_points(score_pts[m], ne.effects, keep, site_kind)
         else:
             sites = component_sites(loaded)
             t0 = time.perf_counter()
