@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -48,6 +48,9 @@ from .attribution.edges import edge_forward, select_nodes, site_pairs
 from .dictionaries import encode_with_error, splice_with_grad_leaves
 from .sites import get_submodule
 from .types import LRPConfig, Method
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+
+    from typing_extensions import Self
 
 METHODS = ("atp", "relp", "ig")
 

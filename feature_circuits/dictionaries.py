@@ -67,7 +67,10 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as err:  # truncated or corrupt files
+            raise DictionaryError(f"{path}: cannot read safetensors file ({err})") from err
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle refusals, truncated files
@@ -77,14 +80,14 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     return dict(sd)
 
 
-def find_checkpoint(site_dir: Path, dict_id: str | None) -> Path:
+def find_checkpoint(site_dir: Path, dict_id: str | None, site: str = "?") -> Path:
     if not site_dir.is_dir():
-        raise DictionaryError(f"missing dictionary directory {site_dir}")
+        raise DictionaryError(f"site {site}: missing dictionary directory {site_dir}")
     if dict_id is None:
         subdirs = sorted(p for p in site_dir.iterdir() if p.is_dir())
         if len(subdirs) != 1:
             raise DictionaryError(
-                f"{site_dir}: expected exactly one dictionary sub-directory, found "
+                f"site {site}: {site_dir}: expected exactly one dictionary sub-directory, found "
                 f"{[p.name for p in subdirs]}; pass dict_id"
             )
         ddir = subdirs[0]
@@ -93,7 +96,7 @@ def find_checkpoint(site_dir: Path, dict_id: str | None) -> Path:
     for name in ("ae.safetensors", "ae.pt"):
         if (ddir / name).is_file():
             return ddir / name
-    raise DictionaryError(f"missing dictionary file {ddir}/ae.safetensors (or ae.pt)")
+    raise DictionaryError(f"site {site}: missing dictionary file {ddir}/ae.safetensors (or ae.pt)")
 
 
 def load_autoencoder(
@@ -108,7 +111,10 @@ def load_autoencoder(
     path = Path(path)
     if not path.is_file():
         raise DictionaryError(f"site {site}: missing dictionary file {path}")
-    sd = _read_state_dict(path)
+    try:
+        sd = _read_state_dict(path)
+    except DictionaryError as err:
+        raise DictionaryError(f"site {site}: {err}") from err
     missing = [k for k in _KEYS if k not in sd]
     if missing:
         raise DictionaryError(f"site {site}: {path} lacks keys {missing} (has {sorted(sd)})")
@@ -165,12 +171,17 @@ def load_dictionaries(
 ) -> dict[str, nn.Module]:
     """One dictionary per site name. ``saes="neurons"`` gives identity dictionaries."""
     source = resolve_sae_source(saes)
+    if source == KNOWN_SAES["marks"] and not (source.root / source.model_dir).is_dir():
+        raise DictionaryError(
+            f"the Marks et al. SAEs are not under {source.root / source.model_dir}: download them first with "
+            "scripts/download_saes.py (needs the Hugging Face hub)"
+        )
     out: dict[str, nn.Module] = {}
     for site in sites:
         if source is None:
             out[site.name] = IdentityDictionary(site.d_model).to(device=device, dtype=dtype)
             continue
-        ckpt = find_checkpoint(source.root / source.model_dir / site.marks_dir, source.dict_id)
+        ckpt = find_checkpoint(source.root / source.model_dir / site.marks_dir, source.dict_id, site.name)
         out[site.name] = load_autoencoder(ckpt, d_model=site.d_model, site=site.name, device=device, dtype=dtype)
     return out
 

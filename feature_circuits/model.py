@@ -26,7 +26,7 @@ from .types import EMBEDDED_MODEL_DIR, Architecture, Site
 KNOWN_MODELS: dict[str, str] = {
     "embedded": str(EMBEDDED_MODEL_DIR),
     "pythia-70m-deduped": "EleutherAI/pythia-70m-deduped",
-    "pythia-70m": "EleutherAI/pythia-70m-deduped",
+    "pythia-70m": "EleutherAI/pythia-70m",
 }
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -80,6 +80,15 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}") from None
 
 
+def is_local_path(source: str) -> bool:
+    """Whether ``source`` names a directory rather than a hub id: it exists, or is written as a path
+    (absolute, ``./``, ``../``, ``~``, or more than one ``/``). ``org/name`` is a hub id unless such a
+    directory exists."""
+    if Path(source).expanduser().exists():
+        return True
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or os.path.sep != "/" and os.path.sep in source
+
+
 def resolve_model_name(name_or_path: str | os.PathLike | None) -> str:
     name = "embedded" if name_or_path is None else str(name_or_path)
     return KNOWN_MODELS.get(name, name)
@@ -99,8 +108,9 @@ def load_model(
 
     source = resolve_model_name(name_or_path)
     dev, dt = resolve_device(device), resolve_dtype(dtype)
-    looks_local = os.path.sep in source or source.startswith(".") or Path(source).exists()
-    if looks_local and not Path(source).is_dir():
+    if is_local_path(source):
+        source = str(Path(source).expanduser())
+    if is_local_path(source) and not Path(source).is_dir():
         hint = " (train it with scripts/train_embedded_model.py)" if source == str(EMBEDDED_MODEL_DIR) else ""
         raise ModelLoadError(f"model directory {source} does not exist{hint}")
     try:

@@ -168,3 +168,65 @@ def test_wrap_keeps_the_requested_device(neox_dir):
     assert {b.device.type for b in loaded.hf_model.buffers()} == {"cpu"}
     lm = wrap(loaded.hf_model, loaded.tokenizer)  # default: where the parameters are
     assert {p.device.type for p in lm._module.parameters()} == {"cpu"}
+
+
+def test_load_by_hub_id_from_offline_cache(tmp_path):
+    """``org/name`` is a hub id (not a missing directory): a model laid out in a hub cache loads through
+    the same loader, offline. Run in a subprocess because huggingface_hub reads its cache and offline
+    settings from the environment when it is imported."""
+    import os
+    import subprocess
+    import sys
+
+    snap = tmp_path / "hub" / "models--tiny-org--tiny-neox" / "snapshots" / ("0" * 40)
+    save_model(tiny_gpt_neox(), snap)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("0" * 40)
+    code = ("from feature_circuits.model import load_model; m = load_model('tiny-org/tiny-neox', device='cpu'); "
+            "print(m.architecture.value, len(m.sites))")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["gpt_neox", "7"]
+    # a hub id that is in no cache fails with a clear error (offline: no retries)
+    code = "from feature_circuits.model import load_model; load_model('tiny-org/absent', device='cpu')"
+    out = subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0 and "could not load model 'tiny-org/absent'" in out.stderr
+
+
+def test_local_path_vs_hub_id(tmp_path):
+    from feature_circuits.model import is_local_path
+
+    assert is_local_path(str(tmp_path))  # exists
+    assert is_local_path("./runs/model") and is_local_path("/no/such/dir") and is_local_path("a/b/c")
+    assert not is_local_path("EleutherAI/pythia-70m-deduped") and not is_local_path("gpt2")
+
+
+def test_corrupt_safetensors_and_missing_marks_are_clear_errors(tmp_path, monkeypatch):
+    bad = tmp_path / "embed" / "1024" / "ae.safetensors"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"garbage")
+    with pytest.raises(DictionaryError, match=r"site embed: .*ae.safetensors: cannot read safetensors"):
+        load_autoencoder(bad, site="embed")
+    import feature_circuits.dictionaries as dmod
+
+    monkeypatch.setitem(dmod.KNOWN_SAES, "marks", dmod.SAESource(root=tmp_path / "absent", model_dir="pythia-70m-deduped",
+                                                                 dict_id="10_32768"))
+    with pytest.raises(DictionaryError, match="download_saes.py"):
+        load_dictionaries([], "marks")
+
+
+def test_splice_leaves_llama_logits_unchanged(llama_dir, tmp_path):
+    llama = load_model(llama_dir, device="cpu")
+    aes = load_dictionaries(llama.sites, save_random_saes(llama.hf_model, tmp_path) / "tiny")
+    ids = llama.tokenizer(["the w1 w2 and w3"], return_tensors="pt").input_ids
+    with llama.lm.trace(ids):
+        base = llama.lm.output.logits.save()
+    with llama.lm.trace(ids):
+        for site in llama.sites:
+            out, _, _ = splice_with_grad_leaves(aes[site.name], get_activation(llama.lm, site))
+            set_activation(llama.lm, site, out)
+        spliced = llama.lm.output.logits.save()
+    assert (spliced - base).abs().max() <= 1e-5
