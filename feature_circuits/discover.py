@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import random
 import sys
 import time
@@ -91,8 +92,9 @@ def _validate(cfg: DiscoverConfig) -> tuple[Method, Aggregation]:
         raise DiscoverError(f"--num-examples must be >= 1, got {cfg.num_examples}")
     if cfg.batch_size < 1:
         raise DiscoverError(f"--batch-size must be >= 1, got {cfg.batch_size}")
-    if cfg.node_threshold < 0 or cfg.edge_threshold < 0:
-        raise DiscoverError("thresholds must be >= 0")
+    for flag, t in (("--node-threshold", cfg.node_threshold), ("--edge-threshold", cfg.edge_threshold)):
+        if not math.isfinite(t) or t < 0:
+            raise DiscoverError(f"{flag} must be a finite number >= 0, got {t}")
     if cfg.steps < 1:
         raise DiscoverError(f"--steps must be >= 1, got {cfg.steps}")
     if cfg.labels is not None and not Path(cfg.labels).is_file():
@@ -161,7 +163,8 @@ def discover(cfg: DiscoverConfig, *, log=None) -> Circuit:
     timing["total"] = time.perf_counter() - t_start
     circuit = build_circuit(
         agg_nodes, agg_edges, node_threshold=cfg.node_threshold, edge_threshold=cfg.edge_threshold,
-        model=cfg.model, saes=cfg.saes, method=method, dataset=cfg.dataset, split=cfg.split,
+        model=_portable(cfg.model), saes=_portable(cfg.saes), method=method, dataset=_portable(cfg.dataset),
+        split=cfg.split,
         last_resid=f"resid_{loaded.n_layers - 1}", n_layers=loaded.n_layers, tokens=tokens,
         timing_s={k: round(v, 4) for k, v in timing.items()},
     )
@@ -178,6 +181,15 @@ def discover(cfg: DiscoverConfig, *, log=None) -> Circuit:
 
 
 # -------------------------------------------------------------------------------------- command line
+
+
+def _portable(name: str | None) -> str | None:
+    """A name as the circuit file records it: an existing local path becomes absolute (so evaluation
+    from another directory finds it, and the held-out check compares the same files); known short
+    names and hub ids stay as given."""
+    if name is None or not Path(name).exists():
+        return name
+    return str(Path(name).resolve())
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,7 +33,7 @@ from typing import Any
 
 from .evaluation import STANDARD_VARIANT, VARIANTS, CircuitNodes, EvalResult, EvaluationError
 
-__all__ = ["check_held_out", "default_dataset", "main", "plot_html", "summary_table"]
+__all__ = ["check_disjoint", "check_held_out", "default_dataset", "main", "plot_html", "summary_table"]
 
 
 class UsageError(ValueError):
@@ -70,6 +70,25 @@ def _resolve(name: str, split: str) -> Path | None:
         return Path(resolve_dataset(name, split)).resolve()
     except (ValueError, FileNotFoundError, OSError):
         return None
+
+
+def check_disjoint(eval_pairs: list[Any], discovery_pairs: list[Any], eval_name: str, discovery_name: str) -> None:
+    """Refuse (EvaluationError) when evaluation examples are among the examples the circuit was
+    discovered on (same prompts and answers), whatever the files are called."""
+
+    def key(p: Any) -> tuple[str, str, str, str]:
+        return (p.clean_prefix, p.patch_prefix, p.clean_answer, p.patch_answer)
+
+    seen = {key(p) for p in discovery_pairs}
+    shared = [p for p in eval_pairs if key(p) in seen]
+    if shared:
+        first = shared[0]
+        raise EvaluationError(
+            f"{len(shared)} of {len(eval_pairs)} evaluation examples of {eval_name} are among the {len(discovery_pairs)} "
+            f"examples the circuit was discovered on ({discovery_name}), e.g. line {first.line}: "
+            f"{first.clean_prefix!r}; held-out evaluation needs disjoint data; pass --allow-discovery-split to do it "
+            "anyway"
+        )
 
 
 def check_held_out(circuit_dataset: str, circuit_split: str, dataset: str, split: str, *, allow: bool) -> None:
@@ -238,9 +257,9 @@ def _load_jobs(args: argparse.Namespace) -> list[_Job]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .data import load_pairs, resolve_dataset
+    from .data import DatasetError, load_pairs, resolve_dataset
     from .dictionaries import load_dictionaries
-    from .evaluation import compute_means, evaluate_circuit
+    from .evaluation import compute_means, evaluate_circuit, positions_aligned
     from .model import load_model
 
     if args.num_examples is not None and args.num_examples < 1:
@@ -267,16 +286,21 @@ def run(args: argparse.Namespace) -> int:
         aes = dicts[(model_name, saes)]
         data_path = resolve_dataset(job.dataset, args.split)
         pairs = load_pairs(data_path, loaded.tokenizer, limit=args.num_examples)
-        from .types import Aggregation
-
-        per_pos = job.nodes.aggregation is Aggregation.NONE
-        key = (model_name, saes, str(data_path), len(pairs), args.batch_size, per_pos)
+        discovery_path = _resolve(str(meta["dataset"]), str(meta["split"]))
+        if not args.allow_discovery_split and discovery_path is not None and discovery_path.is_file():
+            limit = meta.get("num_examples")
+            try:
+                discovery = load_pairs(discovery_path, loaded.tokenizer, limit=int(limit) if limit else None)
+            except DatasetError as err:
+                print(f"warning: cannot read the discovery data to check it is disjoint: {err}", file=sys.stderr)
+            else:
+                check_disjoint(pairs, discovery, str(data_path), str(discovery_path))
+        key = (model_name, saes, str(data_path), len(pairs), args.batch_size)
         if key not in means_cache:
             from .data import make_batches
 
-            means_cache[key] = compute_means(
-                loaded, aes, make_batches(pairs, loaded.tokenizer, args.batch_size), per_position=per_pos
-            )
+            batches = make_batches(pairs, loaded.tokenizer, args.batch_size)
+            means_cache[key] = compute_means(loaded, aes, batches, per_position=positions_aligned(batches))
         print(f"evaluating {job.label} on {data_path} ({len(pairs)} examples)", file=sys.stderr)
         res = evaluate_circuit(
             loaded, aes, job.nodes, pairs, thresholds=thresholds, variants=variants, batch_size=args.batch_size,

@@ -444,6 +444,12 @@ def _batch_dev(batch: Any, device: torch.device) -> tuple[Tensor, Tensor, Tensor
     )
 
 
+def positions_aligned(batches: Sequence[Any]) -> bool:
+    """Whether every evaluation example has the same token length: then means are taken per position
+    (spec section 7), whatever the circuit's aggregation."""
+    return len({int(b.patch.shape[1]) for b in batches}) == 1
+
+
 @torch.no_grad()
 def compute_means(
     loaded: Any,
@@ -457,8 +463,8 @@ def compute_means(
     """Mean features and error per site over the PATCH inputs of ``batches`` (plain model forward).
 
     Returns ``{site: (mean_f, mean_err)}`` with shapes (P, F) and (P, d): P = s when
-    ``per_position`` (every batch must have the same length), else P = 1 (averaged over every
-    token of every example).
+    ``per_position`` (every batch must have the same length; see :func:`positions_aligned`), else
+    P = 1 (averaged over every token of every example).
     """
     sites = list(loaded.sites if sites is None else sites)
     if not batches:
@@ -466,7 +472,7 @@ def compute_means(
     lengths = {int(b.patch.shape[1]) for b in batches}
     if per_position and len(lengths) != 1:
         raise EvaluationError(
-            f"position-aligned (aggregation 'none') evaluation needs examples of one token length; "
+            f"per-position means need evaluation examples of one token length; "
             f"found lengths {sorted(lengths)}"
         )
     sums: dict[str, list[Tensor]] = {}
@@ -766,6 +772,14 @@ def evaluate_circuit(
                 f"{sizes[site]} (wrong --saes?)"
             )
     n_positions = seq_len if per_position else 1
+    # means per position whenever the evaluation examples are aligned (also for 'sum' circuits, whose
+    # masks cover all positions at once); a passed-in ``means`` must have been computed the same way
+    aligned = positions_aligned(batches)
+    if means is not None:
+        want = int(batches[0].patch.shape[1]) if aligned else 1
+        got = {int(mf.shape[0]) for mf, _ in means.values()}
+        if got != {want}:
+            raise EvaluationError(f"means over {sorted(got)} position(s) given; these examples need {want}")
 
     # Every (variant, node set, complement) configuration; identical masks share one evaluation, so
     # faithfulness(M) = 1, faithfulness(empty) = 0 and completeness(M) = 0 hold exactly.
@@ -801,7 +815,7 @@ def evaluate_circuit(
         bar = tqdm(total=total, desc="evaluate", unit="fwd")
     try:
         if means is None:
-            means = compute_means(loaded, dictionaries, batches, per_position=per_position, sites=sites, progress=bar)
+            means = compute_means(loaded, dictionaries, batches, per_position=aligned, sites=sites, progress=bar)
         values = ablated_metrics(
             loaded, dictionaries, batches, means, [configs[d] for d in order], stack=stack, progress=bar
         )
@@ -844,5 +858,6 @@ def evaluate_circuit(
         free_layers=free,
         n_nodes_total=int(sum(per_site)),
         num_examples=sum(len(b.pairs) for b in batches),
-        meta={k: v for k, v in circ.meta.items() if k in ("model", "saes", "method", "dataset", "split", "path")},
+        meta={**{k: v for k, v in circ.meta.items() if k in ("model", "saes", "method", "dataset", "split", "path")},
+              "means": "per position" if aligned else "over all tokens (examples of different lengths)"},
     )

@@ -147,8 +147,9 @@ class _EpsilonScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (z,) = ctx.saved_tensors
-        sign = torch.where(z >= 0, torch.ones_like(z), -torch.ones_like(z))
-        return g * z / (z + ctx.eps * sign), None
+        z32 = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z  # eps underflows in half precision
+        sign = torch.where(z32 >= 0, torch.ones_like(z32), -torch.ones_like(z32))
+        return (g * (z32 / (z32 + ctx.eps * sign))).to(g.dtype), None
 
 
 def identity_rule(x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:

@@ -84,6 +84,8 @@ def test_cli_user_errors(tmp_path, neox_dir, neox_saes, tiny_data, capsys):
         (["--model", str(neox_dir), "--saes", str(neox_saes), "--dataset", str(tmp_path / "x.jsonl")], "not found"),
         (["--labels", str(tmp_path / "nolabels.jsonl")], "labels file not found"),
         (["--num-examples", "0"], "--num-examples"),
+        (["--node-threshold", "nan"], "--node-threshold must be a finite number"),
+        (["--edge-threshold", "-1"], "--edge-threshold must be a finite number"),
     ]
     for args, msg in cases:
         assert main(base + args) == 2

@@ -17,6 +17,7 @@ from feature_circuits.evaluation import (
     CircuitNode,
     CircuitNodes,
     EvaluationError,
+    SiteMask,
     ablated_metric,
     compute_means,
     default_free_layers,
@@ -264,7 +265,7 @@ def test_from_aggregated_effects(neox, aes):
 def test_neuron_baseline(neox):
     neurons = load_dictionaries(neox.sites, "neurons")
     batches = make_batches(_pairs(6), neox.tokenizer, 6)
-    means = compute_means(neox, neurons, batches, per_position=False)
+    means = compute_means(neox, neurons, batches, per_position=True)  # aligned examples: per position
     assert all(float(e.abs().max()) == 0.0 for _, e in means.values())  # identity: error is zero
     full = _all_nodes(neox, neurons).nodes
     # the whole model at effect 1, plus resid_1's neurons at smaller effects
@@ -297,7 +298,7 @@ def _write_jsonl(path, pairs):
 
 def test_cli_end_to_end(neox_dir, neox_saes, tmp_path, capsys):
     _write_jsonl(tmp_path / "tiny_train.jsonl", _pairs(6))
-    _write_jsonl(tmp_path / "tiny_test.jsonl", _pairs(10)[4:])
+    _write_jsonl(tmp_path / "tiny_test.jsonl", _pairs(12)[6:])  # disjoint from the discovery file
     circ = {
         "schema_version": 1, "model": str(neox_dir), "saes": str(neox_saes / "tiny"), "method": "atp",
         "dataset": str(tmp_path / "tiny_train.jsonl"), "split": "train", "num_examples": 6, "aggregation": "sum",
@@ -336,6 +337,11 @@ def test_cli_end_to_end(neox_dir, neox_saes, tmp_path, capsys):
                  "--thresholds", "0.1", "--quiet", "--out", str(tmp_path / "o"), "--variants",
                  "all_errors_ablated"]) == 0
     assert json.loads((tmp_path / "o" / "eval.json").read_text())["num_examples"] == 6
+    # the discovery examples under another name (a copy, or a file that contains some of them): refused
+    _write_jsonl(tmp_path / "renamed.jsonl", _pairs(12)[4:])  # shares examples 4 and 5 with the train file
+    assert main(["--circuit", str(cdir), "--dataset", str(tmp_path / "renamed.jsonl"), "--quiet"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "2 of 8 evaluation examples" in last and "allow-discovery-split" in last
 
 
 def test_sweep_over_effects_file(neox, neox_dir, neox_saes, aes, tmp_path, capsys):
@@ -345,7 +351,7 @@ def test_sweep_over_effects_file(neox, neox_dir, neox_saes, aes, tmp_path, capsy
     from feature_circuits.graph import save_effects
 
     _write_jsonl(tmp_path / "tiny_train.jsonl", _pairs(6))
-    _write_jsonl(tmp_path / "tiny_test.jsonl", _pairs(10)[4:])
+    _write_jsonl(tmp_path / "tiny_test.jsonl", _pairs(12)[6:])  # disjoint from the discovery file
     gen = torch.Generator().manual_seed(0)
     # every node has a nonzero effect in (0.001, 0.5]; two stored nodes above the discovery threshold 0.6
     eff = {s.name: 0.001 + 0.499 * torch.rand(aes[s.name].dict_size + 1, generator=gen) for s in neox.sites}
@@ -398,3 +404,25 @@ def test_sweep_over_effects_file(neox, neox_dir, neox_saes, aes, tmp_path, capsy
         assert len(err) == 1 and msg in err[0] and str(cdir / "effects.safetensors") in err[0], err
         with pytest.raises(EvaluationError, match=msg):
             CircuitNodes.from_json(cdir / "circuit.json")
+
+
+def test_sum_circuit_on_aligned_data_uses_per_position_means(neox, aes):
+    """Spec section 7: means per position whenever positions are aligned, for 'sum' circuits too."""
+    pairs = _pairs(6)
+    batches = make_batches(pairs, neox.tokenizer, 6)
+    circ = CircuitNodes(aggregation="sum", nodes=[CircuitNode("resid_1", None, None, 0.4),
+                                                  CircuitNode("mlp_1", None, 3, 0.02)])
+    res = evaluate_circuit(neox, aes, circ, pairs, thresholds=[0.01, 0.1], batch_size=6)
+    assert res.meta["means"] == "per position"
+    per_pos = compute_means(neox, aes, batches, per_position=True)
+    again = evaluate_circuit(neox, aes, circ, pairs, thresholds=[0.01, 0.1], batch_size=6, means=per_pos)
+    assert again.standard.m_circuit == res.standard.m_circuit
+    # the empty circuit ablated with per-position means is m(empty) by hand; pooled means give another value
+    empty = {s.name: SiteMask(torch.zeros(1, 64, dtype=torch.bool), torch.zeros(1, 1, dtype=torch.bool))
+             for s in neox.sites if s.layer >= default_free_layers(neox.n_layers)}
+    by_hand = ablated_metric(neox, aes, batches, per_pos, empty)
+    assert res.standard.m_empty == pytest.approx(by_hand, abs=1e-6)
+    pooled = compute_means(neox, aes, batches, per_position=False)
+    assert abs(ablated_metric(neox, aes, batches, pooled, empty) - by_hand) > 1e-6
+    with pytest.raises(EvaluationError, match="position"):
+        evaluate_circuit(neox, aes, circ, pairs, thresholds=[0.01], batch_size=6, means=pooled)

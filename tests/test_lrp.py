@@ -117,3 +117,14 @@ def test_ln_rule_formulas_and_half_rule():
     assert torch.equal(out, a.detach() * c.detach())
     ga, gc = torch.autograd.grad(out, [a, c], g)
     assert torch.equal(ga, 0.5 * g * c.detach()) and torch.equal(gc, 0.5 * g * a.detach())
+
+
+def test_epsilon_rule_is_finite_in_half_precision():
+    """The epsilon stabiliser (1e-10) underflows in float16; the rule computes in float32 there."""
+    from feature_circuits.lrp import _EpsilonScale
+
+    for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        z = torch.tensor([0.0, 1e-3, -2.0], dtype=dt, requires_grad=True)
+        (g,) = torch.autograd.grad(_EpsilonScale.apply(z, 1e-10).sum(), z)
+        assert g.dtype == dt and torch.isfinite(g).all()
+        assert g[0] == 0 and float(g[2]) == pytest.approx(1.0, abs=1e-2)
