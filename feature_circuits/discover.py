@@ -50,7 +50,7 @@ class DiscoverConfig:
     num_examples: int = 64
     batch_size: int = 16
     # Defaults chosen on the embedded model (sva_rc, 64 train examples, relp): node threshold 0.003 keeps
-    # ~580 nodes (~260 outside the free layers) with held-out faithfulness ~0.6 (0.1: ~120 nodes, 0.24);
+    # ~580 nodes (~250 outside the free layers) with held-out faithfulness ~1.0 (0.1: ~80 nodes, 0.91);
     # edge threshold 0.02 keeps ~775 of their edges. See build_parser's help for the measurements.
     node_threshold: float = 0.003
     edge_threshold: float = 0.02
@@ -204,9 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
         "and edges dominating; --nodes-only skips the edges). "
         "DIR/effects.safetensors holds the aggregated effect of every node, so scripts/evaluate.py can sweep "
         "node thresholds below --node-threshold. Default thresholds: on the embedded model (relp, sva_rc) "
-        "--node-threshold 0.003 gives ~580 nodes (~260 outside the always-kept embedding and layer 0) with "
-        "held-out faithfulness ~0.6 and ~775 edges at --edge-threshold 0.02; 0.01 gives ~180 ablatable nodes "
-        "(faithfulness ~0.54), 0.1 gives ~80 (~0.24). The same defaults apply to Pythia-70M with the Marks "
+        "--node-threshold 0.003 gives ~580 nodes (~250 outside the always-kept embedding and layer 0) with "
+        "held-out faithfulness ~1.0 and ~775 edges at --edge-threshold 0.02; 0.01 gives ~180 ablatable nodes "
+        "(faithfulness ~0.99), 0.1 gives ~80 (~0.91), 0.3 ~50 (~0.3). The same defaults apply to Pythia-70M with the Marks "
         "SAEs, whose effects are on a similar logit-difference scale but spread over 32768 features per site: "
         "there, check the node count and raise --node-threshold (e.g. 0.01-0.1) for a readable graph; the "
         "evaluation's sweep is unaffected by the choice.",
@@ -227,9 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per batch")
     p.add_argument("--node-threshold", type=float, default=d.node_threshold,
                    help="keep nodes with |aggregated effect| above this (also selects the downstream nodes whose "
-                        "edges are computed: lower is slower). On the embedded default (relp): 0.003 -> ~260 "
-                        "nodes outside the free layers, held-out faithfulness ~0.6; 0.01 -> ~180, ~0.54; "
-                        "0.1 -> ~80, ~0.24")
+                        "edges are computed: lower is slower). On the embedded default (relp): 0.003 -> ~250 "
+                        "nodes outside the free layers, held-out faithfulness ~1.0; 0.01 -> ~180, ~0.99; "
+                        "0.1 -> ~80, ~0.91")
     p.add_argument("--edge-threshold", type=float, default=d.edge_threshold,
                    help="keep edges between kept nodes with |weight| above this (embedded default: ~775 "
                         "edges among the default nodes; 0.01 gives ~1350)")
