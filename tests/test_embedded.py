@@ -3,26 +3,15 @@ end-to-end runs of the training scripts."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 import torch
 from transformers import AutoTokenizer, GPTNeoXForCausalLM
 
-from feature_circuits import grammar
+from feature_circuits import grammar, train_model, train_saes
 from feature_circuits.datasets_gen import build_tokenizer, encode_words, evaluate_pairs, heldout_eval_texts
-from feature_circuits.types import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_NAME, EMBEDDED_SAE_ROOT, REPO_ROOT
-
-
-def _script(name: str):
-    path = REPO_ROOT / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+from feature_circuits.types import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_NAME, EMBEDDED_SAE_ROOT
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +69,6 @@ def test_holdout_split_is_disjoint():
 
 def test_shipped_saes_reconstruct(shipped):
     tok, model = shipped
-    train_saes = _script("train_saes")
     from feature_circuits.dictionaries import load_autoencoder
     from feature_circuits.sites import build_sites
 
@@ -110,7 +98,6 @@ def test_project_loaders():
 
 
 def test_training_scripts_tiny(tmp_path):
-    train_model = _script("train_embedded_model")
     metrics = train_model.main([
         "--steps", "3", "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-mlp", "64",
         "--batch-size", "8", "--eval-n", "4", "--out", str(tmp_path / "model"),
@@ -118,7 +105,6 @@ def test_training_scripts_tiny(tmp_path):
     assert (tmp_path / "model" / "model.safetensors").is_file()
     assert set(metrics["model"]["heldout"]) == {*grammar.DATASET_NAMES.values(), "ioi"}
     GPTNeoXForCausalLM.from_pretrained(tmp_path / "model")
-    train_saes = _script("train_saes")
     res = train_saes.main([
         "--model", str(tmp_path / "model"), "--out", str(tmp_path / "saes"), "--steps", "3",
         "--dict-size", "16", "--n-sentences", "50", "--batch-size", "32", "--sites", "embed,resid_0",
