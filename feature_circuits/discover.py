@@ -49,10 +49,10 @@ class DiscoverConfig:
     split: str = "train"
     num_examples: int = 64
     batch_size: int = 16
-    # Defaults chosen on the embedded model (sva_rc, 64 train examples, relp): node threshold 0.003 keeps
-    # ~580 nodes (~250 outside the free layers) with held-out faithfulness ~1.0 (0.1: ~80 nodes, 0.91);
-    # edge threshold 0.02 keeps ~775 of their edges. See build_parser's help for the measurements.
-    node_threshold: float = 0.003
+    # Defaults chosen on the embedded model (sva_rc, 64 train examples, relp): node threshold 0.1 keeps
+    # ~120 nodes (~80 outside the free layers) with held-out faithfulness ~0.91, a graph one can read;
+    # edge threshold 0.02 keeps ~600 of their edges. See build_parser's help for the measurements.
+    node_threshold: float = 0.1
     edge_threshold: float = 0.02
     aggregation: str = "sum"
     nodes_only: bool = False
@@ -200,13 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
         "logit(clean answer)) to SAE features and error nodes, aggregate over examples, threshold, and write "
         "DIR/circuit.json and an interactive DIR/circuit.html.",
         epilog="Example: scripts/discover.py --method relp --num-examples 64 --out out/  "
-        "(the defaults run the embedded model and SAEs on sva_rc in about 8 s on a 2-core CPU, model loading "
-        "and edges dominating; --nodes-only skips the edges). "
+        "(the defaults run the embedded model and SAEs on sva_rc in about 6 s on a 2-core CPU, most of it "
+        "process start and model loading; --nodes-only skips the edges). "
         "DIR/effects.safetensors holds the aggregated effect of every node, so scripts/evaluate.py can sweep "
         "node thresholds below --node-threshold. Default thresholds: on the embedded model (relp, sva_rc) "
-        "--node-threshold 0.003 gives ~580 nodes (~250 outside the always-kept embedding and layer 0) with "
-        "held-out faithfulness ~1.0 and ~775 edges at --edge-threshold 0.02; 0.01 gives ~180 ablatable nodes "
-        "(faithfulness ~0.99), 0.1 gives ~80 (~0.91), 0.3 ~50 (~0.3). The same defaults apply to Pythia-70M with the Marks "
+        "--node-threshold 0.1 gives ~120 nodes (~80 outside the always-kept embedding and layer 0) with "
+        "held-out faithfulness ~0.91 and ~600 edges at --edge-threshold 0.02; 0.01 gives ~180 ablatable nodes "
+        "(faithfulness ~0.99), 0.003 ~250 (~1.0), 0.3 ~50 (~0.3). The same defaults apply to Pythia-70M with the Marks "
         "SAEs, whose effects are on a similar logit-difference scale but spread over 32768 features per site: "
         "there, check the node count and raise --node-threshold (e.g. 0.01-0.1) for a readable graph; the "
         "evaluation's sweep is unaffected by the choice.",
@@ -227,12 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per batch")
     p.add_argument("--node-threshold", type=float, default=d.node_threshold,
                    help="keep nodes with |aggregated effect| above this (also selects the downstream nodes whose "
-                        "edges are computed: lower is slower). On the embedded default (relp): 0.003 -> ~250 "
-                        "nodes outside the free layers, held-out faithfulness ~1.0; 0.01 -> ~180, ~0.99; "
-                        "0.1 -> ~80, ~0.91")
+                        "edges are computed: lower is slower). On the embedded default (relp): 0.1 -> ~80 "
+                        "nodes outside the free layers, held-out faithfulness ~0.91; 0.01 -> ~180, ~0.99; "
+                        "0.003 -> ~250, ~1.0")
     p.add_argument("--edge-threshold", type=float, default=d.edge_threshold,
-                   help="keep edges between kept nodes with |weight| above this (embedded default: ~775 "
-                        "edges among the default nodes; 0.01 gives ~1350)")
+                   help="keep edges between kept nodes with |weight| above this (embedded default: ~600 "
+                        "edges among the default nodes; 0.01 gives ~860)")
     p.add_argument("--aggregation", default=d.aggregation, choices=[a.value for a in Aggregation],
                    help="sum: sum over positions, mean over examples; none: keep positions (equal-length examples)")
     p.add_argument("--nodes-only", action="store_true", help="skip edge computation (faster)")
