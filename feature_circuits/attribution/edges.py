@@ -6,8 +6,9 @@ edge backward also runs with the LRP rules on).
 
 One clean forward for all pairs (:func:`leaf_forward`): every site's output is saved and then
 replaced by a gradient leaf of the same value, so the derivative of a site's saved output with
-respect to an earlier site's leaf runs along the direct path only (the sites in between are leaves). Since u = decode(f_u) + err_u with decode affine, d/d f_u = decoder rows and
-d/d err_u = I, so the chain factors as
+respect to an earlier site's leaf runs along the direct path only (the sites in between are
+leaves). Since u = decode(f_u) + err_u with decode affine, d/d f_u = decoder rows and d/d err_u = I,
+so the chain factors as
 
     edge(k -> j) = [ c_j . (d x_d / d x_u) ] . W_dec[k] * delta f_k      (error node: . delta err)
 
@@ -15,9 +16,8 @@ where c_j = g_j d node_j / d x_d is computed at node j's own row through its dic
 from the site output x_d to all its upstream leaves at once are batched with ``is_grads_batched``:
 row r of a batched VJP carries the r-th selected node of EVERY example at once (examples are
 independent), so a downstream site costs ceil(max nodes per example / chunk_size) batched
-backwards that are d wide, not F wide. Only the
-upstream features with a non-zero delta in the batch are multiplied out. Future positions are
-structurally zero and not stored; exact zeros are dropped.
+backwards that are d wide, not F wide. Only the upstream features with a non-zero delta in the batch
+are multiplied out. Future positions are structurally zero and not stored; exact zeros are dropped.
 
 :func:`edge_forward` is the unfactored form (features and errors of both sites as tensors in the
 graph), kept as the one-backward-per-node reference the tests and the benchmark compare against.
