@@ -75,7 +75,7 @@ def _edge(b, s_down, s_up, entries):
     """Sparse (b, s_down, F+1, s_up, F+1) with the given {(bi, sd, j, su, k): value}."""
     idx = torch.tensor(list(entries.keys()), dtype=torch.long).T
     vals = torch.tensor(list(entries.values()), dtype=torch.float32)
-    return torch.sparse_coo_tensor(idx, vals, (b, s_down, F + 1, s_up, F + 1))
+    return torch.sparse_coo_tensor(idx, vals, (b, s_down, F + 1, s_up, F + 1), check_invariants=True)
 
 
 def test_aggregate_edges_sum_and_none():
