@@ -86,7 +86,8 @@ def is_local_path(source: str) -> bool:
     directory exists."""
     if Path(source).expanduser().exists():
         return True
-    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or os.path.sep != "/" and os.path.sep in source
+    windows_path = os.path.sep != "/" and os.path.sep in source
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or windows_path
 
 
 def resolve_model_name(name_or_path: str | os.PathLike | None) -> str:
@@ -110,9 +111,9 @@ def load_model(
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     if is_local_path(source):
         source = str(Path(source).expanduser())
-    if is_local_path(source) and not Path(source).is_dir():
-        hint = " (train it with scripts/train_embedded_model.py)" if source == str(EMBEDDED_MODEL_DIR) else ""
-        raise ModelLoadError(f"model directory {source} does not exist{hint}")
+        if not Path(source).is_dir():
+            hint = " (train it with scripts/train_embedded_model.py)" if source == str(EMBEDDED_MODEL_DIR) else ""
+            raise ModelLoadError(f"model directory {source} does not exist{hint}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dt)
