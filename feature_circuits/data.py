@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from feature_circuits.types import DATA_DIR
+from feature_circuits.errors import DatasetError, DatasetNotFoundError, UnknownDatasetError
+from feature_circuits.toy import DATA_DIR
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
@@ -57,20 +58,6 @@ __all__ = [
 REQUIRED_KEYS = ("clean_prefix", "patch_prefix", "clean_answer", "patch_answer")
 OPTIONAL_KEYS = ("case",)
 SPLITS = ("train", "test")
-
-
-class DatasetError(ValueError):
-    """A malformed dataset line; the message is ``path:line: problem`` (line is 1-based)."""
-
-    def __init__(self, path: str | Path, line: int, problem: str) -> None:
-        self.path = str(path)
-        self.line = int(line)
-        self.problem = problem
-        super().__init__(f"{self.path}:{self.line}: {problem}")
-
-
-class UnknownDatasetError(ValueError):
-    """A dataset name that is neither an existing file nor a shipped dataset."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -252,7 +239,7 @@ def _load(path: str | Path, tokenizer: Any | None, *, skip_invalid: bool, limit:
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
     if not path.is_file():
-        raise FileNotFoundError(f"dataset file not found: {path}")
+        raise DatasetNotFoundError(f"dataset file not found: {path}")
     lines = _content_lines(path)
     if not lines:
         raise DatasetError(path, 1, "dataset file is empty (no examples)")
@@ -326,7 +313,7 @@ def resolve_dataset(
     name = str(name_or_path)
     looks_like_path = candidate.suffix == ".jsonl" or "/" in name or "\\" in name
     if looks_like_path:
-        raise FileNotFoundError(f"dataset file not found: {candidate}")
+        raise DatasetNotFoundError(f"dataset file not found: {candidate}")
     data_dir = Path(DATA_DIR if data_dir is None else data_dir)
     target = data_dir / f"{name}_{split}.jsonl"
     if target.is_file():

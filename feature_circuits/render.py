@@ -32,7 +32,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .graph import LOGIT_ID, Circuit, Node
+from feature_circuits.circuit.graph import LOGIT_ID, Circuit, Node
+from feature_circuits.errors import LabelsError
 
 __all__ = ["LabelsError", "load_labels", "neuronpedia_url", "render_circuit_html", "slider_thresholds"]
 
@@ -44,10 +45,6 @@ KIND_COL = {"attn": 0, "mlp": 1, "resid": 2, "embed": 1}
 KIND_DY = {"attn": -0.22, "mlp": 0.0, "resid": 0.22, "embed": 0.0}
 WIDTH_BINS = 4
 MAX_TABLE_ROWS = 3000
-
-
-class LabelsError(ValueError):
-    """A malformed labels file; the message is ``path:line: problem``."""
 
 
 Labels = Mapping[tuple[str, "int | None"], str]
@@ -199,50 +196,82 @@ def _figure(circuit: Circuit, labels: Labels):
             (x0, y0), (x1, y1) = pos[ed.source], pos[ed.target]
             xs += [x0, x1, None]
             ys += [y0, y1, None]
-        traces.append(go.Scatter(
-            x=xs, y=ys, mode="lines", hoverinfo="skip", showlegend=False,
-            line={"width": 0.5 + 3.5 * (b + 0.5) / WIDTH_BINS, "color": POS_EDGE if positive else NEG_EDGE},
-            name=f"edges {'+' if positive else '-'} level {lvl}",
-        ))
+        traces.append(
+            go.Scatter(
+                x=xs,
+                y=ys,
+                mode="lines",
+                hoverinfo="skip",
+                showlegend=False,
+                line={
+                    "width": 0.5 + 3.5 * (b + 0.5) / WIDTH_BINS,
+                    "color": POS_EDGE if positive else NEG_EDGE,
+                },
+                name=f"edges {'+' if positive else '-'} level {lvl}",
+            )
+        )
         trace_level.append(lvl)
     # nodes: one trace per level
     for lvl in range(k_steps):
         nds = [nd for nd in circuit.nodes if level[nd.id] == lvl]
         if not nds:
             continue
-        traces.append(go.Scatter(
-            x=[pos[n.id][0] for n in nds], y=[pos[n.id][1] for n in nds], mode="markers",
-            hoverinfo="text", hovertext=[_hover(circuit, n, labels) for n in nds], showlegend=False,
-            customdata=[neuronpedia_url(circuit, n) or "" for n in nds],
-            marker={
-                "size": [8 + 22 * math.sqrt(min(abs(n.effect) / amax, 1.0)) if math.isfinite(n.effect) else 8
-                         for n in nds],
-                "color": [POS_COLOR if n.effect >= 0 else NEG_COLOR for n in nds],
-                "symbol": ["square" if n.is_error else "circle" for n in nds],
-                "line": {"width": [2 if n.is_error else 0.5 for n in nds],
-                         "color": ["#222" if n.is_error else "#fff" for n in nds]},
-                "opacity": 0.9,
-            },
-            name=f"nodes level {lvl}",
-        ))
+        traces.append(
+            go.Scatter(
+                x=[pos[n.id][0] for n in nds],
+                y=[pos[n.id][1] for n in nds],
+                mode="markers",
+                hoverinfo="text",
+                hovertext=[_hover(circuit, n, labels) for n in nds],
+                showlegend=False,
+                customdata=[neuronpedia_url(circuit, n) or "" for n in nds],
+                marker={
+                    "size": [
+                        8 + 22 * math.sqrt(min(abs(n.effect) / amax, 1.0)) if math.isfinite(n.effect) else 8
+                        for n in nds
+                    ],
+                    "color": [POS_COLOR if n.effect >= 0 else NEG_COLOR for n in nds],
+                    "symbol": ["square" if n.is_error else "circle" for n in nds],
+                    "line": {
+                        "width": [2 if n.is_error else 0.5 for n in nds],
+                        "color": ["#222" if n.is_error else "#fff" for n in nds],
+                    },
+                    "opacity": 0.9,
+                },
+                name=f"nodes level {lvl}",
+            )
+        )
         trace_level.append(lvl)
     lx, ly = pos[LOGIT_ID]
-    traces.append(go.Scatter(
-        x=[lx], y=[ly], mode="markers+text", text=["logit"], textposition="top center", hoverinfo="text",
-        hovertext=[f"<b>logit</b><br>total effect {_fmt(circuit.total_effect)}"], showlegend=False,
-        customdata=[""], marker={"size": 18, "color": "#7f7f7f", "symbol": "diamond"}, name="logit",
-    ))
+    traces.append(
+        go.Scatter(
+            x=[lx],
+            y=[ly],
+            mode="markers+text",
+            text=["logit"],
+            textposition="top center",
+            hoverinfo="text",
+            hovertext=[f"<b>logit</b><br>total effect {_fmt(circuit.total_effect)}"],
+            showlegend=False,
+            customdata=[""],
+            marker={"size": 18, "color": "#7f7f7f", "symbol": "diamond"},
+            name="logit",
+        )
+    )
     trace_level.append(k_steps)
 
     fig = go.Figure(data=traces)
     steps = []
     for i, t in enumerate(thresholds):
         n_vis = sum(1 for nd in circuit.nodes if level[nd.id] >= i)
-        steps.append({
-            "method": "restyle", "label": f"{t:.3g}",
-            "args": [{"visible": [lv >= i for lv in trace_level]}],
-            "name": f"{n_vis} nodes",
-        })
+        steps.append(
+            {
+                "method": "restyle",
+                "label": f"{t:.3g}",
+                "args": [{"visible": [lv >= i for lv in trace_level]}],
+                "name": f"{n_vis} nodes",
+            }
+        )
     n_layers = circuit.num_layers
     none = circuit.aggregation == "none"
     if none:
@@ -256,17 +285,39 @@ def _figure(circuit: Circuit, labels: Labels):
     else:
         tickvals, ticktext, x_range = [0, 1, 2], ["attn", "mlp", "resid"], [-0.8, 2.8]
     fig.update_layout(
-        title={"text": _ptext(f"{circuit.method} circuit: {circuit.model} / {circuit.saes} on "
-                                   f"{circuit.dataset} ({circuit.split}, {circuit.num_examples} examples)")},
-        xaxis={"tickvals": tickvals, "ticktext": ticktext, "range": x_range, "showgrid": False, "zeroline": False,
-               "title": {"text": "token position" if none else "site kind"}},
-        yaxis={"tickvals": list(range(n_layers + 2)),
-               "ticktext": ["embed"] + [f"layer {i}" for i in range(n_layers)] + ["logit"],
-               "range": [-0.6, n_layers + 1.6], "showgrid": True, "zeroline": False},
-        height=max(500, 110 * (n_layers + 2)), plot_bgcolor="white", hovermode="closest",
+        title={
+            "text": _ptext(
+                f"{circuit.method} circuit: {circuit.model} / {circuit.saes} on "
+                f"{circuit.dataset} ({circuit.split}, {circuit.num_examples} examples)"
+            )
+        },
+        xaxis={
+            "tickvals": tickvals,
+            "ticktext": ticktext,
+            "range": x_range,
+            "showgrid": False,
+            "zeroline": False,
+            "title": {"text": "token position" if none else "site kind"},
+        },
+        yaxis={
+            "tickvals": list(range(n_layers + 2)),
+            "ticktext": ["embed"] + [f"layer {i}" for i in range(n_layers)] + ["logit"],
+            "range": [-0.6, n_layers + 1.6],
+            "showgrid": True,
+            "zeroline": False,
+        },
+        height=max(500, 110 * (n_layers + 2)),
+        plot_bgcolor="white",
+        hovermode="closest",
         margin={"l": 70, "r": 20, "t": 60, "b": 120},
-        sliders=[{"active": 0, "currentvalue": {"prefix": "node threshold |effect| > "}, "pad": {"t": 50},
-                  "steps": steps}],
+        sliders=[
+            {
+                "active": 0,
+                "currentvalue": {"prefix": "node threshold |effect| > "},
+                "pad": {"t": 50},
+                "steps": steps,
+            }
+        ],
     )
     expected = sum(1 for nd in circuit.nodes if level[nd.id] >= 0) + 1
     return fig, expected
@@ -350,15 +401,24 @@ def render_circuit_html(
         labels = load_labels(labels)
     fig, expected = _figure(circuit, labels)
     plot_html = pio.to_html(
-        fig, include_plotlyjs=True, full_html=False, div_id="fc-graph", post_script=_POST_SCRIPT,
+        fig,
+        include_plotlyjs=True,
+        full_html=False,
+        div_id="fc-graph",
+        post_script=_POST_SCRIPT,
         config={"displaylogo": False, "responsive": True},
     )
     e = html.escape
     meta = [
-        ("model", circuit.model), ("SAEs", circuit.saes), ("method", circuit.method),
-        ("dataset", f"{circuit.dataset} ({circuit.split})"), ("examples", str(circuit.num_examples)),
-        ("aggregation", circuit.aggregation), ("node threshold", f"{circuit.node_threshold:g}"),
-        ("edge threshold", f"{circuit.edge_threshold:g}"), ("total effect", _fmt(circuit.total_effect)),
+        ("model", circuit.model),
+        ("SAEs", circuit.saes),
+        ("method", circuit.method),
+        ("dataset", f"{circuit.dataset} ({circuit.split})"),
+        ("examples", str(circuit.num_examples)),
+        ("aggregation", circuit.aggregation),
+        ("node threshold", f"{circuit.node_threshold:g}"),
+        ("edge threshold", f"{circuit.edge_threshold:g}"),
+        ("total effect", _fmt(circuit.total_effect)),
         ("nodes / edges", f"{len(circuit.nodes)} / {len(circuit.edges)}"),
     ]
     if circuit.tokens is not None:
@@ -375,7 +435,7 @@ def render_circuit_html(
         rows.append(
             f"<tr><td>{e(nd.id)}</td><td>{e(nd.site)}</td><td>{e(tok)}</td>"
             f"<td>{'error' if nd.is_error else nd.feature}</td><td>{_fmt(nd.effect)}</td>"
-            f"<td class=\"fc-label\">{e(labels.get((nd.site, nd.feature), ''))}</td><td>{link}</td></tr>"
+            f'<td class="fc-label">{e(labels.get((nd.site, nd.feature), ""))}</td><td>{link}</td></tr>'
         )
     more = len(circuit.nodes) - len(rows)
     page = f"""<!DOCTYPE html>

@@ -1,28 +1,61 @@
-"""Shared types: site descriptions, method and aggregation kinds, configurations.
+"""The vocabulary every stage shares: sites and their names, methods, aggregations, LRP rules, and
+the error-node convention.
 
-Small on purpose: every other module imports from here, nothing here imports them.
+No paths, no I/O, no torch: importing this module is free, and nothing here imports the rest of the
+package (every other module imports from here).
+
+Sites and their names
+---------------------
+A *site* is a place where a dictionary (SAE) is spliced into the model: the embedding output
+(``embed``) and, for every layer ``L``, the attention output (``attn_L``), the MLP output
+(``mlp_L``) and the residual stream after the layer (``resid_L``). :class:`Site` owns these names:
+:meth:`Site.format` builds one, :meth:`Site.parse` reads one back, :meth:`Site.rank_of` orders
+them in execution order (embed, then per layer attn, mlp, resid). Nobody else formats or parses a
+site name.
+
+The error node
+--------------
+Each site also has one *error node*: the part of the activation the dictionary does not
+reconstruct, ``err = x - decode(encode(x))``. The one convention, used everywhere:
+
+* in a tensor of per-node values of a site with ``F`` features (effects, masks' feature axis plus
+  one), index ``F`` -- the last one -- is the error node (:func:`error_index`);
+* in a circuit node, ``feature`` is ``None`` for the error node and its id is ``<site>/err``
+  (:data:`ERROR_TOKEN`).
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
-from pathlib import Path
 
-#: Repository root (the package is used as an editable install; shipped assets live beside it).
-REPO_ROOT = Path(__file__).resolve().parent.parent
-#: The embedded default model (trained and shipped by the project, see scripts/train_embedded_model.py).
-EMBEDDED_MODEL_DIR = REPO_ROOT / "feature_circuits" / "embedded" / "model"
-#: Marks-layout root of the embedded SAEs: ``<root>/<model name>/<site dir>/<dict id>/ae.safetensors``.
-EMBEDDED_SAE_ROOT = REPO_ROOT / "saes" / "embedded"
-EMBEDDED_MODEL_NAME = "tiny-sva"
-#: Where scripts/download_saes.py puts the Marks et al. Pythia-70M dictionaries (ignored by git).
-MARKS_SAE_ROOT = REPO_ROOT / "saes" / "dictionaries"
-DATA_DIR = REPO_ROOT / "data"
+__all__ = [
+    "ERROR_TOKEN",
+    "LOGIT_ID",
+    "Aggregation",
+    "Architecture",
+    "LRPConfig",
+    "Method",
+    "Site",
+    "SiteKind",
+    "error_index",
+]
+
+#: The token that stands for the error node in node ids (``resid_3/err``).
+ERROR_TOKEN = "err"
+#: Id of the sink node (the metric) fed by the last residual site.
+LOGIT_ID = "logit"
+
+
+def error_index(n_features: int) -> int:
+    """Index of the error node in a per-node tensor of a site with ``n_features`` features: the
+    last one (features are ``0 .. n_features - 1``)."""
+    return n_features
 
 
 class SiteKind(str, enum.Enum):
-    """The kinds of place an SAE is spliced into."""
+    """The kinds of place a dictionary is spliced into, in execution order within a layer."""
 
     EMBED = "embed"
     ATTN = "attn"
@@ -30,8 +63,18 @@ class SiteKind(str, enum.Enum):
     RESID = "resid"
 
 
+_KIND_RANK = {SiteKind.EMBED: 0, SiteKind.ATTN: 1, SiteKind.MLP: 2, SiteKind.RESID: 3}
+_SITE_RE = re.compile(r"^(?:(embed)|(attn|mlp|resid)_(\d+))$")
+#: Directory name of each site kind in the Marks et al. dictionary layout (``resid_out_layer3``).
+_MARKS_DIR = {
+    SiteKind.ATTN: "attn_out_layer",
+    SiteKind.MLP: "mlp_out_layer",
+    SiteKind.RESID: "resid_out_layer",
+}
+
+
 class Method(str, enum.Enum):
-    """Node/edge attribution methods (spec section 3)."""
+    """Node/edge attribution methods (docs/algorithms.md, "Methods")."""
 
     EXACT = "exact"
     ATP = "atp"
@@ -40,54 +83,91 @@ class Method(str, enum.Enum):
 
 
 class Aggregation(str, enum.Enum):
-    """How node/edge effects are combined over positions and examples (spec section 6)."""
+    """How node/edge effects are combined over positions and examples (docs/algorithms.md,
+    "Aggregation"): ``sum`` sums over positions and averages over examples; ``none`` keeps
+    positions (examples of one token length)."""
 
     SUM = "sum"
     NONE = "none"
 
 
 class Architecture(str, enum.Enum):
+    """Model families whose sites and LRP rules are known."""
+
     GPT_NEOX = "gpt_neox"
     LLAMA = "llama"
 
 
 @dataclass(frozen=True, kw_only=True)
 class Site:
-    """One splice point of the model.
+    """One splice point of a model.
 
-    ``name`` is ``embed`` or ``{kind}_{layer}`` (e.g. ``resid_3``); ``module_path`` is the dotted path
-    of the module whose output is the activation (e.g. ``gpt_neox.layers.3``); ``output_is_tuple``
-    says whether the activation is ``output[0]`` (detected at run time, never assumed).
-    ``marks_dir`` is the directory name of this site in the Marks et al. dictionary layout.
+    ``kind`` and ``layer`` (``-1`` for the embedding) identify it; :attr:`name` is derived from them.
+    ``module_path`` is the dotted path of the module whose output is the activation (e.g.
+    ``gpt_neox.layers.3``); ``output_is_tuple`` says whether the activation is ``output[0]``
+    (detected at run time, never assumed); ``d_model`` is the activation width.
     """
 
-    name: str
     kind: SiteKind
-    layer: int  # -1 for the embedding
-    module_path: str
-    output_is_tuple: bool
-    d_model: int
+    layer: int
+    module_path: str = ""
+    output_is_tuple: bool = False
+    d_model: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.kind is SiteKind.EMBED) != (self.layer == -1) or self.layer < -1:
+            raise ValueError(f"site kind {self.kind.value} cannot have layer {self.layer}")
+
+    # -- names (the only place they are built or read)
+
+    @staticmethod
+    def format(kind: SiteKind | str, layer: int) -> str:
+        """``(resid, 3)`` -> ``resid_3``; ``(embed, -1)`` -> ``embed``."""
+        kind = SiteKind(kind)
+        return kind.value if kind is SiteKind.EMBED else f"{kind.value}_{int(layer)}"
+
+    @staticmethod
+    def parse(name: str) -> tuple[SiteKind, int]:
+        """``resid_3`` -> ``(SiteKind.RESID, 3)``; ``embed`` -> ``(SiteKind.EMBED, -1)``. Raises
+        ``ValueError`` for anything else."""
+        m = _SITE_RE.match(name) if isinstance(name, str) else None
+        if m is None:
+            raise ValueError(f"not a site name: {name!r} (expected embed, attn_L, mlp_L or resid_L)")
+        if m.group(1):
+            return SiteKind.EMBED, -1
+        return SiteKind(m.group(2)), int(m.group(3))
+
+    @staticmethod
+    def is_name(name: str) -> bool:
+        return isinstance(name, str) and _SITE_RE.match(name) is not None
+
+    @staticmethod
+    def rank_of(name: str) -> tuple[int, int]:
+        """Execution-order sort key of a site name: embed, then per layer attn, mlp, resid."""
+        kind, layer = Site.parse(name)
+        return (layer, _KIND_RANK[kind])
+
+    @property
+    def name(self) -> str:
+        return Site.format(self.kind, self.layer)
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        """Sort key in forward (execution) order."""
+        return (self.layer, _KIND_RANK[self.kind])
 
     @property
     def marks_dir(self) -> str:
-        if self.kind is SiteKind.EMBED:
-            return "embed"
-        return {SiteKind.ATTN: "attn_out_layer", SiteKind.MLP: "mlp_out_layer", SiteKind.RESID: "resid_out_layer"}[
-            self.kind
-        ] + str(self.layer)
-
-    @property
-    def order(self) -> tuple[int, int]:
-        """Sort key in forward (execution) order: embed, then per layer attn, mlp, resid."""
-        rank = {SiteKind.EMBED: 0, SiteKind.ATTN: 1, SiteKind.MLP: 2, SiteKind.RESID: 3}[self.kind]
-        return (self.layer, rank)
+        """Directory name of this site in the Marks et al. dictionary layout."""
+        return "embed" if self.kind is SiteKind.EMBED else f"{_MARKS_DIR[self.kind]}{self.layer}"
 
 
 @dataclass(frozen=True, kw_only=True)
 class LRPConfig:
-    """Which LRP rules are in force for relevance patching (spec section 5).
+    """Which LRP rules are in force for relevance patching (docs/algorithms.md, "LRP rules").
 
-    Defaults are the RelP paper's: LN-rule, Identity-rule and Half-rule on, AH-rule off, no epsilon-rule.
+    Defaults are the RelP paper's: LN-rule, Identity-rule and Half-rule on, AH-rule off, no
+    epsilon-rule.
     """
 
     ln_rule: bool = True
@@ -96,10 +176,16 @@ class LRPConfig:
     ah_rule: bool = False
     epsilon: float | None = None  # epsilon-rule on linear layers when set
 
+    def __post_init__(self) -> None:
+        if self.epsilon is not None and not self.epsilon > 0:
+            raise ValueError(f"LRPConfig.epsilon must be > 0 or None, got {self.epsilon}")
+
     @classmethod
     def off(cls) -> LRPConfig:
         return cls(ln_rule=False, identity_rule=False, half_rule=False, ah_rule=False, epsilon=None)
 
     @property
     def any(self) -> bool:
-        return self.ln_rule or self.identity_rule or self.half_rule or self.ah_rule or self.epsilon is not None
+        return (
+            self.ln_rule or self.identity_rule or self.half_rule or self.ah_rule or self.epsilon is not None
+        )

@@ -6,7 +6,7 @@ Thin wrapper: the logic lives in feature_circuits.benchmark.
 
 import sys
 
-from feature_circuits.benchmark import main
+from experiments.benchmark import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,7 +6,7 @@ Thin wrapper: the logic lives in feature_circuits.compare.
 
 import sys
 
-from feature_circuits.compare import main
+from experiments.compare import main
 
 if __name__ == "__main__":
     sys.exit(main())

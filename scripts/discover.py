@@ -6,7 +6,7 @@ Thin wrapper: the logic lives in feature_circuits.discover.
 
 import sys
 
-from feature_circuits.discover import main
+from feature_circuits.pipeline import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,7 +20,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from feature_circuits.download import (
+from feature_circuits.dictionaries.download import (
     DEFAULT_DICT_ID,
     DEFAULT_FILENAME,
     DEFAULT_MODEL_DIR,
@@ -29,15 +29,18 @@ from feature_circuits.download import (
     MissingDictionariesError,
     UnsafeArchiveError,
     download_marks_saes,
+    marks_sae_root,
     verify_marks_layout,
 )
-from feature_circuits.types import MARKS_SAE_ROOT
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--out", type=Path, default=MARKS_SAE_ROOT, help=f"where to unpack (default: {MARKS_SAE_ROOT})"
+        "--out",
+        type=Path,
+        default=None,
+        help="where to unpack (default: $FEATURE_CIRCUITS_SAES or saes/dictionaries)",
     )
     ap.add_argument(
         "--repo-id", default=DEFAULT_REPO_ID, help=f"Hugging Face repo (default: {DEFAULT_REPO_ID})"
@@ -56,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--quiet", action="store_true", help="no unpacking progress bar")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = marks_sae_root()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     if args.verify_only:

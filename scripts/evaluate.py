@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from feature_circuits.evaluate_cli import main
+from feature_circuits.evaluation.report import main
 
 if __name__ == "__main__":
     sys.exit(main())

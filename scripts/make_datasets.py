@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from feature_circuits.datasets_gen import N_TEST, N_TRAIN, write_datasets
-from feature_circuits.types import DATA_DIR
+from feature_circuits.toy import DATA_DIR
+from feature_circuits.toy.datasets import N_TEST, N_TRAIN, write_datasets
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,7 +5,7 @@ Thin wrapper: the logic lives in feature_circuits.train_model. Its defaults repr
 (feature_circuits/embedded/MODEL_CARD.md).
 """
 
-from feature_circuits.train_model import main
+from feature_circuits.toy.train_model import main
 
 if __name__ == "__main__":
     main()

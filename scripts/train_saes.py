@@ -5,7 +5,7 @@ Thin wrapper: the logic lives in feature_circuits.train_saes. Its defaults repro
 (feature_circuits/embedded/MODEL_CARD.md).
 """
 
-from feature_circuits.train_saes import main
+from feature_circuits.toy.train_saes import main
 
 if __name__ == "__main__":
     main()

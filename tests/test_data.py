@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_tokenizer import tiny_tokenizer
 
 from feature_circuits.data import (
     Batch,
@@ -21,6 +20,7 @@ from feature_circuits.data import (
     make_batches,
     resolve_dataset,
 )
+from tests.helpers import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

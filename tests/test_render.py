@@ -14,9 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_graph import small_circuit
-
-from feature_circuits.graph import Circuit, Node
+from feature_circuits.circuit.graph import Circuit, Node
 from feature_circuits.render import (
     LabelsError,
     load_labels,
@@ -24,9 +22,12 @@ from feature_circuits.render import (
     render_circuit_html,
     slider_thresholds,
 )
+from tests.helpers import small_circuit
 
-BAD = ("<script>document.body.setAttribute('data-pwned','1')</script>"
-       "<img src=x onerror=\"document.body.setAttribute('data-pwned','2')\">")
+BAD = (
+    "<script>document.body.setAttribute('data-pwned','1')</script>"
+    "<img src=x onerror=\"document.body.setAttribute('data-pwned','2')\">"
+)
 
 
 def _chromium() -> str | None:
@@ -47,10 +48,20 @@ needs_chromium = pytest.mark.skipif(
 def dump_dom(page: Path, tmp_path: Path, fragment: str = "") -> str:
     assert CHROMIUM is not None, "chromium is required in CI: run tests/setup_chromium.sh"
     cmd = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium-profile'}",
-        "--virtual-time-budget=15000", "--dump-dom", page.resolve().as_uri() + fragment,
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--virtual-time-budget=15000",
+        "--dump-dom",
+        page.resolve().as_uri() + fragment,
     ]
     res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -120,8 +131,10 @@ def test_page_is_self_contained_and_escaped(tmp_path):
 
 def test_labels_file(tmp_path):
     p = tmp_path / "labels.jsonl"
-    p.write_text('{"site": "resid_0", "feature": 1, "label": "plural"}\n\n{"site": "resid_0", "feature": null, '
-                 '"label": "err"}\n')
+    p.write_text(
+        '{"site": "resid_0", "feature": 1, "label": "plural"}\n\n{"site": "resid_0", "feature": null, '
+        '"label": "err"}\n'
+    )
     assert load_labels(p) == {("resid_0", 1): "plural", ("resid_0", None): "err"}
     render_circuit_html(small_circuit("sum"), tmp_path / "c.html", labels=p)
     assert "plural" in (tmp_path / "c.html").read_text()
@@ -145,14 +158,38 @@ def test_neuronpedia_links(tmp_path):
     kw = {f: getattr(base, f) for f in Circuit.__dataclass_fields__}
     kw.update(saes="marks", model="EleutherAI/pythia-70m-deduped")
     c = Circuit(**kw)
-    node = Node(id="resid_3/123", site="resid_3", kind="resid", layer=3, position=None, feature=123,
-                is_error=False, effect=1.0)
+    node = Node(
+        id="resid_3/123",
+        site="resid_3",
+        kind="resid",
+        layer=3,
+        position=None,
+        feature=123,
+        is_error=False,
+        effect=1.0,
+    )
     assert neuronpedia_url(c, node) == "https://www.neuronpedia.org/pythia-70m-deduped/3-res-sm/123"
-    attn = Node(id="attn_0/7", site="attn_0", kind="attn", layer=0, position=None, feature=7, is_error=False,
-                effect=1.0)
+    attn = Node(
+        id="attn_0/7",
+        site="attn_0",
+        kind="attn",
+        layer=0,
+        position=None,
+        feature=7,
+        is_error=False,
+        effect=1.0,
+    )
     assert neuronpedia_url(c, attn) == "https://www.neuronpedia.org/pythia-70m-deduped/0-att-sm/7"
-    err = Node(id="resid_3/err", site="resid_3", kind="resid", layer=3, position=None, feature=None,
-               is_error=True, effect=1.0)
+    err = Node(
+        id="resid_3/err",
+        site="resid_3",
+        kind="resid",
+        layer=3,
+        position=None,
+        feature=None,
+        is_error=True,
+        effect=1.0,
+    )
     assert neuronpedia_url(c, err) is None
     assert neuronpedia_url(base, node) is None  # embedded SAEs: no link
     text = render_circuit_html(c, tmp_path / "c.html").read_text()

@@ -1,8 +1,8 @@
 """Node and edge attribution (spec sections 3 and 4).
 
-    loaded, dicts = load_for_attribution("embedded", "embedded")
-    nodes = node_effects(loaded, dicts, batch, Method.RELP)
-    edges = edge_effects(loaded, dicts, batch, nodes, node_threshold=0.1, method=Method.RELP)
+loaded, dicts = load_for_attribution("embedded", "embedded")
+nodes = node_effects(loaded, dicts, batch, Method.RELP)
+edges = edge_effects(loaded, dicts, batch, nodes, node_threshold=0.1, method=Method.RELP)
 """
 
 from __future__ import annotations
@@ -13,10 +13,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..lrp import LRPController, get_lrp_controller, install_lrp
-from ..types import LRPConfig, Method
-from .base import EdgeEffects, NodeEffects, SiteState
-from .common import Metric, SubBatch, default_metric, logit_diff_metric, neg_answer_logit_metric
+from feature_circuits.attribution.forward import (
+    Metric,
+    SubBatch,
+    default_metric,
+    logit_diff_metric,
+    neg_answer_logit_metric,
+)
+from feature_circuits.attribution.results import EdgeEffects, NodeEffects, SiteState
+from feature_circuits.model.lrp import LRPController, get_lrp_controller, install_lrp
+from feature_circuits.types import LRPConfig, Method
 
 
 def load_for_attribution(
@@ -26,8 +32,8 @@ def load_for_attribution(
     dtype: str | torch.dtype = torch.float32,
 ):
     """Load a model with the LRP rules installed (all off) and its dictionaries: ``(loaded, dicts)``."""
-    from ..dictionaries import load_dictionaries
-    from ..model import load_model
+    from feature_circuits.dictionaries.marks import load_dictionaries
+    from feature_circuits.model.loading import load_model
 
     loaded = load_model(model, device=device, dtype=dtype, before_wrap=install_lrp)
     dicts = load_dictionaries(loaded.sites, saes, device=loaded.device, dtype=loaded.dtype)
@@ -58,30 +64,48 @@ def node_effects(
     method = Method(method)
     metric = default_metric(counterfactual) if metric is None else metric
     if method is Method.EXACT:
-        from .exact import exact_node_effects
+        from feature_circuits.attribution.exact import exact_node_effects
 
-        return exact_node_effects(loaded, dictionaries, batch, metric=metric, counterfactual=counterfactual,
-                                  sites=sites, max_nodes=max_nodes, chunk_size=chunk_size)
+        return exact_node_effects(
+            loaded,
+            dictionaries,
+            batch,
+            metric=metric,
+            counterfactual=counterfactual,
+            sites=sites,
+            max_nodes=max_nodes,
+            chunk_size=chunk_size,
+        )
     if method is Method.ATP:
-        from .atp import atp_node_effects
+        from feature_circuits.attribution.atp import atp_node_effects
 
-        return atp_node_effects(loaded, dictionaries, batch, metric=metric, counterfactual=counterfactual, sites=sites)
+        return atp_node_effects(
+            loaded, dictionaries, batch, metric=metric, counterfactual=counterfactual, sites=sites
+        )
     if method is Method.RELP:
-        from .atp import relp_node_effects
+        from feature_circuits.attribution.atp import relp_node_effects
 
-        return relp_node_effects(loaded, dictionaries, batch, metric=metric, lrp=lrp, counterfactual=counterfactual,
-                                 sites=sites)
+        return relp_node_effects(
+            loaded, dictionaries, batch, metric=metric, lrp=lrp, counterfactual=counterfactual, sites=sites
+        )
     if method is Method.IG:
-        from .ig import ig_node_effects
+        from feature_circuits.attribution.ig import ig_node_effects
 
-        return ig_node_effects(loaded, dictionaries, batch, metric=metric, steps=steps,
-                               counterfactual=counterfactual, sites=sites)
+        return ig_node_effects(
+            loaded,
+            dictionaries,
+            batch,
+            metric=metric,
+            steps=steps,
+            counterfactual=counterfactual,
+            sites=sites,
+        )
     raise ValueError(f"unknown method {method!r}")
 
 
 def edge_effects(*args, **kwargs) -> EdgeEffects:
     """See :func:`feature_circuits.attribution.edges.edge_effects`."""
-    from .edges import edge_effects as _edge_effects
+    from feature_circuits.attribution.edges import edge_effects as _edge_effects
 
     return _edge_effects(*args, **kwargs)
 

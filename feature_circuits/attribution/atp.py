@@ -12,9 +12,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..types import LRPConfig, Method
-from .base import NodeEffects, SiteState
-from .common import Metric, attribution_sites, patch_states, spliced_clean_forward
+from feature_circuits.attribution.forward import (
+    Metric,
+    attribution_sites,
+    patch_states,
+    spliced_clean_forward,
+)
+from feature_circuits.attribution.results import NodeEffects, SiteState
+from feature_circuits.types import LRPConfig, Method
 
 
 def gradient_node_effects(
@@ -40,26 +45,64 @@ def gradient_node_effects(
         gf, gerr = grads_flat[2 * i], grads_flat[2 * i + 1]
         clean[s.name] = SiteState(f.detach(), err.detach())
         grads[s.name] = SiteState(
-            torch.zeros_like(f) if gf is None else gf.detach(), torch.zeros_like(err) if gerr is None else gerr.detach()
+            torch.zeros_like(f) if gf is None else gf.detach(),
+            torch.zeros_like(err) if gerr is None else gerr.detach(),
         )
     metric_clean = m.detach()
     patch, metric_patch = patch_states(loaded, dictionaries, batch, site_list, clean, metric, counterfactual)
     deltas = {k: patch[k] - clean[k] for k in clean}
     effects = {k: grads[k].node_product(deltas[k]) for k in clean}
     return NodeEffects(
-        method=method, effects=effects, deltas=deltas, grads=grads, clean=clean,
-        metric_clean=metric_clean, metric_patch=metric_patch, timing_s={"total": time.perf_counter() - t0},
+        method=method,
+        effects=effects,
+        deltas=deltas,
+        grads=grads,
+        clean=clean,
+        metric_clean=metric_clean,
+        metric_patch=metric_patch,
+        timing_s={"total": time.perf_counter() - t0},
     )
 
 
-def atp_node_effects(loaded, dictionaries, batch, *, metric: Metric, counterfactual: bool = True,
-                     sites: list[str] | None = None) -> NodeEffects:
-    return gradient_node_effects(loaded, dictionaries, batch, metric=metric, lrp=None, method=Method.ATP,
-                                 counterfactual=counterfactual, sites=sites)
+def atp_node_effects(
+    loaded,
+    dictionaries,
+    batch,
+    *,
+    metric: Metric,
+    counterfactual: bool = True,
+    sites: list[str] | None = None,
+) -> NodeEffects:
+    return gradient_node_effects(
+        loaded,
+        dictionaries,
+        batch,
+        metric=metric,
+        lrp=None,
+        method=Method.ATP,
+        counterfactual=counterfactual,
+        sites=sites,
+    )
 
 
-def relp_node_effects(loaded, dictionaries, batch, *, metric: Metric, lrp: LRPConfig | None = None,
-                      counterfactual: bool = True, sites: list[str] | None = None) -> NodeEffects:
+def relp_node_effects(
+    loaded,
+    dictionaries,
+    batch,
+    *,
+    metric: Metric,
+    lrp: LRPConfig | None = None,
+    counterfactual: bool = True,
+    sites: list[str] | None = None,
+) -> NodeEffects:
     """relp with ``lrp`` rules (default ``LRPConfig()``: LN + Identity + Half, AH off)."""
-    return gradient_node_effects(loaded, dictionaries, batch, metric=metric, lrp=LRPConfig() if lrp is None else lrp,
-                                 method=Method.RELP, counterfactual=counterfactual, sites=sites)
+    return gradient_node_effects(
+        loaded,
+        dictionaries,
+        batch,
+        metric=metric,
+        lrp=LRPConfig() if lrp is None else lrp,
+        method=Method.RELP,
+        counterfactual=counterfactual,
+        sites=sites,
+    )

@@ -32,11 +32,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..dictionaries import decoder_directions, encode_with_error, splice_with_grad_leaves
-from ..lrp import lrp_context
-from ..sites import get_activation, set_activation
-from ..types import LRPConfig, Method, Site
-from .base import EdgeEffects, NodeEffects
+from feature_circuits.attribution.results import EdgeEffects, NodeEffects
+from feature_circuits.dictionaries.marks import decoder_directions, encode_with_error, splice_with_grad_leaves
+from feature_circuits.model.lrp import lrp_context
+from feature_circuits.model.sites import get_activation, set_activation
+from feature_circuits.types import LRPConfig, Method, Site
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def edge_forward(
     up, down = by_name[pair.up], by_name[pair.down]
     stops = [by_name[n] for n in pair.stop]
     order: list[tuple[Site, str]] = [(up, "up"), *[(s, "stop") for s in stops], (down, "down")]
-    order.sort(key=lambda t: t[0].order)
+    order.sort(key=lambda t: t[0].rank)
     if order[0][1] != "up" or order[-1][1] != "down":
         raise ValueError(f"pair {pair} is not in forward order")
     lm = loaded.lm
@@ -120,7 +120,7 @@ def leaf_forward(
     leaves: dict[str, Tensor] = {}
     outs: dict[str, Tensor] = {}
     with lrp_context(loaded, lrp), lm.trace(ids.to(loaded.device)):
-        for site in sorted((s for s in loaded.sites if s.name in names), key=lambda t: t.order):
+        for site in sorted((s for s in loaded.sites if s.name in names), key=lambda t: t.rank):
             x = get_activation(lm, site)
             outs[site.name] = x.save()
             leaf = x.detach().clone().requires_grad_(True)
@@ -135,14 +135,16 @@ def pair_sites(pairs: list[SitePair]) -> set[str]:
 
 def check_direct_pairs(loaded: Any, pairs: list[SitePair]) -> None:
     """Each pair's stops must be exactly the sites of the computation that lie between its ends."""
-    order = {s.name: s.order for s in loaded.sites}
+    order = {s.name: s.rank for s in loaded.sites}
     names = pair_sites(pairs)
     for p in pairs:
         if order[p.up] >= order[p.down]:
             raise ValueError(f"pair {p} is not in forward order")
         between = {n for n in names if order[p.up] < order[n] < order[p.down]}
         if between != set(p.stop):
-            raise ValueError(f"pair {p}: the sites between its ends are {sorted(between)}, its stops {sorted(p.stop)}")
+            raise ValueError(
+                f"pair {p}: the sites between its ends are {sorted(between)}, its stops {sorted(p.stop)}"
+            )
 
 
 def _node_cotangents(ae: nn.Module, x: Tensor, j: Tensor, g_f: Tensor, g_err: Tensor, n_fd: int) -> Tensor:
@@ -159,9 +161,12 @@ def _node_cotangents(ae: nn.Module, x: Tensor, j: Tensor, g_f: Tensor, g_err: Te
 
 
 def _empty_edges(shape: tuple[int, ...], like: Tensor) -> Tensor:
-    return torch.sparse_coo_tensor(torch.zeros(5, 0, dtype=torch.long, device=like.device),
-                                   torch.zeros(0, dtype=like.dtype, device=like.device), shape,
-                                   check_invariants=False).coalesce()
+    return torch.sparse_coo_tensor(
+        torch.zeros(5, 0, dtype=torch.long, device=like.device),
+        torch.zeros(0, dtype=like.dtype, device=like.device),
+        shape,
+        check_invariants=False,
+    ).coalesce()
 
 
 #: per upstream site: decoder rows (K, d) of the K features whose delta is non-zero somewhere in the
@@ -209,8 +214,14 @@ def down_edges(
     if e.numel() == 0:
         return {u: _empty_edges(shapes[u], gd.f) for u in ups}
     j_f = j.clamp(max=n_fd - 1)
-    cot_rows = _node_cotangents(dictionaries[down], xd.detach()[e, p], j, gd.f[e, p, j_f].to(xd.dtype),
-                                gd.err[e, p].to(xd.dtype), n_fd)
+    cot_rows = _node_cotangents(
+        dictionaries[down],
+        xd.detach()[e, p],
+        j,
+        gd.f[e, p, j_f].to(xd.dtype),
+        gd.err[e, p].to(xd.dtype),
+        n_fd,
+    )
     # nodes sorted by rank, so that a chunk of rows is a contiguous slice (one synchronisation here)
     order = torch.argsort(rank, stable=True)
     e, p, j, rank, cot_rows = e[order], p[order], j[order], rank[order], cot_rows[order]
@@ -224,8 +235,9 @@ def down_edges(
         ce, cp, cj, cr = e[sel], p[sel], j[sel], rank[sel] - r0
         cot = torch.zeros(r1 - r0, *xd.shape, dtype=xd.dtype, device=xd.device)
         cot[cr, ce, cp] = cot_rows[sel]
-        grads = torch.autograd.grad([xd], [leaves[u] for u in ups], [cot], retain_graph=True,
-                                    is_grads_batched=True, allow_unused=True)
+        grads = torch.autograd.grad(
+            [xd], [leaves[u] for u in ups], [cot], retain_graph=True, is_grads_batched=True, allow_unused=True
+        )
         with torch.no_grad():
             future = positions.view(1, -1, 1) > cp.view(-1, 1, 1)
             for u, gxu in zip(ups, grads, strict=True):
@@ -239,8 +251,11 @@ def down_edges(
                 found[u][0].append(torch.stack([ce[n_i], cp[n_i], cj[n_i], su, cols[k]]))
                 found[u][1].append(vals[n_i, su, k])
     return {
-        u: torch.sparse_coo_tensor(torch.cat(idx, 1), torch.cat(val), shapes[u], check_invariants=False).coalesce()
-        if idx else _empty_edges(shapes[u], gd.f)
+        u: torch.sparse_coo_tensor(
+            torch.cat(idx, 1), torch.cat(val), shapes[u], check_invariants=False
+        ).coalesce()
+        if idx
+        else _empty_edges(shapes[u], gd.f)
         for u, (idx, val) in found.items()
     }
 
@@ -277,14 +292,25 @@ def edge_effects(
         t1 = time.perf_counter()
         leaves, outs = leaf_forward(loaded, batch.clean, pair_sites(pairs), lrp)
         timing["forward"] = time.perf_counter() - t1
-        factors = {u: upstream_factors(dictionaries[u], nodes.deltas[u], leaves[u])
-                   for u in dict.fromkeys(p.up for p in pairs)}
+        factors = {
+            u: upstream_factors(dictionaries[u], nodes.deltas[u], leaves[u])
+            for u in dict.fromkeys(p.up for p in pairs)
+        }
         downs = list(dict.fromkeys(p.down for p in pairs))
         for down in downs:
             t1 = time.perf_counter()
             ups = [p.up for p in pairs if p.down == down]
-            got = down_edges(dictionaries, nodes, down, ups, leaves, outs, factors, node_threshold=node_threshold,
-                             chunk_size=chunk_size)
+            got = down_edges(
+                dictionaries,
+                nodes,
+                down,
+                ups,
+                leaves,
+                outs,
+                factors,
+                node_threshold=node_threshold,
+                chunk_size=chunk_size,
+            )
             for u in ups:
                 edges[(u, down)] = got[u]
             timing[f"->{down}"] = time.perf_counter() - t1

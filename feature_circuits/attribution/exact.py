@@ -17,10 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..sites import get_activation, set_activation
-from ..types import Method
-from .base import NodeEffects
-from .common import Metric, attribution_sites, collect_states, patch_states, select
+from feature_circuits.attribution.forward import (
+    Metric,
+    attribution_sites,
+    collect_states,
+    patch_states,
+    select,
+)
+from feature_circuits.attribution.results import NodeEffects
+from feature_circuits.model.sites import get_activation, set_activation
+from feature_circuits.types import Method
 
 
 def exact_node_effects(
@@ -61,12 +67,15 @@ def exact_node_effects(
             sk = feat_nodes[skipped]
             eff[sk[:, 0], sk[:, 1], sk[:, 2]] = math.nan
             feat_nodes = feat_nodes[keep.sort().values]
-        err_nodes = torch.stack(torch.meshgrid(torch.arange(b), torch.arange(seq), indexing="ij"), -1).view(-1, 2)
-        err_nodes = torch.cat([err_nodes.to(feat_nodes.device), torch.full((b * seq, 1), n_feat,
-                                                                           device=feat_nodes.device)], 1)
+        err_nodes = torch.stack(torch.meshgrid(torch.arange(b), torch.arange(seq), indexing="ij"), -1).view(
+            -1, 2
+        )
+        err_nodes = torch.cat(
+            [err_nodes.to(feat_nodes.device), torch.full((b * seq, 1), n_feat, device=feat_nodes.device)], 1
+        )
         nodes = torch.cat([feat_nodes, err_nodes], 0)
         for start in range(0, nodes.shape[0], chunk_size):
-            chunk = nodes[start:start + chunk_size]
+            chunk = nodes[start : start + chunk_size]
             e, pos, j = chunk[:, 0], chunk[:, 1], chunk[:, 2]
             with torch.no_grad():
                 vec = torch.zeros(chunk.shape[0], c.err.shape[-1], dtype=c.err.dtype, device=c.err.device)
@@ -81,7 +90,9 @@ def exact_node_effects(
                 ie = ~is_f
                 if ie.any():
                     vec[ie] = delta.err[e[ie], pos[ie]]
-                add = torch.zeros(chunk.shape[0], seq, c.err.shape[-1], dtype=c.err.dtype, device=c.err.device)
+                add = torch.zeros(
+                    chunk.shape[0], seq, c.err.shape[-1], dtype=c.err.dtype, device=c.err.device
+                )
                 add[torch.arange(chunk.shape[0], device=add.device), pos] = vec
             sub = select(batch, e.cpu())
             saved: dict[str, Any] = {}
@@ -95,7 +106,12 @@ def exact_node_effects(
             eff[e, pos, j] = (m - metric_clean[e.to(metric_clean.device)]).to(eff.dtype)
         effects[s.name] = eff
     return NodeEffects(
-        method=Method.EXACT, effects=effects, deltas=deltas, grads=None, clean=clean,
-        metric_clean=metric_clean, metric_patch=metric_patch,
+        method=Method.EXACT,
+        effects=effects,
+        deltas=deltas,
+        grads=None,
+        clean=clean,
+        metric_clean=metric_clean,
+        metric_patch=metric_patch,
         timing_s={"total": time.perf_counter() - t0, "forwards": float(n_forwards)},
     )

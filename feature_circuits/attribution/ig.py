@@ -14,11 +14,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..dictionaries import splice_patched
-from ..sites import get_activation, set_activation
-from ..types import Method
-from .base import NodeEffects, SiteState
-from .common import Metric, attribution_sites, collect_states, patch_states, select
+from feature_circuits.attribution.forward import (
+    Metric,
+    attribution_sites,
+    collect_states,
+    patch_states,
+    select,
+)
+from feature_circuits.attribution.results import NodeEffects, SiteState
+from feature_circuits.dictionaries.marks import splice_patched
+from feature_circuits.model.sites import get_activation, set_activation
+from feature_circuits.types import Method
 
 
 def ig_node_effects(
@@ -72,6 +78,12 @@ def ig_node_effects(
         deltas[s.name] = p - c
         effects[s.name] = grads[s.name].node_product(deltas[s.name])
     return NodeEffects(
-        method=Method.IG, effects=effects, deltas=deltas, grads=grads, clean=clean,
-        metric_clean=metric_clean, metric_patch=metric_patch, timing_s={"total": time.perf_counter() - t0},
+        method=Method.IG,
+        effects=effects,
+        deltas=deltas,
+        grads=grads,
+        clean=clean,
+        metric_clean=metric_clean,
+        metric_patch=metric_patch,
+        timing_s={"total": time.perf_counter() - t0},
     )

@@ -1,0 +1,762 @@
+"""Wall time and peak memory of node and edge attribution (atp, relp, ig) against a "floor".
+
+The floor is the cheapest possible gradient attribution with the same model and SAEs: one clean
+forward with every SAE spliced (features and errors as gradient leaves), one backward, one patch
+forward, and the products delta . gradient; written directly with torch forward hooks on the HF
+model (no nnsight, no LRP rules), so each method's time is reported as a ratio to it.
+
+Edge effects: the attribution engine's batched VJPs (``edge_effects``) against the reference
+algorithm, one backward per selected downstream node (written here, :func:`edges_loop`); both give the
+same numbers (the largest absolute difference is reported). On the Pythia-70M-shaped model the loop
+runs on a subset of the nodes of every site pair and is extrapolated per node.
+
+Memory. CUDA: ``torch.cuda.max_memory_allocated`` above the allocation at the start of the call.
+CPU: peak resident set size above the RSS at the start of the call, sampled every 2 ms from
+``/proc/self/statm`` in a background thread, after ``malloc_trim(0)`` so freed heap pages from earlier
+runs are returned to the OS first. It counts everything the call allocates (tensors, autograd
+graphs, nnsight bookkeeping) but is coarse: allocations that live < 2 ms can be missed, and pages
+the allocator keeps from a previous repeat can hide part of a later one (the maximum over the
+repeats is reported).
+
+    python scripts/benchmark.py --out bench/            # embedded default + Pythia-70M-shaped
+    python scripts/benchmark.py --out bench/ --quick --skip-pythia
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from feature_circuits.attribution import edge_effects, load_for_attribution, node_effects
+from feature_circuits.attribution.edges import edge_forward, select_nodes, site_pairs
+from feature_circuits.attribution.forward import attribution_sites, logit_diff_metric
+from feature_circuits.dictionaries.marks import encode_with_error, splice_with_grad_leaves
+from feature_circuits.model.sites import get_submodule
+from feature_circuits.types import LRPConfig, Method
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+
+    from typing_extensions import Self
+
+METHODS = ("atp", "relp", "ig")
+
+#: Pythia-70M(-deduped) shape: 6 layers, width 512, 8 heads, MLP 2048, vocabulary 50304, parallel
+#: residual, rotary_pct 0.25.
+PYTHIA_70M_SHAPE: dict[str, Any] = {
+    "vocab_size": 50304,
+    "hidden_size": 512,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 8,
+    "intermediate_size": 2048,
+    "rotary_pct": 0.25,
+    "use_parallel_residual": True,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+}
+
+
+# ------------------------------------------------------------------------------------ measurement
+
+
+def _malloc_trim() -> None:
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak memory above the start of the block, in bytes (``.peak``); see the module docstring."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.002):
+        self.device = torch.device(device)
+        self.interval_s = interval_s
+        self.peak = 0
+        self.start = 0
+        self.absolute_peak = 0
+
+    def __enter__(self) -> Self:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+            return self
+        _malloc_trim()
+        self.start = _rss_bytes()
+        self._max = self.start
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                self._max = max(self._max, _rss_bytes())
+                time.sleep(self.interval_s)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            top = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._max = max(self._max, _rss_bytes())
+            self._stop.set()
+            self._thread.join()
+            top = self._max
+        self.absolute_peak = top
+        self.peak = max(0, top - self.start)
+
+
+def measure_many(
+    fns: dict[str, Callable[[], Any]],
+    device: torch.device,
+    repeats: int = 3,
+    warmup: int = 1,
+) -> dict[str, dict[str, Any]]:
+    """Median wall time of ``repeats`` runs of each function after ``warmup`` untimed runs, and the
+    peak memory (max over the timed runs). The repeats are interleaved (f1, f2, ..., f1, f2, ...) so a
+    change of the machine's load during the measurement hits every function alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    peaks: dict[str, list[int]] = {k: [] for k in fns}
+    abs_peaks: dict[str, list[int]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            with PeakMemory(device) as pm:
+                t0 = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times[name].append(time.perf_counter() - t0)
+            peaks[name].append(pm.peak)
+            abs_peaks[name].append(pm.absolute_peak)
+    return {
+        k: {
+            "median_s": statistics.median(times[k]),
+            "times_s": [round(t, 5) for t in times[k]],
+            "peak_mem_mb": max(peaks[k]) / 2**20,
+            "peak_total_mb": max(abs_peaks[k]) / 2**20,
+        }
+        for k in fns
+    }
+
+
+def measure(fn: Callable[[], Any], device: torch.device, repeats: int = 3, warmup: int = 1) -> dict[str, Any]:
+    """:func:`measure_many` of one function."""
+    return measure_many({"f": fn}, device, repeats, warmup)["f"]
+
+
+# ------------------------------------------------------------------------------------------ floor
+
+
+def floor_node_effects(
+    loaded: Any, dicts: dict[str, Any], batch: Any, metric: Any = logit_diff_metric
+) -> dict[str, Tensor]:
+    """The cheapest gradient attribution: clean forward with every SAE spliced (plain torch hooks on
+    the HF model), one backward, one patch forward, delta . grad. Numerically atp."""
+    sites = attribution_sites(loaded, dicts)
+    hf = loaded.hf_model
+    dev = loaded.device
+    leaves: dict[str, tuple[Tensor, Tensor]] = {}
+    patch: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def splice_hook(site):
+        def hook(_mod, _inp, out):
+            x = out[0] if site.output_is_tuple else out
+            o, f, e = splice_with_grad_leaves(dicts[site.name], x)
+            leaves[site.name] = (f, e)
+            return (o, *out[1:]) if site.output_is_tuple else o
+
+        return hook
+
+    def encode_hook(site):
+        def hook(_mod, _inp, out):
+            x = out[0] if site.output_is_tuple else out
+            patch[site.name] = encode_with_error(dicts[site.name], x)
+
+        return hook
+
+    handles = [get_submodule(hf, s.module_path).register_forward_hook(splice_hook(s)) for s in sites]
+    try:
+        logits = hf(input_ids=batch.clean.to(dev)).logits
+    finally:
+        for h in handles:
+            h.remove()
+    m = metric(logits, batch)
+    flat = [t for s in sites for t in leaves[s.name]]
+    grads = torch.autograd.grad(m.sum(), flat, allow_unused=True)
+    handles = [get_submodule(hf, s.module_path).register_forward_hook(encode_hook(s)) for s in sites]
+    try:
+        with torch.no_grad():
+            hf(input_ids=batch.patch.to(dev))
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    with torch.no_grad():
+        for i, s in enumerate(sites):
+            f, e = leaves[s.name]
+            pf, pe = patch[s.name]
+            gf = grads[2 * i] if grads[2 * i] is not None else torch.zeros_like(f)
+            ge = grads[2 * i + 1] if grads[2 * i + 1] is not None else torch.zeros_like(e)
+            out[s.name] = torch.cat([gf * (pf - f), (ge * (pe - e)).sum(-1, keepdim=True)], -1)
+    return out
+
+
+# ------------------------------------------------------------------------------------ edges (loop)
+
+
+def edges_loop(
+    loaded: Any,
+    dicts: dict[str, Any],
+    batch: Any,
+    nodes: Any,
+    *,
+    node_threshold: float,
+    lrp: LRPConfig | None,
+    max_nodes_per_pair: int | None = None,
+) -> dict[str, Any]:
+    """Reference edge algorithm: one backward per selected downstream node (spec section 4).
+
+    Returns ``rows[(up, down)] = [((e, p, j), dense (s_u, F_u+1)), ...]`` and timings: ``forward_s`` per
+    pair (the one clean forward a pair needs), ``backward_s`` (all per-node backwards), ``n_nodes``
+    (backwards run) and ``n_nodes_total`` (what the full loop would run)."""
+    available = set(nodes.effects) & set(dicts)
+    rows: dict[tuple[str, str], list] = {}
+    forward_s = backward_s = 0.0
+    n_run = n_total = 0
+    for pair in site_pairs(loaded, available):
+        gd, du = nodes.grads[pair.down], nodes.deltas[pair.up]
+        e, p, j, _ = select_nodes(nodes.effects[pair.down], node_threshold)
+        n_total += int(e.numel())
+        if e.numel() == 0:
+            continue
+        if max_nodes_per_pair is not None:
+            e, p, j = e[:max_nodes_per_pair], p[:max_nodes_per_pair], j[:max_nodes_per_pair]
+        t0 = time.perf_counter()
+        saved = edge_forward(loaded, dicts, batch.clean, pair, lrp=lrp)
+        fu, eu, fd, ed = saved["fu"], saved["eu"], saved["fd"], saved["ed"]
+        forward_s += time.perf_counter() - t0
+        n_fd = fd.shape[-1]
+        s_len = fd.shape[1]
+        out = []
+        t0 = time.perf_counter()
+        for k in range(e.numel()):
+            ei, pi, ji = int(e[k]), int(p[k]), int(j[k])
+            if ji < n_fd:
+                target = fd[ei, pi, ji] * gd.f[ei, pi, ji]
+            else:
+                target = (ed[ei, pi] * gd.err[ei, pi]).sum()
+            gfu, geu = torch.autograd.grad(target, [fu, eu], retain_graph=True, allow_unused=True)
+            with torch.no_grad():
+                vf = torch.zeros_like(fu[ei]) if gfu is None else gfu[ei] * du.f[ei]
+                ve = (
+                    torch.zeros(s_len, 1, dtype=fu.dtype, device=fu.device)
+                    if geu is None
+                    else (geu[ei] * du.err[ei]).sum(-1, keepdim=True)
+                )
+                row = torch.cat([vf, ve], -1)
+                row[pi + 1 :] = 0  # future positions
+            out.append(((ei, pi, ji), row))
+            n_run += 1
+        backward_s += time.perf_counter() - t0
+        rows[(pair.up, pair.down)] = out
+        del saved, fu, eu, fd, ed
+    return {
+        "rows": rows,
+        "forward_s": forward_s,
+        "backward_s": backward_s,
+        "n_nodes": n_run,
+        "n_nodes_total": n_total,
+    }
+
+
+def max_diff_loop_vs_batched(loop_rows: dict, batched: Any) -> float:
+    worst = 0.0
+    for key, rows in loop_rows.items():
+        sp = batched.edges[key]
+        for (e, p, j), row in rows:
+            dense = sp[e, p, j].to_dense()
+            worst = max(worst, float((dense - row).abs().max()))
+    return worst
+
+
+def threshold_for(nodes: Any, n_select: int, downstream: set[str]) -> float:
+    """Node threshold selecting about ``n_select`` downstream nodes over all sites of the batch."""
+    vals = torch.cat([nodes.effects[k].abs().flatten() for k in nodes.effects if k in downstream])
+    vals = vals[torch.isfinite(vals)]
+    k = max(1, min(n_select, vals.numel()))
+    return float(torch.topk(vals, k).values[-1]) * (1 - 1e-6)
+
+
+# --------------------------------------------------------------------------------- Pythia-shaped
+
+
+def build_pythia_shaped(
+    root: str | Path,
+    *,
+    n_features: int = 32768,
+    active: int = 64,
+    shape: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> tuple[Path, Path]:
+    """A randomly initialised Pythia-70M-shaped GPT-NeoX (saved with save_pretrained, with a word-level
+    tokenizer: only ids matter) and one random ``AutoEncoder(d, n_features)`` per site, saved as
+    ``ae.pt`` in the Marks layout. Each encoder bias is shifted so that on activations of random
+    tokens ``active`` features per token are on average active (the ``active * N``-th largest
+    pre-activation over N calibration tokens becomes the threshold), like a trained SAE's L0, instead
+    of the ~F/2 a zero-bias random encoder gives. Returns ``(model_dir, sae_root)``."""
+    from dictionary_learning import AutoEncoder
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+
+    from feature_circuits.model.sites import build_sites
+
+    root = Path(root)
+    cfg = dict(PYTHIA_70M_SHAPE if shape is None else {**PYTHIA_70M_SHAPE, **shape})
+    torch.manual_seed(seed)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(**cfg)).eval()
+    model_dir = root / "model"
+    model.save_pretrained(model_dir)
+    words = ["<unk>", "<eos>"] + [f"w{i}" for i in range(254)]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>"
+    ).save_pretrained(model_dir)
+    sites = build_sites(model)
+    acts: dict[str, Tensor] = {}
+    hooks = []
+    for s in sites:
+
+        def hook(_m, _i, out, s=s):
+            acts[s.name] = (out[0] if s.output_is_tuple else out).detach().reshape(-1, s.d_model)
+
+        hooks.append(get_submodule(model, s.module_path).register_forward_hook(hook))
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, cfg["vocab_size"], (8, 32), generator=gen))
+    for h in hooks:
+        h.remove()
+    sae_root = root / "saes"
+    for s in sites:
+        ae = AutoEncoder(s.d_model, n_features)
+        with torch.no_grad():
+            x = acts[s.name]
+            pre = (x - ae.bias) @ ae.encoder.weight.T + ae.encoder.bias
+            k = max(1, min(pre.numel(), active * x.shape[0]))
+            thr = torch.topk(pre.flatten(), k).values[-1]
+            ae.encoder.bias -= thr
+        path = sae_root / "pythia-shaped" / s.marks_dir / f"10_{n_features}" / "ae.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(ae.state_dict(), path)
+    del model
+    return model_dir, sae_root
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+
+def embedded_batch(tokenizer: Any, batch_size: int) -> Any:
+    """A real SVA batch of the embedded model: the first ``batch_size`` equal-length examples of
+    ``data/sva_rc_train.jsonl``."""
+    from feature_circuits.data import load_pairs, make_batches
+    from feature_circuits.toy import DATA_DIR
+
+    pairs = load_pairs(DATA_DIR / "sva_rc_train.jsonl", tokenizer, limit=4 * batch_size)
+    batches = [b for b in make_batches(pairs, tokenizer, batch_size) if len(b) == batch_size]
+    return batches[0]
+
+
+def random_batch(vocab_size: int, b: int, s: int, seed: int = 0, n_diff: int = 2) -> Any:
+    """Random clean ids; the patch differs at ``n_diff`` random positions (same in every example)."""
+    from feature_circuits.attribution.forward import SubBatch
+
+    gen = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, vocab_size, (b, s), generator=gen)
+    patch = clean.clone()
+    pos = torch.randperm(s, generator=gen)[:n_diff]
+    patch[:, pos] = torch.randint(0, vocab_size, (b, n_diff), generator=gen)
+    answers = torch.randint(0, vocab_size, (2, b), generator=gen)
+    return SubBatch(clean=clean, patch=patch, clean_answer=answers[0], patch_answer=answers[1])
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def bench_model(
+    name: str,
+    loaded: Any,
+    dicts: dict[str, Any],
+    batch: Any,
+    *,
+    repeats: int,
+    warmup: int,
+    n_edge_nodes: int,
+    loop_nodes_per_pair: int | None,
+    loop_repeats: int,
+    steps: int = 10,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    dev = loaded.device
+    res: dict[str, Any] = {
+        "model": name,
+        "batch_size": int(batch.clean.shape[0]),
+        "seq_len": int(batch.clean.shape[1]),
+        "n_sites": len(dicts),
+        "dict_size": int(next(iter(dicts.values())).dict_size),
+        "ig_steps": steps,
+        "repeats": repeats,
+        "warmup": warmup,
+    }
+    log(f"[{name}] floor and nodes (interleaved)")
+    fns: dict[str, Callable[[], Any]] = {"floor": lambda: floor_node_effects(loaded, dicts, batch)}
+    for m in METHODS:
+        fns[m] = lambda m=m: node_effects(loaded, dicts, batch, Method(m), steps=steps)
+    timed = measure_many(fns, dev, repeats, warmup)
+    res["floor"] = timed.pop("floor")
+    floor_s = res["floor"]["median_s"]
+    fl = floor_node_effects(loaded, dicts, batch)
+    node_results = {m: node_effects(loaded, dicts, batch, Method(m), steps=steps) for m in METHODS}
+    res["floor"]["max_abs_diff_vs_atp"] = max(
+        float((fl[k] - node_results["atp"].effects[k]).abs().max()) for k in fl
+    )
+    res["nodes"] = {m: {**timed[m], "ratio_to_floor": timed[m]["median_s"] / floor_s} for m in METHODS}
+    downstream = {p.down for p in site_pairs(loaded, set(dicts))}
+    log(f"[{name}] edges (interleaved)")
+    thresholds = {m: threshold_for(node_results[m], n_edge_nodes, downstream) for m in METHODS}
+    timed = measure_many(
+        {
+            m: (lambda m=m: edge_effects(loaded, dicts, batch, node_results[m], node_threshold=thresholds[m]))
+            for m in METHODS
+        },
+        dev,
+        repeats,
+        warmup,
+    )
+    res["edges"] = {}
+    for m in METHODS:
+        nodes, thr = node_results[m], thresholds[m]
+        res["edges"][m] = {
+            **timed[m],
+            "node_threshold": thr,
+            "ratio_to_floor": timed[m]["median_s"] / floor_s,
+            "n_downstream_nodes": int(sum(int((nodes.effects[k].abs() > thr).sum()) for k in downstream)),
+        }
+    # batched vs per-node loop (relp)
+    m = "relp"
+    log(f"[{name}] edges loop ({m})")
+    nodes = node_results[m]
+    thr = res["edges"][m]["node_threshold"]
+    lrp = LRPConfig()
+    batched = edge_effects(loaded, dicts, batch, nodes, node_threshold=thr)
+    loops = []
+    for _ in range(loop_repeats):
+        loops.append(
+            edges_loop(
+                loaded,
+                dicts,
+                batch,
+                nodes,
+                node_threshold=thr,
+                lrp=lrp,
+                max_nodes_per_pair=loop_nodes_per_pair,
+            )
+        )
+    loop = loops[-1]
+    fwd = statistics.median(x["forward_s"] for x in loops)
+    bwd = statistics.median(x["backward_s"] for x in loops)
+    per_node = bwd / max(1, loop["n_nodes"])
+    full_s = fwd + per_node * loop["n_nodes_total"] if loop["n_nodes"] < loop["n_nodes_total"] else fwd + bwd
+    res["edge_loop"] = {
+        "method": m,
+        "node_threshold": thr,
+        "n_backwards_full_loop": loop["n_nodes_total"],
+        "n_backwards_timed": loop["n_nodes"],
+        "extrapolated": loop["n_nodes"] < loop["n_nodes_total"],
+        "loop_forward_s": fwd,
+        "loop_backward_s": bwd,
+        "loop_per_node_s": per_node,
+        "loop_full_s": full_s,
+        "loop_repeats": loop_repeats,
+        "batched_s": res["edges"][m]["median_s"],
+        "speedup": full_s / res["edges"][m]["median_s"],
+        "max_abs_diff": max_diff_loop_vs_batched(loop["rows"], batched),
+        "max_abs_edge": max(
+            (float(t.coalesce().values().abs().max()) if t.is_sparse and t._nnz() else 0.0)
+            for k, t in batched.edges.items()
+            if k[1] != "logit"
+        ),
+    }
+    return res
+
+
+def _fmt_mb(x: float) -> str:
+    return f"{x:.0f}" if x >= 10 else f"{x:.1f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    out = [f"Machine: {report['machine']['summary']}", ""]
+    for name, r in report["models"].items():
+        if "error" in r:
+            out += [f"## {name}", "", f"not measured: {r['error']}", ""]
+            continue
+        out += [
+            f"## {name}",
+            "",
+            (
+                f"b={r['batch_size']}, s={r['seq_len']}, {r['n_sites']} SAEs of {r['dict_size']} features, "
+                f"ig steps={r['ig_steps']}; median of {r['repeats']} after {r['warmup']} warm-up"
+            ),
+            "",
+            "| computation | median (s) | ratio to floor | peak mem above start (MB) |",
+            "|---|---|---|---|",
+            (
+                f"| floor (2 fwd + 1 bwd, SAEs spliced) | {r['floor']['median_s']:.3f} | 1.00 | "
+                f"{_fmt_mb(r['floor']['peak_mem_mb'])} |"
+            ),
+        ]
+        for m, x in r["nodes"].items():
+            out.append(
+                f"| nodes {m} | {x['median_s']:.3f} | {x['ratio_to_floor']:.2f} | {_fmt_mb(x['peak_mem_mb'])} |"
+            )
+        for m, x in r["edges"].items():
+            out.append(
+                f"| edges {m} ({x['n_downstream_nodes']} downstream nodes) | {x['median_s']:.3f} | "
+                f"{x['ratio_to_floor']:.2f} | {_fmt_mb(x['peak_mem_mb'])} |"
+            )
+        lp = r["edge_loop"]
+        how = (
+            f"extrapolated from {lp['n_backwards_timed']} timed backwards "
+            f"({lp['loop_per_node_s'] * 1e3:.1f} ms each)"
+            if lp["extrapolated"]
+            else "measured"
+        )
+        out += [
+            "",
+            (
+                f"Edges ({lp['method']}), batched VJPs vs one backward per downstream node "
+                f"({lp['n_backwards_full_loop']} backwards, {how}): loop {lp['loop_full_s']:.2f} s, batched "
+                f"{lp['batched_s']:.3f} s, speedup {lp['speedup']:.1f}x; max |loop - batched| = {lp['max_abs_diff']:.2e} "
+                f"(max |edge| {lp['max_abs_edge']:.2e})."
+            ),
+            "",
+        ]
+    if report.get("targets"):
+        out += ["## Targets", "", "| model | target | value | met |", "|---|---|---|---|"]
+        for t in report["targets"]:
+            out.append(f"| {t['model']} | {t['target']} | {t['value']} | {'yes' if t['met'] else 'NO'} |")
+    return "\n".join(out) + "\n"
+
+
+def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for name, r in report["models"].items():
+        if "error" in r:
+            continue
+        relp = r["nodes"]["relp"]["ratio_to_floor"]
+        rows.append(
+            {"model": name, "target": "relp nodes <= 1.5x floor", "value": f"{relp:.2f}x", "met": relp <= 1.5}
+        )
+        ig_over = r["nodes"]["ig"]["median_s"] / r["nodes"]["relp"]["median_s"]
+        rows.append(
+            {
+                "model": name,
+                "target": "ig(10) >= 5x slower than relp",
+                "value": f"{ig_over:.1f}x",
+                "met": ig_over >= 5,
+            }
+        )
+        sp = r["edge_loop"]["speedup"]
+        rows.append(
+            {
+                "model": name,
+                "target": "batched edges >= 10x faster than per-node loop",
+                "value": f"{sp:.1f}x",
+                "met": sp >= 10,
+            }
+        )
+    return rows
+
+
+def machine_summary(device: torch.device) -> dict[str, Any]:
+    load = os.getloadavg()
+    info = {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "loadavg_start": [round(x, 2) for x in load],
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info["cpu"] = cpu
+    gpu = f" ({info['gpu']})" if "gpu" in info else ""
+    info["summary"] = (
+        f"{info['cpu_count']}-core CPU ({cpu or 'unknown'}), torch {torch.__version__} with "
+        f"{info['torch_threads']} threads, device {device}{gpu}, load average at start "
+        f"{load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}"
+    )
+    return info
+
+
+def run_benchmark(
+    out: str | Path,
+    *,
+    quick: bool = False,
+    skip_pythia: bool = False,
+    skip_embedded: bool = False,
+    device: str = "cpu",
+    pythia_shape: dict[str, Any] | None = None,
+    n_features: int = 32768,
+    active: int = 64,
+    pythia_b: int = 4,
+    pythia_s: int = 16,
+    embedded_b: int = 16,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Benchmark the embedded default and a Pythia-70M-shaped random model; writes bench.json and
+    bench.md under ``out``. ``pythia_shape`` / ``n_features`` override the Pythia shape (tests use a
+    tiny one)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(device)
+    repeats, warmup = (1, 1) if quick else (3, 1)
+    report: dict[str, Any] = {
+        "machine": machine_summary(dev),
+        "quick": quick,
+        "models": {},
+        "memory_note": "CUDA: max_memory_allocated above start; CPU: peak RSS above start, "
+        "sampled every 2 ms after malloc_trim (coarse)",
+    }
+    if not skip_embedded:
+        try:
+            loaded, dicts = load_for_attribution("embedded", "embedded", device=dev)
+            batch = embedded_batch(loaded.tokenizer, embedded_b)
+            report["models"]["embedded"] = bench_model(
+                "embedded",
+                loaded,
+                dicts,
+                batch,
+                repeats=repeats,
+                warmup=warmup,
+                n_edge_nodes=8 if quick else 256,
+                loop_nodes_per_pair=None,
+                loop_repeats=1 if quick else 3,
+                log=log,
+            )
+            del loaded, dicts
+        except Exception as err:
+            report["models"]["embedded"] = {"error": f"{type(err).__name__}: {err}"}
+            log(f"embedded: {err}")
+    if not skip_pythia:
+        with tempfile.TemporaryDirectory(prefix="pythia-shaped-") as tmp:
+            log("building the Pythia-70M-shaped model and random SAEs")
+            model_dir, sae_root = build_pythia_shaped(
+                tmp, n_features=n_features, active=active, shape=pythia_shape
+            )
+            loaded, dicts = load_for_attribution(model_dir, sae_root, device=dev)
+            vocab = int(loaded.hf_model.config.vocab_size)
+            batch = random_batch(vocab, pythia_b, pythia_s)
+            key = "pythia-70m-shaped" if pythia_shape is None else "pythia-shaped-custom"
+            r = bench_model(
+                key,
+                loaded,
+                dicts,
+                batch,
+                repeats=repeats,
+                warmup=warmup,
+                n_edge_nodes=8 if quick else 256,
+                loop_nodes_per_pair=2 if quick else 4,
+                loop_repeats=1,
+                log=log,
+            )
+            clean = node_effects(loaded, dicts, batch, Method.ATP).clean
+            r["mean_active_features_per_token"] = {
+                k: float((v.f > 0).sum(-1).float().mean()) for k, v in clean.items()
+            }
+            r["shape"] = dict(
+                PYTHIA_70M_SHAPE if pythia_shape is None else {**PYTHIA_70M_SHAPE, **pythia_shape}
+            )
+            r["sae_calibration"] = (
+                f"random AutoEncoder({r['shape']['hidden_size']}, {n_features}); encoder bias shifted "
+                f"so ~{active} features/token are active on random-token activations"
+            )
+            report["models"][key] = r
+            del loaded, dicts
+    report["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    report["targets"] = targets(report)
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "bench.md").write_text(markdown(report))
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="benchmark.py",
+        description="Time and memory of node/edge attribution "
+        "(atp, relp, ig) relative to the 2-forward-1-backward floor.",
+    )
+    p.add_argument("--out", required=True, help="output directory (bench.json, bench.md)")
+    p.add_argument("--quick", action="store_true", help="1 repeat, few edge nodes")
+    p.add_argument(
+        "--skip-pythia", action="store_true", help="skip the Pythia-70M-shaped model (~2.5 GB of SAEs)"
+    )
+    p.add_argument("--skip-embedded", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's); 1 is steadier on a shared, loaded machine",
+    )
+    p.add_argument("--pythia-batch", type=int, default=4)
+    p.add_argument("--pythia-seq", type=int, default=16)
+    p.add_argument("--embedded-batch", type=int, default=16)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    report = run_benchmark(
+        args.out,
+        quick=args.quick,
+        skip_pythia=args.skip_pythia,
+        skip_embedded=args.skip_embedded,
+        device=args.device,
+        pythia_b=args.pythia_batch,
+        pythia_s=args.pythia_seq,
+        embedded_b=args.embedded_batch,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    sys.stdout.write(markdown(report))
+    return 0

@@ -1,0 +1,259 @@
+"""SAE dictionaries (Marks et al. layout, ``dictionary_learning.AutoEncoder``) and the splice
+primitive with its error node (spec section 2).
+
+Layout: ``<root>/<model dir>/{embed,attn_out_layerL,mlp_out_layerL,resid_out_layerL}/<dict id>/ae.pt``
+(the Marks release, ``dict id`` = ``10_32768``) or ``ae.safetensors`` (what this project writes).
+Checkpoints are loaded safely: safetensors, or ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from dictionary_learning import AutoEncoder
+from torch import Tensor, nn
+
+from feature_circuits import toy
+from feature_circuits.dictionaries.download import DEFAULT_DICT_ID, DEFAULT_MODEL_DIR, marks_sae_root
+from feature_circuits.errors import DictionaryError
+from feature_circuits.types import Site
+
+_KEYS = ("bias", "encoder.weight", "encoder.bias", "decoder.weight")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SAESource:
+    """Where a set of dictionaries lives: ``root/model_dir/<site>/<dict_id>/ae.*``."""
+
+    root: Path
+    model_dir: str
+    dict_id: str | None = None  # None: the single sub-directory of each site directory
+
+
+#: Registry of known dictionary sets (SAELens-style short names).
+KNOWN_SAES: dict[str, SAESource] = {
+    "embedded": SAESource(root=toy.SAE_ROOT, model_dir=toy.MODEL_NAME),
+    "marks": SAESource(root=marks_sae_root(), model_dir=DEFAULT_MODEL_DIR, dict_id=DEFAULT_DICT_ID),
+}
+
+
+class IdentityDictionary(nn.Module):
+    """The neuron baseline: features are the raw dimensions, the error is identically zero."""
+
+    def __init__(self, activation_dim: int):
+        super().__init__()
+        self.activation_dim = activation_dim
+        self.dict_size = activation_dim
+
+    def encode(self, x: Tensor) -> Tensor:
+        return x
+
+    def decode(self, f: Tensor) -> Tensor:
+        return f
+
+    def forward(self, x: Tensor, output_features: bool = False):
+        return (x, x) if output_features else x
+
+
+def dict_size(ae: nn.Module) -> int:
+    return int(ae.dict_size)
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as err:  # truncated or corrupt files
+            raise DictionaryError(f"{path}: cannot read safetensors file ({err})") from err
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle refusals, truncated files
+        raise DictionaryError(f"{path}: cannot load checkpoint safely ({err})") from err
+    if not isinstance(sd, Mapping):
+        raise DictionaryError(f"{path}: expected a state dict, got {type(sd).__name__}")
+    return dict(sd)
+
+
+def find_checkpoint(site_dir: Path, dict_id: str | None, site: str = "?") -> Path:
+    if not site_dir.is_dir():
+        raise DictionaryError(f"site {site}: missing dictionary directory {site_dir}")
+    if dict_id is None:
+        subdirs = sorted(p for p in site_dir.iterdir() if p.is_dir())
+        if len(subdirs) != 1:
+            raise DictionaryError(
+                f"site {site}: {site_dir}: expected exactly one dictionary sub-directory, found "
+                f"{[p.name for p in subdirs]}; pass dict_id"
+            )
+        ddir = subdirs[0]
+    else:
+        ddir = site_dir / dict_id
+    for name in ("ae.safetensors", "ae.pt"):
+        if (ddir / name).is_file():
+            return ddir / name
+    raise DictionaryError(f"site {site}: missing dictionary file {ddir}/ae.safetensors (or ae.pt)")
+
+
+def load_autoencoder(
+    path: str | Path,
+    *,
+    d_model: int | None = None,
+    site: str = "?",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> AutoEncoder:
+    """Load one ``AutoEncoder`` checkpoint safely, checking keys and shapes against ``d_model``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DictionaryError(f"site {site}: missing dictionary file {path}")
+    try:
+        sd = _read_state_dict(path)
+    except DictionaryError as err:
+        raise DictionaryError(f"site {site}: {err}") from err
+    missing = [k for k in _KEYS if k not in sd]
+    if missing:
+        raise DictionaryError(f"site {site}: {path} lacks keys {missing} (has {sorted(sd)})")
+    n_feat, d = sd["encoder.weight"].shape
+    want = {
+        "bias": (d,),
+        "encoder.weight": (n_feat, d),
+        "encoder.bias": (n_feat,),
+        "decoder.weight": (d, n_feat),
+    }
+    for k, shape in want.items():
+        if tuple(sd[k].shape) != shape:
+            raise DictionaryError(
+                f"site {site}: {path}: {k} has shape {tuple(sd[k].shape)}, expected {shape}"
+            )
+    if d_model is not None and d != d_model:
+        raise DictionaryError(
+            f"site {site}: {path} is a dictionary for width {d}, but the model's activation there has width {d_model}"
+        )
+    ae = AutoEncoder(d, n_feat)
+    ae.load_state_dict({k: sd[k] for k in _KEYS})
+    ae.to(device=device, dtype=dtype).eval()
+    for p in ae.parameters():
+        p.requires_grad_(False)
+    return ae
+
+
+def resolve_sae_source(saes: str | Path | SAESource | None, model_dir: str | None = None) -> SAESource | None:
+    """``None``/``embedded`` -> shipped SAEs; ``marks`` -> downloaded Pythia-70M SAEs; ``neurons`` ->
+    None (identity dictionaries); a path -> a Marks-layout root (``model_dir`` the sub-directory; if
+    omitted and the path holds exactly one sub-directory, that one; a path that directly holds the
+    site directories also works)."""
+    if isinstance(saes, SAESource):
+        return saes
+    name = "embedded" if saes is None else str(saes)
+    if name == "neurons":
+        return None
+    if name in KNOWN_SAES:
+        return KNOWN_SAES[name]
+    root = Path(name)
+    if not root.is_dir():
+        raise DictionaryError(
+            f"SAE root {root} does not exist (known names: {sorted(KNOWN_SAES) + ['neurons']})"
+        )
+    if (root / "embed").is_dir():
+        return SAESource(root=root.parent, model_dir=root.name)
+    if model_dir is None:
+        subdirs = [p.name for p in root.iterdir() if p.is_dir()]
+        if len(subdirs) != 1:
+            raise DictionaryError(f"{root}: pass the model sub-directory (found {subdirs})")
+        model_dir = subdirs[0]
+    return SAESource(root=root, model_dir=model_dir)
+
+
+def load_dictionaries(
+    sites: Iterable[Site],
+    saes: str | Path | SAESource | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, nn.Module]:
+    """One dictionary per site name. ``saes="neurons"`` gives identity dictionaries."""
+    source = resolve_sae_source(saes)
+    if source == KNOWN_SAES["marks"] and not (source.root / source.model_dir).is_dir():
+        raise DictionaryError(
+            f"the Marks et al. SAEs are not under {source.root / source.model_dir}: download them first with "
+            "scripts/download_saes.py (needs the Hugging Face hub)"
+        )
+    out: dict[str, nn.Module] = {}
+    for site in sites:
+        if source is None:
+            out[site.name] = IdentityDictionary(site.d_model).to(device=device, dtype=dtype)
+            continue
+        ckpt = find_checkpoint(source.root / source.model_dir / site.marks_dir, source.dict_id, site.name)
+        out[site.name] = load_autoencoder(
+            ckpt, d_model=site.d_model, site=site.name, device=device, dtype=dtype
+        )
+    return out
+
+
+def save_autoencoder(ae: AutoEncoder, path: str | Path) -> None:
+    """Write an AutoEncoder as ``ae.safetensors`` (what this project ships)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = ae.state_dict()
+    save_file({k: sd[k].detach().contiguous().cpu() for k in _KEYS}, str(path))
+
+
+# ---------------------------------------------------------------- splice primitive (spec section 2)
+
+
+def encode_with_error(ae: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Features and error node of activation ``x``, differentiable in ``x``: f = encode(x),
+    err = x - decode(f)."""
+    f = ae.encode(x)
+    return f, x - ae.decode(f)
+
+
+def splice_with_grad_leaves(ae: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Splice an SAE into a site for attribution.
+
+    Returns ``(out, f, err)`` where ``f`` (b,s,F) and ``err`` (b,s,d) are fresh leaves that
+    require grad, and ``out`` is numerically ``x`` exactly (bit for bit) with gradient routing:
+    d out/d f = decoder (a feature's gradient comes only through the decoder), d out/d err = I,
+    and d out/d x = I (upstream layers receive the true gradient of the site output; no gradient
+    flows through the encoder or into the error's dependence on x).
+    """
+    with torch.no_grad():
+        f0, err0 = encode_with_error(ae, x.detach())
+    f = f0.requires_grad_(True)
+    err = err0.requires_grad_(True)
+    x_hat = ae.decode(f)
+    out = x + (x_hat - x_hat.detach()) + (err - err.detach())
+    return out, f, err
+
+
+def splice_patched(ae: nn.Module, f: Tensor, err: Tensor) -> Tensor:
+    """Site output for given features and error: decode(f) + err."""
+    return ae.decode(f) + err
+
+
+def decoder_directions(ae: nn.Module, like: Tensor) -> Tensor:
+    """The decoder as an (F, d) matrix with ``like``'s dtype and device: row k is d decode(f)/d f_k
+    (decode is affine in f).
+
+    Read from the weights for the dictionary_learning layouts (``decoder`` Linear or ``W_dec``) and
+    the identity dictionary; any other dictionary gets it from one batched VJP of its ``decode``."""
+    n_f = dict_size(ae)
+    if isinstance(ae, IdentityDictionary):
+        return torch.eye(n_f, dtype=like.dtype, device=like.device)
+    dec = getattr(ae, "decoder", None)
+    if isinstance(dec, nn.Linear) and dec.weight.shape[1] == n_f:
+        return dec.weight.detach().T.to(like)
+    w_dec = getattr(ae, "W_dec", None)
+    if isinstance(w_dec, Tensor) and w_dec.shape[0] == n_f:
+        return w_dec.detach().to(like)
+    f0 = torch.zeros(1, n_f, dtype=like.dtype, device=like.device, requires_grad=True)
+    out = ae.decode(f0)
+    eye = torch.eye(out.shape[-1], dtype=out.dtype, device=out.device).unsqueeze(1)
+    (jac,) = torch.autograd.grad(out, f0, eye, is_grads_batched=True)
+    return jac[:, 0].T.contiguous()

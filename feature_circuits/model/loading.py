@@ -1,0 +1,171 @@
+"""Loading a causal LM (HF id or local directory) and wrapping it with nnsight.
+
+    loaded = load_model("embedded")                      # the shipped default
+    loaded = load_model("EleutherAI/pythia-70m-deduped")  # the paper setup (needs the HF hub)
+    loaded = load_model("/path/to/dir", before_wrap=patch_fn)
+
+``before_wrap`` receives the HF model before nnsight wraps it: nnsight fixes each module's forward
+when it wraps, so submodule rewrites (the LRP rules) must happen there (see PITFALLS.md).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from feature_circuits import toy
+from feature_circuits.errors import ModelLoadError
+from feature_circuits.model.sites import build_sites, detect_architecture, is_parallel_residual
+from feature_circuits.types import Architecture, Site
+
+#: Short names a user can pass instead of an HF id or a directory.
+KNOWN_MODELS: dict[str, str] = {
+    "embedded": str(toy.MODEL_DIR),
+    "pythia-70m-deduped": "EleutherAI/pythia-70m-deduped",
+    "pythia-70m": "EleutherAI/pythia-70m",
+}
+
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadedModel:
+    """A model ready for tracing: the nnsight wrapper, the underlying HF module and its sites."""
+
+    name: str
+    lm: object  # nnsight.LanguageModel
+    hf_model: nn.Module
+    tokenizer: object
+    architecture: Architecture
+    sites: tuple[Site, ...]
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def n_layers(self) -> int:
+        return 1 + max(s.layer for s in self.sites)
+
+    @property
+    def d_model(self) -> int:
+        return self.sites[0].d_model
+
+    @property
+    def parallel_residual(self) -> bool:
+        return is_parallel_residual(self.hf_model)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}") from None
+
+
+def is_local_path(source: str) -> bool:
+    """Whether ``source`` names a directory rather than a hub id: it exists, or is written as a path
+    (absolute, ``./``, ``../``, ``~``, or more than one ``/``). ``org/name`` is a hub id unless such a
+    directory exists."""
+    if Path(source).expanduser().exists():
+        return True
+    windows_path = os.path.sep != "/" and os.path.sep in source
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or windows_path
+
+
+def resolve_model_name(name_or_path: str | os.PathLike | None) -> str:
+    name = "embedded" if name_or_path is None else str(name_or_path)
+    return KNOWN_MODELS.get(name, name)
+
+
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype = torch.float32,
+    before_wrap: Callable[[nn.Module], None] | None = None,
+) -> LoadedModel:
+    """Load a causal LM by HF id, short name (``embedded``, ``pythia-70m-deduped``) or local
+    directory; put it in eval mode on ``device`` in ``dtype`` (float32 by default); run
+    ``before_wrap(hf_model)``; wrap with nnsight; describe its sites."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model_name(name_or_path)
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    if is_local_path(source):
+        source = str(Path(source).expanduser())
+        if not Path(source).is_dir():
+            hint = " (train it with `feature-circuits train-toy`)" if source == str(toy.MODEL_DIR) else ""
+            raise ModelLoadError(f"model directory {source} does not exist{hint}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dt)
+    except OSError as err:
+        raise ModelLoadError(
+            f"could not load model {source!r}: {err}\n(no network? pass a local directory with --model)"
+        ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    hf_model.to(dev).eval()
+    for p in hf_model.parameters():
+        p.requires_grad_(False)
+    arch = detect_architecture(hf_model)
+    sites = tuple(build_sites(hf_model))
+    if before_wrap is not None:
+        before_wrap(hf_model)
+    lm = wrap(hf_model, tokenizer, dev)
+    return LoadedModel(
+        name=str(name_or_path or "embedded"),
+        lm=lm,
+        hf_model=hf_model,
+        tokenizer=tokenizer,
+        architecture=arch,
+        sites=sites,
+        device=dev,
+        dtype=dt,
+    )
+
+
+def wrap(hf_model: nn.Module, tokenizer: object, device: torch.device | None = None):
+    """Wrap an in-memory HF model with nnsight (it needs the tokenizer passed explicitly).
+
+    nnsight 0.8 builds a ``transformers.pipeline`` around the model, and a pipeline given no device
+    moves the model to the first accelerator it finds: on a CUDA machine a model loaded for the CPU
+    would silently end up on the GPU (and its SAEs, on the CPU, would no longer match). So the
+    device is passed through (default: the device the model's parameters are on) and checked."""
+    from nnsight import LanguageModel
+
+    device = next(hf_model.parameters()).device if device is None else torch.device(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lm = LanguageModel(hf_model, tokenizer=tokenizer, device=device)
+    moved = {
+        p.device
+        for p in hf_model.parameters()
+        if p.device.type != device.type or (device.index is not None and p.device.index != device.index)
+    }
+    if moved:
+        raise ModelLoadError(
+            f"wrapping the model with nnsight moved it from {device} to {sorted(map(str, moved))}"
+        )
+    return lm

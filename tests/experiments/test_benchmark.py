@@ -1,0 +1,70 @@
+"""Benchmark (feature_circuits.benchmark) in quick mode on a tiny Pythia-shaped config (not the 2.5 GB one)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from experiments.benchmark import PeakMemory, floor_node_effects, random_batch, run_benchmark
+
+TINY = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+}
+
+
+def test_quick_benchmark_tiny(tmp_path):
+    report = run_benchmark(
+        tmp_path,
+        quick=True,
+        skip_embedded=True,
+        pythia_shape=TINY,
+        n_features=64,
+        active=8,
+        pythia_b=2,
+        pythia_s=8,
+        log=lambda _m: None,
+    )
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data == json.loads(json.dumps(report))
+    (r,) = data["models"].values()
+    assert r["n_sites"] == 7 and r["dict_size"] == 64 and (r["batch_size"], r["seq_len"]) == (2, 8)
+    assert r["floor"]["max_abs_diff_vs_atp"] < 1e-5  # the floor computes atp
+    for part in ("nodes", "edges"):
+        assert set(r[part]) == {"atp", "relp", "ig"}
+        for x in r[part].values():
+            assert x["median_s"] > 0 and x["peak_mem_mb"] >= 0 and x["ratio_to_floor"] > 0
+    loop = r["edge_loop"]
+    assert loop["n_backwards_timed"] > 0 and loop["max_abs_diff"] < 1e-5  # loop and batched agree
+    assert sum(r["mean_active_features_per_token"].values()) > 0
+    md = (tmp_path / "bench.md").read_text()
+    assert "ratio to floor" in md and "## Targets" in md
+
+
+def test_floor_matches_atp_llama(llama_dir, tmp_path):
+    from feature_circuits.attribution import load_for_attribution, node_effects
+    from tests.helpers import save_random_saes, tiny_llama
+
+    saes = save_random_saes(tiny_llama(), tmp_path / "saes")
+    loaded, dicts = load_for_attribution(llama_dir, saes, device="cpu")
+    batch = random_batch(loaded.hf_model.config.vocab_size, 2, 6)
+    floor = floor_node_effects(loaded, dicts, batch)
+    atp = node_effects(loaded, dicts, batch, "atp")
+    for k, v in floor.items():
+        torch.testing.assert_close(v, atp.effects[k], atol=1e-5, rtol=1e-5)
+
+
+def test_peak_memory_sees_allocation():
+    with PeakMemory(torch.device("cpu"), interval_s=0.001) as pm:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
+        x += 1
+        import time
+
+        time.sleep(0.02)
+        del x
+    assert pm.peak >= 32 * 2**20
