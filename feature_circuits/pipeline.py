@@ -1,129 +1,302 @@
-"""Circuit discovery end to end: load model + SAEs, load the dataset, compute node (and edge) effects
-batch by batch, aggregate, threshold, and write ``circuit.json``, ``effects.safetensors`` (the
-aggregated effect of every node, for the evaluation's threshold sweep) and ``circuit.html``.
+"""The two stages end to end, each driven by one validated config: discovery and evaluation.
 
-    cfg = DiscoverConfig(method="relp", num_examples=64, out="out")
-    circuit = discover(cfg)          # writes out/circuit.json, out/effects.safetensors, out/circuit.html
+:func:`discover` loads the model and its dictionaries, loads the dataset (tokenized once), computes
+node (and edge) effects batch by batch, aggregates them over examples, thresholds them into a circuit
+(docs/algorithms.md, "Aggregation") and writes ``circuit.json``, ``effects.safetensors`` (the
+aggregated effect of every node, which the evaluation sweeps) and ``circuit.html``.
 
-The command line is ``scripts/discover.py`` (:func:`main` here).
+:func:`evaluate` loads one or more circuits, the model and dictionaries each names, and measures
+faithfulness and completeness by mean ablation on held-out data (docs/algorithms.md, "Evaluation"),
+writing ``eval.json`` per circuit and one ``eval.html`` plot.
+
+    cfg = DiscoverConfig(method=Method.RELP, num_examples=64, out="out")
+    circuit = discover(cfg)      # out/circuit.json, out/effects.safetensors, out/circuit.html
+    results = evaluate(EvaluateConfig(circuits=("out/circuit.json",)))   # out/eval.json, out/eval.html
+
+:class:`DiscoverConfig` and :class:`EvaluateConfig` are frozen keyword-only dataclasses validated in
+``__post_init__`` (a bad value raises :class:`~feature_circuits.errors.ConfigError` naming the
+command-line option); each field's ``metadata["help"]`` is its documentation, from which
+:mod:`feature_circuits.cli` generates the command-line parsers. Importing this module imports no
+torch: the heavy modules are imported by the stage functions.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import math
 import random
+import re
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
-import torch
+from feature_circuits.errors import ConfigError
+from feature_circuits.metrics import MetricName
+from feature_circuits.types import Aggregation, Method, Site, SiteKind
 
-from feature_circuits.circuit.graph import (
-    EFFECTS_FILE,
-    Circuit,
-    CircuitError,
-    aggregate_edges,
-    aggregate_nodes,
-    build_circuit,
-    save_circuit,
-    save_effects,
-)
-from feature_circuits.types import Aggregation, Method
+if TYPE_CHECKING:
+    from feature_circuits.circuit import Circuit
+    from feature_circuits.data import Batch, Pair
+    from feature_circuits.dictionaries import Dictionary
+    from feature_circuits.evaluation import EvalResult
+    from feature_circuits.model import LoadedModel
 
 __all__ = [
     "DiscoverConfig",
-    "DiscoverError",
-    "build_parser",
+    "EvaluateConfig",
+    "Log",
     "discover",
-    "main",
+    "evaluate",
     "seed_everything",
-    "user_errors",
 ]
 
+#: A sink for progress lines (the CLI prints them to stderr); the default drops them.
+Log = Callable[[str], None]
+Split = Literal["train", "test"]
+DType = Literal["float32", "float64", "bfloat16", "float16"]
 
-class DiscoverError(ValueError):
-    """A user mistake in the discovery options."""
+
+def _help(text: str, **extra: object) -> dict[str, object]:
+    return {"help": text, **extra}
+
+
+def _coerce(cfg: object, name: str, enum: type[Method] | type[Aggregation] | type[MetricName]) -> None:
+    """Turn a string option into its enum member (frozen dataclass: set through object)."""
+    value = getattr(cfg, name)
+    if value is None or isinstance(value, enum):
+        return
+    try:
+        object.__setattr__(cfg, name, enum(value))
+    except ValueError:
+        flag = "--" + name.replace("_", "-")
+        raise ConfigError(f"{flag} must be one of {[m.value for m in enum]}, got {value!r}") from None
+
+
+def _check_min(name: str, value: int | None, lo: int) -> None:
+    if value is not None and value < lo:
+        raise ConfigError(f"--{name.replace('_', '-')} must be >= {lo}, got {value}")
+
+
+def _check_threshold(name: str, value: float) -> None:
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"--{name.replace('_', '-')} must be one of {list(choices)}, got {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
 class DiscoverConfig:
-    method: str = "relp"
-    model: str = "embedded"
-    saes: str = "embedded"
-    dataset: str = "sva_rc"
-    split: str = "train"
-    num_examples: int = 64
-    batch_size: int = 16
-    # Defaults chosen on the embedded model (sva_rc, 64 train examples, relp): node threshold 0.1 keeps
-    # ~120 nodes (~80 outside the free layers) with held-out faithfulness ~0.91, a graph one can read;
-    # edge threshold 0.02 keeps ~600 of their edges. See build_parser's help for the measurements.
-    node_threshold: float = 0.1
-    edge_threshold: float = 0.02
-    aggregation: str = "sum"
-    nodes_only: bool = False
-    seed: int = 0
-    device: str | None = "cpu"
-    dtype: str = "float32"
-    labels: str | None = None
-    out: str | None = "out"
-    steps: int = 10  # IG steps
-    progress: bool = True
-    html: bool = True
+    """Options of :func:`discover` (and of ``feature-circuits discover``, generated from them)."""
+
+    method: Method = field(
+        default=Method.RELP,
+        metadata=_help(
+            "attribution method: relp (relevance patching, LRP backward), ig (integrated gradients), "
+            "atp (attribution patching), exact (activation patching; nodes only, slow)"
+        ),
+    )
+    model: str = field(
+        default="embedded",
+        metadata=_help("model: HF id, short name (embedded, pythia-70m-deduped) or local directory"),
+    )
+    saes: str = field(
+        default="embedded",
+        metadata=_help(
+            "dictionaries: 'embedded', 'marks' (downloaded Pythia-70M dictionaries), 'neurons' (identity "
+            "baseline), or a Marks-layout root directory"
+        ),
+    )
+    dataset: str = field(
+        default="sva_rc", metadata=_help("shipped dataset name (e.g. sva_rc, ioi) or a JSONL path")
+    )
+    split: Split = field(
+        default="train", metadata=_help("split of a shipped dataset (ignored for a JSONL path)")
+    )
+    num_examples: int = field(default=64, metadata=_help("use the first N examples"))
+    batch_size: int = field(default=16, metadata=_help("examples per batch"))
+    node_threshold: float = field(
+        default=0.1,
+        metadata=_help(
+            "keep nodes with |aggregated effect| above this (also selects the downstream nodes whose "
+            "edges are computed: lower is slower; docs/methods.md has node counts and held-out "
+            "faithfulness per threshold)"
+        ),
+    )
+    edge_threshold: float = field(
+        default=0.02, metadata=_help("keep edges between kept nodes with |weight| above this")
+    )
+    aggregation: Aggregation = field(
+        default=Aggregation.SUM,
+        metadata=_help(
+            "sum: sum over positions, mean over examples; none: keep positions (equal-length examples)"
+        ),
+    )
+    metric: MetricName = field(
+        default=MetricName.LOGIT_DIFF,
+        metadata=_help(
+            "the metric attributed (recorded in circuit.json; evaluation uses it): logit_diff = "
+            "logit(patch answer) - logit(clean answer), answer_logit = -logit(clean answer)"
+        ),
+    )
+    nodes_only: bool = field(default=False, metadata=_help("skip edge computation (faster)"))
+    steps: int = field(default=10, metadata=_help("integration steps for --method ig"))
+    seed: int = field(default=0, metadata=_help("seed for torch, random and numpy"))
+    device: str | None = field(default="cpu", metadata=_help("cpu, cuda, cuda:N or auto"))
+    dtype: DType = field(default="float32", metadata=_help("model and dictionary dtype"))
+    labels: str | None = field(
+        default=None,
+        metadata=_help('JSON Lines feature labels {"site": ..., "feature": ..., "label": ...} shown on hover'),
+    )
+    out: str | None = field(
+        default="out",
+        metadata=_help(
+            "output directory for circuit.json, effects.safetensors (every node's effect) and circuit.html"
+        ),
+    )
+    progress: bool = field(default=True, metadata=_help("show a progress bar"))
+    html: bool = field(default=True, metadata=_help("write circuit.html beside circuit.json"))
+
+    def __post_init__(self) -> None:
+        _coerce(self, "method", Method)
+        _coerce(self, "aggregation", Aggregation)
+        _coerce(self, "metric", MetricName)
+        _check_choice("split", self.split, ("train", "test"))
+        _check_choice("dtype", self.dtype, ("float32", "float64", "bfloat16", "float16"))
+        _check_min("num_examples", self.num_examples, 1)
+        _check_min("batch_size", self.batch_size, 1)
+        _check_min("steps", self.steps, 1)
+        _check_threshold("node_threshold", self.node_threshold)
+        _check_threshold("edge_threshold", self.edge_threshold)
+
+    @property
+    def computes_edges(self) -> bool:
+        """Edges need gradients: never for exact (nodes only), else unless ``nodes_only``."""
+        return not self.nodes_only and self.method is not Method.EXACT
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig:
+    """Options of :func:`evaluate` (and of ``feature-circuits evaluate``, generated from them)."""
+
+    circuits: tuple[str, ...] = field(
+        metadata=_help(
+            "circuit.json (or its directory); repeat to compare several circuits on one plot",
+            flag="--circuit",
+            repeat=True,
+            metavar="PATH",
+        ),
+    )
+    dataset: str | None = field(
+        default=None, metadata=_help("dataset name or .jsonl path (default: the circuit's dataset)")
+    )
+    split: Split = field(default="test", metadata=_help("split of a named dataset"))
+    num_examples: int = field(default=100, metadata=_help("evaluation examples"))
+    batch_size: int = field(default=32, metadata=_help("examples per batch"))
+    thresholds: tuple[float, ...] | None = field(
+        default=None,
+        metadata=_help(
+            "comma-separated node thresholds on |effect| (default: logspace(-4, 0, 15), extended upwards "
+            "past the largest effect)"
+        ),
+    )
+    variants: tuple[str, ...] | None = field(
+        default=None,
+        metadata=_help(
+            "comma-separated subset of the ablation variants all_errors_ablated (the standard), "
+            "resid_errors_kept, no_errors_ablated (default: all)"
+        ),
+    )
+    metric: MetricName | None = field(
+        default=None, metadata=_help("metric to evaluate (default: the one each circuit was discovered with)")
+    )
+    free_layers: int | None = field(
+        default=None, metadata=_help("layers < this (and embed) are always kept (default: n_layers // 3)")
+    )
+    device: str | None = field(default=None, metadata=_help("cpu, cuda, ... (default: cuda if available)"))
+    allow_discovery_split: bool = field(
+        default=False, metadata=_help("allow evaluating on the circuit's own discovery dataset and split")
+    )
+    out: str | None = field(
+        default=None, metadata=_help("output directory (default: the circuit's directory)")
+    )
+    progress: bool = field(default=True, metadata=_help("show a progress bar"))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.circuits, str):  # one path given as a string
+            object.__setattr__(self, "circuits", (self.circuits,))
+        object.__setattr__(self, "circuits", tuple(str(c) for c in self.circuits))
+        if not self.circuits:
+            raise ConfigError("--circuit is required (at least one circuit.json)")
+        _coerce(self, "metric", MetricName)
+        _check_choice("split", self.split, ("train", "test"))
+        _check_min("num_examples", self.num_examples, 1)
+        _check_min("batch_size", self.batch_size, 1)
+        _check_min("free_layers", self.free_layers, 0)
+        if self.thresholds is not None:
+            object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
+            if not self.thresholds or any(not math.isfinite(t) or t < 0 for t in self.thresholds):
+                raise ConfigError(f"--thresholds must be finite numbers >= 0, got {list(self.thresholds)}")
+        if self.variants is not None:
+            from feature_circuits.evaluation import VARIANTS
+
+            object.__setattr__(self, "variants", tuple(self.variants))
+            bad = [v for v in self.variants if v not in VARIANTS]
+            if bad or not self.variants:
+                raise ConfigError(
+                    f"--variants: unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}"
+                )
 
 
 def seed_everything(seed: int) -> None:
+    """Seed python's, torch's and numpy's generators."""
+    import numpy as np
+    import torch
+
     random.seed(seed)
     torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed)
-    except ImportError:  # pragma: no cover
-        pass
+    np.random.seed(seed)
 
 
-def _validate(cfg: DiscoverConfig) -> tuple[Method, Aggregation]:
-    try:
-        method = Method(cfg.method)
-    except ValueError:
-        raise DiscoverError(
-            f"unknown method {cfg.method!r}; choose one of {[m.value for m in Method]}"
-        ) from None
-    try:
-        agg = Aggregation(cfg.aggregation)
-    except ValueError:
-        raise DiscoverError(
-            f"unknown aggregation {cfg.aggregation!r}; choose one of {[a.value for a in Aggregation]}"
-        ) from None
-    if cfg.num_examples < 1:
-        raise DiscoverError(f"--num-examples must be >= 1, got {cfg.num_examples}")
-    if cfg.batch_size < 1:
-        raise DiscoverError(f"--batch-size must be >= 1, got {cfg.batch_size}")
-    for flag, t in (("--node-threshold", cfg.node_threshold), ("--edge-threshold", cfg.edge_threshold)):
-        if not math.isfinite(t) or t < 0:
-            raise DiscoverError(f"{flag} must be a finite number >= 0, got {t}")
-    if cfg.steps < 1:
-        raise DiscoverError(f"--steps must be >= 1, got {cfg.steps}")
-    if cfg.labels is not None and not Path(cfg.labels).is_file():
-        raise DiscoverError(f"labels file not found: {cfg.labels}")
-    return method, agg
+def _quiet(_msg: str) -> None:
+    pass
 
 
-def discover(cfg: DiscoverConfig, *, log=None) -> Circuit:
-    """Run discovery; write ``cfg.out``/circuit.json, ``cfg.out``/effects.safetensors (every node's
-    aggregated effect) and circuit.html (unless ``cfg.html`` is False) when ``cfg.out`` is set; return the :class:`Circuit`. ``log``: a callable for progress lines."""
+def _portable(name: str) -> str:
+    """A name as the circuit file records it: an existing local path becomes absolute (so evaluation
+    from another directory finds it, and the held-out check compares the same files); known short
+    names and hub ids stay as given."""
+    return str(Path(name).resolve()) if Path(name).exists() else name
+
+
+# -------------------------------------------------------------------------------------- discovery
+
+
+def discover(cfg: DiscoverConfig, *, log: Log = _quiet) -> Circuit:
+    """Run discovery as ``cfg`` says; when ``cfg.out`` is set write ``circuit.json``,
+    ``effects.safetensors`` (every node's aggregated effect) and ``circuit.html`` (unless
+    ``cfg.html`` is False) there. Returns the :class:`~feature_circuits.circuit.Circuit`."""
     from tqdm import tqdm
 
     from feature_circuits.attribution import edge_effects, load_for_attribution, node_effects
+    from feature_circuits.circuit import (
+        EFFECTS_FILE,
+        aggregate_edges,
+        aggregate_nodes,
+        build_circuit,
+        save_circuit,
+        save_effects,
+    )
     from feature_circuits.data import load_pairs, make_batches, resolve_dataset
+    from feature_circuits.metrics import get_metric
 
-    log = log or (lambda msg: None)
-    method, agg = _validate(cfg)
-    nodes_only = cfg.nodes_only or method is Method.EXACT
-    if method is Method.EXACT and not cfg.nodes_only:
+    if cfg.labels is not None and not Path(cfg.labels).is_file():
+        raise ConfigError(f"--labels: labels file not found: {cfg.labels}")
+    if cfg.method is Method.EXACT and not cfg.nodes_only:
         log("method exact has no gradients: computing nodes only (no edges)")
     seed_everything(cfg.seed)
     timing: dict[str, float] = {}
@@ -137,40 +310,45 @@ def discover(cfg: DiscoverConfig, *, log=None) -> Circuit:
     pairs = load_pairs(data_path, loaded.tokenizer, limit=cfg.num_examples)
     batches = make_batches(pairs, loaded.tokenizer, cfg.batch_size)
     lengths = sorted({b.seq_len for b in batches})
-    if agg is Aggregation.NONE and len(lengths) > 1:
-        raise DiscoverError(
+    if cfg.aggregation is Aggregation.NONE and len(lengths) > 1:
+        raise ConfigError(
             f"--aggregation none keeps token positions and needs examples of one length, but the first "
-            f"{len(pairs)} examples of {data_path} have token lengths {lengths}; use --aggregation sum or a dataset "
-            "with a single template"
+            f"{len(pairs)} examples of {data_path} have token lengths {lengths}; use --aggregation sum or a "
+            "dataset with a single template"
         )
     if len(pairs) < cfg.num_examples:
         log(f"note: {data_path} has only {len(pairs)} examples (asked for {cfg.num_examples})")
     timing["data"] = time.perf_counter() - t
 
+    metric = get_metric(cfg.metric)
     node_batches, edge_batches = [], []
     t_nodes = t_edges = 0.0
-    for batch in tqdm(
-        batches, desc=f"{method.value} attribution", unit="batch", disable=not cfg.progress, file=sys.stderr
-    ):
+    bar = tqdm(
+        batches, desc=f"{cfg.method.value} attribution", unit="batch", disable=not cfg.progress, file=sys.stderr
+    )
+    for batch in bar:
         t = time.perf_counter()
-        ne = node_effects(loaded, dicts, batch, method, steps=cfg.steps)
+        ne = node_effects(loaded, dicts, batch, cfg.method, metric=metric, steps=cfg.steps)
         t_nodes += time.perf_counter() - t
         node_batches.append(ne)
-        if not nodes_only:
+        if cfg.computes_edges:
             t = time.perf_counter()
             edge_batches.append(
-                edge_effects(loaded, dicts, batch, ne, node_threshold=cfg.node_threshold, method=method)
+                edge_effects(loaded, dicts, batch, ne, node_threshold=cfg.node_threshold, method=cfg.method)
             )
             t_edges += time.perf_counter() - t
     timing["nodes"] = t_nodes
-    if not nodes_only:
+    if cfg.computes_edges:
         timing["edges"] = t_edges
 
     t = time.perf_counter()
-    agg_nodes = aggregate_nodes(node_batches, agg)
-    agg_edges = aggregate_edges(edge_batches, agg) if edge_batches else None
-    first = batches[0]
-    tokens = [loaded.tokenizer.decode([int(i)]) for i in first.clean[0]] if agg is Aggregation.NONE else None
+    agg_nodes = aggregate_nodes(node_batches, cfg.aggregation)
+    agg_edges = aggregate_edges(edge_batches, cfg.aggregation) if edge_batches else None
+    tokens = (
+        [loaded.tokenizer.decode([int(i)]) for i in batches[0].clean[0]]
+        if cfg.aggregation is Aggregation.NONE
+        else None
+    )
     timing["aggregate"] = time.perf_counter() - t
     timing["total"] = time.perf_counter() - t_start
     circuit = build_circuit(
@@ -180,18 +358,19 @@ def discover(cfg: DiscoverConfig, *, log=None) -> Circuit:
         edge_threshold=cfg.edge_threshold,
         model=_portable(cfg.model),
         saes=_portable(cfg.saes),
-        method=method,
+        method=cfg.method,
+        metric=cfg.metric,
         dataset=_portable(cfg.dataset),
         split=cfg.split,
-        last_resid=f"resid_{loaded.n_layers - 1}",
+        last_resid=Site.format(SiteKind.RESID, loaded.n_layers - 1),
         n_layers=loaded.n_layers,
         tokens=tokens,
         timing_s={k: round(v, 4) for k, v in timing.items()},
+        effects_file=EFFECTS_FILE if cfg.out is not None else None,
     )
     if cfg.out is not None:
         out = Path(cfg.out)
-        save_effects(agg_nodes.effects, out / EFFECTS_FILE, agg)
-        circuit = dataclasses.replace(circuit, effects_file=EFFECTS_FILE)
+        save_effects(agg_nodes.effects, out / EFFECTS_FILE, cfg.aggregation)
         save_circuit(circuit, out / "circuit.json")
         if cfg.html:
             from feature_circuits.render import render_circuit_html
@@ -200,173 +379,161 @@ def discover(cfg: DiscoverConfig, *, log=None) -> Circuit:
     return circuit
 
 
-# -------------------------------------------------------------------------------------- command line
+# -------------------------------------------------------------------------------------- evaluation
 
 
-def _portable(name: str | None) -> str | None:
-    """A name as the circuit file records it: an existing local path becomes absolute (so evaluation
-    from another directory finds it, and the held-out check compares the same files); known short
-    names and hub ids stay as given."""
-    if name is None or not Path(name).exists():
-        return name
-    return str(Path(name).resolve())
+@dataclass(frozen=True, kw_only=True)
+class _Job:
+    """One circuit to evaluate: where it was read from, what it is, on which data, under which label."""
+
+    path: Path
+    circuit: Circuit
+    dataset: str
+    label: str
 
 
-def build_parser() -> argparse.ArgumentParser:
-    d = DiscoverConfig()
-    p = argparse.ArgumentParser(
-        prog="discover.py",
-        description="Discover a sparse feature circuit: attribute a contrastive metric (logit(patch answer) - "
-        "logit(clean answer)) to SAE features and error nodes, aggregate over examples, threshold, and write "
-        "DIR/circuit.json and an interactive DIR/circuit.html.",
-        epilog="Example: scripts/discover.py --method relp --num-examples 64 --out out/  "
-        "(the defaults run the embedded model and SAEs on sva_rc in about 6 s on a 2-core CPU, most of it "
-        "process start and model loading; --nodes-only skips the edges). "
-        "DIR/effects.safetensors holds the aggregated effect of every node, so scripts/evaluate.py can sweep "
-        "node thresholds below --node-threshold. Default thresholds: on the embedded model (relp, sva_rc) "
-        "--node-threshold 0.1 gives ~120 nodes (~80 outside the always-kept embedding and layer 0) with "
-        "held-out faithfulness ~0.91 and ~600 edges at --edge-threshold 0.02; 0.01 gives ~180 ablatable nodes "
-        "(faithfulness ~0.99), 0.003 ~250 (~1.0), 0.3 ~50 (~0.3). The same defaults apply to Pythia-70M with the Marks "
-        "SAEs, whose effects are on a similar logit-difference scale but spread over 32768 features per site: "
-        "there, check the node count and raise --node-threshold (e.g. 0.01-0.1) for a readable graph; the "
-        "evaluation's sweep is unaffected by the choice.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument(
-        "--method",
-        default=d.method,
-        choices=[m.value for m in Method],
-        help="attribution method: relp (relevance patching, LRP backward), ig (integrated gradients), "
-        "atp (attribution patching), exact (activation patching; nodes only, slow)",
-    )
-    p.add_argument(
-        "--model",
-        default=d.model,
-        help="model: HF id, short name (embedded, pythia-70m-deduped) or local directory",
-    )
-    p.add_argument(
-        "--saes",
-        default=d.saes,
-        help="SAEs: 'embedded', 'marks' (downloaded Pythia-70M dictionaries), 'neurons' (identity "
-        "baseline), or a Marks-layout root directory",
-    )
-    p.add_argument(
-        "--dataset", default=d.dataset, help="shipped dataset name (e.g. sva_rc, ioi) or a JSONL path"
-    )
-    p.add_argument(
-        "--split",
-        default=d.split,
-        choices=["train", "test"],
-        help="split of a shipped dataset (ignored for a JSONL path)",
-    )
-    p.add_argument("--num-examples", type=int, default=d.num_examples, help="use the first N examples")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per batch")
-    p.add_argument(
-        "--node-threshold",
-        type=float,
-        default=d.node_threshold,
-        help="keep nodes with |aggregated effect| above this (also selects the downstream nodes whose "
-        "edges are computed: lower is slower). On the embedded default (relp): 0.1 -> ~80 "
-        "nodes outside the free layers, held-out faithfulness ~0.91; 0.01 -> ~180, ~0.99; "
-        "0.003 -> ~250, ~1.0",
-    )
-    p.add_argument(
-        "--edge-threshold",
-        type=float,
-        default=d.edge_threshold,
-        help="keep edges between kept nodes with |weight| above this (embedded default: ~600 "
-        "edges among the default nodes; 0.01 gives ~860)",
-    )
-    p.add_argument(
-        "--aggregation",
-        default=d.aggregation,
-        choices=[a.value for a in Aggregation],
-        help="sum: sum over positions, mean over examples; none: keep positions (equal-length examples)",
-    )
-    p.add_argument("--nodes-only", action="store_true", help="skip edge computation (faster)")
-    p.add_argument("--steps", type=int, default=d.steps, help="integration steps for --method ig")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed for torch, random and numpy")
-    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto")
-    p.add_argument(
-        "--dtype",
-        default=d.dtype,
-        choices=["float32", "float64", "bfloat16", "float16"],
-        help="model and SAE dtype",
-    )
-    p.add_argument(
-        "--labels",
-        default=None,
-        help='JSON Lines feature labels {"site": ..., "feature": ..., "label": ...} shown on hover',
-    )
-    p.add_argument(
-        "--out",
-        default=d.out,
-        help="output directory for circuit.json, effects.safetensors (every node's effect) and circuit.html",
-    )
-    p.add_argument("--no-html", action="store_true", help="write circuit.json only")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    return p
+def _circuit_path(p: str) -> Path:
+    path = Path(p)
+    return path / "circuit.json" if path.is_dir() else path
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    from feature_circuits.data import DatasetError, UnknownDatasetError
-    from feature_circuits.dictionaries.marks import DictionaryError
-    from feature_circuits.model.loading import ModelLoadError
-    from feature_circuits.model.sites import UnsupportedModelError
-    from feature_circuits.render import LabelsError
-
-    return (
-        DiscoverError,
-        CircuitError,
-        ModelLoadError,
-        DictionaryError,
-        DatasetError,
-        UnknownDatasetError,
-        UnsupportedModelError,
-        LabelsError,
-        FileNotFoundError,
-    )
+def _label(circuit: Circuit, path: Path) -> str:
+    return f"{path.parent.name or 'circuit'} [{circuit.method.value}, saes={circuit.saes}]"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = DiscoverConfig(
-        method=args.method,
-        model=args.model,
-        saes=args.saes,
-        dataset=args.dataset,
-        split=args.split,
-        num_examples=args.num_examples,
-        batch_size=args.batch_size,
-        node_threshold=args.node_threshold,
-        edge_threshold=args.edge_threshold,
-        aggregation=args.aggregation,
-        nodes_only=args.nodes_only,
-        seed=args.seed,
-        device=args.device,
-        dtype=args.dtype,
-        labels=args.labels,
-        out=args.out,
-        steps=args.steps,
-        progress=not args.quiet,
-        html=not args.no_html,
-    )
+def _load_jobs(cfg: EvaluateConfig) -> list[_Job]:
+    """Read every circuit, choose its evaluation dataset and refuse its own discovery data (unless
+    allowed); labels are made unique by appending the path."""
+    from feature_circuits.circuit import load_circuit
+    from feature_circuits.evaluation import check_held_out, default_dataset
 
-    def log(msg: str) -> None:
-        if not args.quiet:
-            print(msg, file=sys.stderr)
+    read = []
+    for p in cfg.circuits:
+        path = _circuit_path(p)
+        circ = load_circuit(path)
+        dataset = cfg.dataset if cfg.dataset is not None else default_dataset(circ.dataset, cfg.split)
+        check_held_out(circ.dataset, circ.split, dataset, cfg.split, allow=cfg.allow_discovery_split)
+        read.append((path, circ, dataset, _label(circ, path)))
+    labels = [r[3] for r in read]
+    return [
+        _Job(path=path, circuit=circ, dataset=dataset, label=f"{label} {path}" if labels.count(label) > 1 else label)
+        for path, circ, dataset, label in read
+    ]
+
+
+def _resolved(name: str, split: str) -> Path | None:
+    """The file a dataset name or path resolves to, or None when it does not resolve."""
+    from feature_circuits.data import resolve_dataset
+    from feature_circuits.errors import FeatureCircuitsError
 
     try:
-        circuit = discover(cfg, log=log)
-    except user_errors() as err:
-        msg = str(err).strip() or type(err).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    if not args.quiet:
-        print(circuit.summary())
-        out = Path(cfg.out)
-        print(
-            f"wrote {out / 'circuit.json'}, {out / EFFECTS_FILE}"
-            + ("" if args.no_html else f" and {out / 'circuit.html'}")
+        return Path(resolve_dataset(name, split)).resolve()
+    except (FeatureCircuitsError, OSError):
+        return None
+
+
+def _check_disjoint_from_discovery(
+    job: _Job, pairs: Sequence[Pair], data_path: Path, loaded: LoadedModel, log: Log
+) -> None:
+    """Refuse evaluation examples that are among the circuit's discovery examples (any file name)."""
+    from feature_circuits.data import load_pairs
+    from feature_circuits.errors import DatasetError
+    from feature_circuits.evaluation import check_disjoint
+
+    discovery_path = _resolved(job.circuit.dataset, job.circuit.split)
+    if discovery_path is None or not discovery_path.is_file():
+        return
+    try:
+        discovery = load_pairs(discovery_path, loaded.tokenizer, limit=job.circuit.num_examples or None)
+    except DatasetError as err:
+        log(f"warning: cannot read the discovery data to check it is disjoint: {err}")
+        return
+    check_disjoint(list(pairs), discovery, str(data_path), str(discovery_path))
+
+
+def _eval_json_path(cfg: EvaluateConfig, job: _Job, n_jobs: int) -> Path:
+    if cfg.out is None:
+        return job.path.parent / "eval.json"
+    if n_jobs == 1:
+        return Path(cfg.out) / "eval.json"
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{job.path.parent.name}_{job.circuit.method.value}").strip("_")
+    return Path(cfg.out) / f"eval_{safe}.json"
+
+
+def evaluate(cfg: EvaluateConfig, *, log: Log = _quiet, echo: Log = _quiet) -> list[EvalResult]:
+    """Evaluate every circuit of ``cfg``: write ``eval.json`` per circuit and one ``eval.html`` plot
+    (see :func:`_eval_json_path` for where). ``log`` gets progress lines, ``echo`` the summary table
+    of each circuit and the paths written. Models, dictionaries and ablation means are loaded once
+    for the circuits that share them."""
+    import json
+
+    import torch
+
+    from feature_circuits.circuit import load_effects
+    from feature_circuits.data import load_pairs, make_batches, resolve_dataset
+    from feature_circuits.dictionaries import load_dictionaries
+    from feature_circuits.evaluation import (
+        compute_means,
+        evaluate_circuit,
+        plot_html,
+        positions_aligned,
+        summary_table,
+    )
+    from feature_circuits.metrics import get_metric
+    from feature_circuits.model import load_model
+
+    jobs = _load_jobs(cfg)
+    models: dict[str, LoadedModel] = {}
+    dicts: dict[tuple[str, str], dict[str, Dictionary]] = {}
+    means_cache: dict[tuple[str, str, str, int, int], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    results: list[tuple[str, EvalResult]] = []
+    outs: list[Path] = []
+    for job in jobs:
+        circ = job.circuit
+        if circ.model not in models:
+            models[circ.model] = load_model(circ.model, device=cfg.device, dtype=torch.float32)
+        loaded = models[circ.model]
+        if (circ.model, circ.saes) not in dicts:
+            dicts[(circ.model, circ.saes)] = load_dictionaries(
+                loaded.sites, circ.saes, device=loaded.device, dtype=loaded.dtype
+            )
+        aes = dicts[(circ.model, circ.saes)]
+        data_path = Path(resolve_dataset(job.dataset, cfg.split))
+        pairs = load_pairs(data_path, loaded.tokenizer, limit=cfg.num_examples)
+        if not cfg.allow_discovery_split:
+            _check_disjoint_from_discovery(job, pairs, data_path, loaded, log)
+        batches = make_batches(pairs, loaded.tokenizer, cfg.batch_size)
+        key = (circ.model, circ.saes, str(data_path), len(pairs), cfg.batch_size)
+        if key not in means_cache:
+            means_cache[key] = compute_means(loaded, aes, batches, per_position=positions_aligned(batches))
+        effects = (
+            load_effects(job.path.parent / circ.effects_file, circ.aggregation)
+            if circ.effects_file is not None
+            else None
         )
-    return 0
+        log(f"evaluating {job.label} on {data_path} ({len(pairs)} examples)")
+        res = evaluate_circuit(
+            loaded,
+            aes,
+            circ,
+            batches,
+            effects=effects,
+            metric=get_metric(cfg.metric or circ.metric),
+            thresholds=cfg.thresholds,
+            **({} if cfg.variants is None else {"variants": cfg.variants}),
+            free_layers=cfg.free_layers,
+            means=means_cache[key],
+            progress=cfg.progress,
+        )
+        res.meta.update({"eval_dataset": str(data_path), "eval_split": cfg.split, "circuit": str(job.path)})
+        out_json = _eval_json_path(cfg, job, len(jobs))
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps(res.to_dict(), indent=1) + "\n")
+        results.append((job.label, res))
+        outs.append(out_json)
+        echo(summary_table(job.label, res))
+    html = (Path(cfg.out) if cfg.out is not None else jobs[0].path.parent) / "eval.html"
+    plot_html(results, html)
+    for p in [*outs, html]:
+        echo(f"wrote {p}")
+    return [res for _, res in results]

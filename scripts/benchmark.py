@@ -1,12 +1,9 @@
 #!/usr/bin/env python
-"""Benchmark node/edge attribution (atp, relp, ig) against the 2-forward-1-backward floor; see --help.
-
-Thin wrapper: the logic lives in feature_circuits.benchmark.
-"""
+"""`feature-circuits bench` (see --help)."""
 
 import sys
 
-from experiments.benchmark import main
+from feature_circuits.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", *sys.argv[1:]]))

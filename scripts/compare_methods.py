@@ -1,12 +1,9 @@
 #!/usr/bin/env python
-"""Compare atp / relp / ig with exact activation patching (component level, or --features); see --help.
-
-Thin wrapper: the logic lives in feature_circuits.compare.
-"""
+"""`feature-circuits compare` (see --help)."""
 
 import sys
 
-from experiments.compare import main
+from feature_circuits.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["compare", *sys.argv[1:]]))

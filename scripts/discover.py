@@ -1,12 +1,9 @@
 #!/usr/bin/env python
-"""Discover a sparse feature circuit and write circuit.json + circuit.html (see --help).
-
-Thin wrapper: the logic lives in feature_circuits.discover.
-"""
+"""`feature-circuits discover` (see --help)."""
 
 import sys
 
-from feature_circuits.pipeline import main
+from feature_circuits.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["discover", *sys.argv[1:]]))

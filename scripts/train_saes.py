@@ -1,11 +1,9 @@
 #!/usr/bin/env python
-"""Train the embedded model's SAEs (dictionary_learning, Marks layout); see --help.
+"""`feature-circuits train-toy saes` (see --help)."""
 
-Thin wrapper: the logic lives in feature_circuits.train_saes. Its defaults reproduce the shipped files
-(feature_circuits/embedded/MODEL_CARD.md).
-"""
+import sys
 
-from feature_circuits.toy.train_saes import main
+from feature_circuits.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(["train-toy", "saes", *sys.argv[1:]]))

@@ -1,49 +1,58 @@
-"""Command line of scripts/evaluate.py: faithfulness / completeness curves of one or more circuits.
+"""What an evaluation reports: ``eval.json``, the ``eval.html`` plot, the summary table; and the
+held-out rule (the evaluation data must not be the discovery data).
 
-    python scripts/evaluate.py --circuit out/relp/circuit.json --circuit out/ig/circuit.json \
-        --split test --num-examples 100
+``eval.json`` (:func:`eval_json`) holds the standard variant's curves at the top level
+(``thresholds``, ``n_nodes``, ``faithfulness``, ``completeness``; faithfulness ``null`` where it is
+undefined), every variant under ``variants`` (the same curves plus the raw metric values
+``m_circuit``, ``m_complement``, ``m_full``, ``m_empty``), then how the sweep was made:
+``standard_variant``, ``below_discovery_threshold``, ``discovery_node_threshold``, ``sweep_nodes``
+(``all``: every node's effect from the effects file; ``stored``: only the circuit's nodes),
+``aggregation``, ``free_layers``, ``n_nodes_total``, ``num_examples``, ``metric`` (its name in
+:mod:`feature_circuits.metrics`), ``ablation``, ``means``, a human-readable ``note``, and the
+circuit's provenance (model, saes, method, dataset, split, plus what the caller adds, e.g. the
+evaluation dataset).
 
-For each ``--circuit`` it loads the model and SAEs named in the circuit.json (``model``, ``saes``)
-and, when the circuit.json names an ``effects_file`` (discovery writes ``effects.safetensors``), the
-effect of every node, so the threshold sweep reaches below the discovery threshold (older circuit
-files without it: only the stored nodes are swept),
-evaluates on ``--dataset`` (default: the circuit's own dataset) split ``--split`` (default ``test``)
-and writes ``eval.json`` (the standard variant at the top level, every variant under ``variants``)
-to ``--out`` (default: the circuit's directory; with several circuits and ``--out``,
-``eval_<label>.json`` each). One self-contained plotly page ``eval.html`` (plotly.js inlined)
-shows faithfulness and completeness against the number of nodes (log x axis; points with 0 nodes
-are not drawn), one line per circuit and variant; it goes to ``--out`` or the first circuit's
-directory.
+Sign of the raw metric values: they are the metric the circuit was discovered with, as
+:mod:`feature_circuits.metrics` defines it; for ``logit_diff`` that is logit(patch answer) -
+logit(clean answer). Files written before the metric had one owner stored logit(clean answer) -
+logit(patch answer) under ``m_*`` (the opposite sign) and the prose definition under ``metric``.
+Faithfulness and completeness are ratios of metric differences and are unchanged.
 
-Held-out protocol: evaluating on the circuit's own dataset and split is refused unless
-``--allow-discovery-split`` is given. Bad inputs exit with status 2 and a one-line message.
+``eval.html`` (:func:`plot_html`) is one self-contained plotly page (plotly.js inlined):
+faithfulness and completeness against the number of nodes (log x axis; points with 0 nodes are not
+drawn), one line per circuit and variant.
+
+Held-out protocol (docs/algorithms.md, "Evaluation"): :func:`check_held_out` refuses the circuit's
+own dataset and split by name or file, :func:`check_disjoint` refuses evaluation examples that are
+among the discovery examples whatever the files are called; both unless explicitly allowed.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import re
-import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from feature_circuits.evaluation.sweep import (
-    STANDARD_VARIANT,
-    VARIANTS,
-    CircuitNodes,
-    EvalResult,
-    EvaluationError,
-)
+from feature_circuits.errors import EvaluationError, FeatureCircuitsError
+from feature_circuits.evaluation.masks import Variant
+from feature_circuits.evaluation.sweep import EvalResult, VariantCurve
+from feature_circuits.types import Aggregation
 
-__all__ = ["check_disjoint", "check_held_out", "default_dataset", "main", "plot_html", "summary_table"]
+if TYPE_CHECKING:
+    from feature_circuits.data import Pair
 
-
-class UsageError(ValueError):
-    pass
+__all__ = [
+    "EvalJson",
+    "check_disjoint",
+    "check_held_out",
+    "default_dataset",
+    "eval_json",
+    "plot_html",
+    "resolved_dataset",
+    "summary_table",
+]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -69,22 +78,23 @@ def default_dataset(circuit_dataset: str, split: str) -> str:
     return circuit_dataset
 
 
-def _resolve(name: str, split: str) -> Path | None:
+def resolved_dataset(name: str, split: str) -> Path | None:
+    """The file a dataset name or path resolves to for ``split``, or None when it does not resolve."""
     from feature_circuits.data import resolve_dataset
 
     try:
         return Path(resolve_dataset(name, split)).resolve()
-    except (ValueError, FileNotFoundError, OSError):
+    except (FeatureCircuitsError, OSError):
         return None
 
 
 def check_disjoint(
-    eval_pairs: list[Any], discovery_pairs: list[Any], eval_name: str, discovery_name: str
+    eval_pairs: Sequence[Pair], discovery_pairs: Sequence[Pair], eval_name: str, discovery_name: str
 ) -> None:
     """Refuse (EvaluationError) when evaluation examples are among the examples the circuit was
     discovered on (same prompts and answers), whatever the files are called."""
 
-    def key(p: Any) -> tuple[str, str, str, str]:
+    def key(p: Pair) -> tuple[str, str, str, str]:
         return (p.clean_prefix, p.patch_prefix, p.clean_answer, p.patch_answer)
 
     seen = {key(p) for p in discovery_pairs}
@@ -105,7 +115,7 @@ def check_held_out(
     """Refuse (EvaluationError) to evaluate on the data the circuit was discovered on, unless ``allow``."""
     if allow:
         return
-    a, b = _resolve(circuit_dataset, circuit_split), _resolve(dataset, split)
+    a, b = resolved_dataset(circuit_dataset, circuit_split), resolved_dataset(dataset, split)
     same = (
         (a == b)
         if (a is not None and b is not None)
@@ -120,7 +130,88 @@ def check_held_out(
 
 
 # --------------------------------------------------------------------------------------------------
-# Output
+# eval.json
+
+#: A JSON value as :func:`json.dumps` writes it.
+JsonValue = str | int | float | bool | None | list["JsonValue"] | dict[str, "JsonValue"]
+#: The ``eval.json`` document.
+EvalJson = dict[str, JsonValue]
+
+
+def _json_floats(xs: Sequence[float]) -> list[JsonValue]:
+    """NaN (an undefined faithfulness) as JSON ``null``."""
+    return [None if math.isnan(x) else x for x in xs]
+
+
+def _curve_json(curve: VariantCurve) -> EvalJson:
+    return {
+        "n_nodes": list(curve.n_nodes),
+        "faithfulness": _json_floats(curve.faithfulness),
+        "completeness": _json_floats(curve.completeness),
+        "m_circuit": list(curve.m_circuit),
+        "m_complement": list(curve.m_complement),
+        "m_full": curve.m_full,
+        "m_empty": curve.m_empty,
+    }
+
+
+def _note(result: EvalResult) -> str:
+    if result.all_nodes:
+        sweep = (
+            "thresholds apply to the aggregated effects of every node (the circuit's effects file), "
+            "so thresholds below discovery_node_threshold give larger circuits. "
+        )
+    else:
+        sweep = (
+            "thresholds apply to the node effects stored in the circuit, which holds only nodes with "
+            "|effect| > discovery_node_threshold: every threshold at or below it gives the same node set "
+            "(flagged in below_discovery_threshold). "
+        )
+    return (
+        sweep + f"Node counts exclude the embedding and the first {result.free_layers} layer(s), which are "
+        "always kept, and the error nodes a variant keeps by force."
+    )
+
+
+def eval_json(result: EvalResult) -> EvalJson:
+    """The ``eval.json`` document of ``result`` (keys: see the module docstring)."""
+    std = _curve_json(result.standard)
+    per_position = result.aggregation is Aggregation.NONE
+    out: EvalJson = {
+        "thresholds": list(result.thresholds),
+        "n_nodes": std["n_nodes"],
+        "faithfulness": std["faithfulness"],
+        "completeness": std["completeness"],
+        "standard_variant": result.standard_variant.value,
+        "variants": {v.value: _curve_json(c) for v, c in result.variants.items()},
+        "below_discovery_threshold": list(result.below_discovery_threshold),
+        "discovery_node_threshold": result.discovery_node_threshold,
+        "sweep_nodes": "all" if result.all_nodes else "stored",
+        "note": _note(result),
+        "aggregation": result.aggregation.value,
+        "free_layers": result.free_layers,
+        "n_nodes_total": result.n_nodes_total,
+        "num_examples": result.num_examples,
+        "metric": result.metric.value,
+        "ablation": "mean over patch inputs" + (" per position" if per_position else ""),
+        "means": "per position"
+        if result.means_per_position
+        else "over all tokens (examples of different lengths)",
+    }
+    out.update({k: v for k, v in result.meta.items() if k not in out})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Summary table and plot
+
+#: Short column names of the variants in the summary table, and their line styles in the plot.
+_SHORT = {
+    Variant.ALL_ERRORS_ABLATED: "std",
+    Variant.RESID_ERRORS_KEPT: "resid-err",
+    Variant.NO_ERRORS_ABLATED: "no-err",
+}
+_DASH = {Variant.ALL_ERRORS_ABLATED: "solid", Variant.RESID_ERRORS_KEPT: "dash", Variant.NO_ERRORS_ABLATED: "dot"}
 
 
 def _fmt(x: float | None) -> str:
@@ -130,12 +221,11 @@ def _fmt(x: float | None) -> str:
 def summary_table(label: str, result: EvalResult) -> str:
     """Per threshold: node count and faithfulness / completeness for every variant."""
     names = list(result.variants)
-    short = {"all_errors_ablated": "std", "resid_errors_kept": "resid-err", "no_errors_ablated": "no-err"}
     head = f"{'threshold':>10} {'nodes':>7} " + " ".join(
-        f"{short.get(v, v)[:9] + ' F':>11} {short.get(v, v)[:9] + ' C':>11}" for v in names
+        f"{_SHORT[v][:9] + ' F':>11} {_SHORT[v][:9] + ' C':>11}" for v in names
     )
     title = (
-        f"== {label}: {result.num_examples} examples, aggregation {result.aggregation}, "
+        f"== {label}: {result.num_examples} examples, aggregation {result.aggregation.value}, "
         f"free layers embed + <{result.free_layers}, {result.n_nodes_total} ablatable nodes, thresholds over "
         + ("every node's effect (effects file)" if result.all_nodes else "the circuit's stored nodes only")
     )
@@ -164,7 +254,6 @@ def plot_html(results: Sequence[tuple[str, EvalResult]], path: Path) -> Path:
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("Faithfulness", "Completeness"))
-    dashes = {"all_errors_ablated": "solid", "resid_errors_kept": "dash", "no_errors_ablated": "dot"}
     palette = qualitative.Plotly
     for ci, (label, res) in enumerate(results):
         color = palette[ci % len(palette)]
@@ -175,7 +264,7 @@ def plot_html(results: Sequence[tuple[str, EvalResult]], path: Path) -> Path:
                 if n > 0
             ]
             pts.sort(key=lambda p: p[0])
-            name = f"{label} ({variant})"
+            name = f"{label} ({variant.value})"
             for col, idx in ((1, 1), (2, 2)):
                 fig.add_trace(
                     go.Scatter(
@@ -186,7 +275,7 @@ def plot_html(results: Sequence[tuple[str, EvalResult]], path: Path) -> Path:
                         name=name,
                         legendgroup=name,
                         showlegend=col == 1,
-                        line={"color": color, "dash": dashes.get(variant, "dashdot")},
+                        line={"color": color, "dash": _DASH[variant]},
                         hovertemplate="%{text}<br>nodes %{x}<br>%{y:.3f}<extra>" + name + "</extra>",
                     ),
                     row=1,
@@ -204,223 +293,3 @@ def plot_html(results: Sequence[tuple[str, EvalResult]], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.write_html(str(path), include_plotlyjs=True, full_html=True)
     return path
-
-
-# --------------------------------------------------------------------------------------------------
-# main
-
-
-def _parse_thresholds(text: str | None) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        vals = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"--thresholds must be a comma-separated list of numbers, got {text!r}") from None
-    if not vals or any(not math.isfinite(v) or v < 0 for v in vals):
-        raise UsageError(f"--thresholds must be finite numbers >= 0, got {text!r}")
-    return vals
-
-
-def _parse_variants(text: str) -> list[str]:
-    vals = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [v for v in vals if v not in VARIANTS]
-    if bad or not vals:
-        raise UsageError(f"unknown variant(s) {bad or text!r}; choose from {', '.join(VARIANTS)}")
-    return vals
-
-
-@dataclass
-class _Job:
-    path: Path
-    nodes: CircuitNodes
-    dataset: str
-    label: str
-
-
-def _label(c: CircuitNodes, path: Path) -> str:
-    return f"{path.parent.name or 'circuit'} [{c.meta.get('method', '?')}, saes={c.meta.get('saes', '?')}]"
-
-
-def _load_jobs(args: argparse.Namespace) -> list[_Job]:
-    from feature_circuits.circuit.graph import CircuitError, load_circuit
-
-    jobs = []
-    for p in args.circuit:
-        path = Path(p)
-        if path.is_dir():
-            path = path / "circuit.json"
-        try:
-            circ = load_circuit(path)
-        except CircuitError as err:
-            raise UsageError(str(err).replace("\n", " ")) from None
-        nodes = CircuitNodes.from_circuit(circ)
-        if (
-            circ.effects_file is not None
-        ):  # dense effects of every node: the sweep goes below the discovery threshold
-            nodes = nodes.with_effects_file(path.parent / circ.effects_file, source=str(path))
-        nodes.meta["path"] = str(path)
-        dataset = args.dataset if args.dataset is not None else default_dataset(circ.dataset, args.split)
-        check_held_out(circ.dataset, circ.split, dataset, args.split, allow=args.allow_discovery_split)
-        jobs.append(_Job(path=path, nodes=nodes, dataset=dataset, label=_label(nodes, path)))
-    labels = [j.label for j in jobs]
-    for j in jobs:
-        if labels.count(j.label) > 1:
-            j.label = f"{j.label} {j.path}"
-    return jobs
-
-
-def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from feature_circuits.data import DatasetError, load_pairs, resolve_dataset
-    from feature_circuits.dictionaries.marks import load_dictionaries
-    from feature_circuits.evaluation.sweep import compute_means, evaluate_circuit, positions_aligned
-    from feature_circuits.model.loading import load_model
-
-    if args.num_examples is not None and args.num_examples < 1:
-        raise UsageError(f"--num-examples must be >= 1, got {args.num_examples}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    thresholds = _parse_thresholds(args.thresholds)
-    variants = _parse_variants(args.variants)
-    jobs = _load_jobs(args)
-
-    models: dict[str, Any] = {}
-    dicts: dict[tuple[str, str], Any] = {}
-    means_cache: dict[tuple, Any] = {}
-    results: list[tuple[str, EvalResult]] = []
-    outs = []
-    for job in jobs:
-        meta = job.nodes.meta
-        model_name, saes = str(meta["model"]), str(meta["saes"])
-        if model_name not in models:
-            models[model_name] = load_model(model_name, device=args.device, dtype=torch.float32)
-        loaded = models[model_name]
-        if (model_name, saes) not in dicts:
-            dicts[(model_name, saes)] = load_dictionaries(
-                loaded.sites, saes, device=loaded.device, dtype=loaded.dtype
-            )
-        aes = dicts[(model_name, saes)]
-        data_path = resolve_dataset(job.dataset, args.split)
-        pairs = load_pairs(data_path, loaded.tokenizer, limit=args.num_examples)
-        discovery_path = _resolve(str(meta["dataset"]), str(meta["split"]))
-        if not args.allow_discovery_split and discovery_path is not None and discovery_path.is_file():
-            limit = meta.get("num_examples")
-            try:
-                discovery = load_pairs(discovery_path, loaded.tokenizer, limit=int(limit) if limit else None)
-            except DatasetError as err:
-                print(
-                    f"warning: cannot read the discovery data to check it is disjoint: {err}", file=sys.stderr
-                )
-            else:
-                check_disjoint(pairs, discovery, str(data_path), str(discovery_path))
-        key = (model_name, saes, str(data_path), len(pairs), args.batch_size)
-        if key not in means_cache:
-            from feature_circuits.data import make_batches
-
-            batches = make_batches(pairs, loaded.tokenizer, args.batch_size)
-            means_cache[key] = compute_means(loaded, aes, batches, per_position=positions_aligned(batches))
-        print(f"evaluating {job.label} on {data_path} ({len(pairs)} examples)", file=sys.stderr)
-        res = evaluate_circuit(
-            loaded,
-            aes,
-            job.nodes,
-            pairs,
-            thresholds=thresholds,
-            variants=variants,
-            batch_size=args.batch_size,
-            free_layers=args.free_layers,
-            means=means_cache[key],
-            progress=not args.quiet,
-        )
-        res.meta.update({"eval_dataset": str(data_path), "eval_split": args.split, "circuit": str(job.path)})
-        results.append((job.label, res))
-        if args.out is None:
-            out_json = job.path.parent / "eval.json"
-        elif len(jobs) == 1:
-            out_json = Path(args.out) / "eval.json"
-        else:
-            safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{job.path.parent.name}_{meta.get('method', '')}").strip(
-                "_"
-            )
-            out_json = Path(args.out) / f"eval_{safe}.json"
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(json.dumps(res.to_dict(), indent=1) + "\n")
-        outs.append(out_json)
-        print(summary_table(job.label, res))
-    html = (Path(args.out) if args.out is not None else jobs[0].path.parent) / "eval.html"
-    plot_html(results, html)
-    for p in outs:
-        print(f"wrote {p}")
-    print(f"wrote {html}")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument(
-        "--circuit",
-        action="append",
-        required=True,
-        metavar="PATH",
-        help="circuit.json (or its directory); repeat to compare several circuits on one plot",
-    )
-    ap.add_argument(
-        "--dataset", default=None, help="dataset name or .jsonl path (default: the circuit's dataset)"
-    )
-    ap.add_argument("--split", default="test", help="split of a named dataset (default: test)")
-    ap.add_argument("--num-examples", type=int, default=100, help="evaluation examples (default: 100)")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument(
-        "--thresholds",
-        default=None,
-        help="comma-separated node thresholds on |effect| (default: logspace(-4, 0, 15), extended "
-        "upwards past the largest effect)",
-    )
-    ap.add_argument(
-        "--variants",
-        default=",".join(VARIANTS),
-        help=f"comma-separated subset of {', '.join(VARIANTS)} (standard: {STANDARD_VARIANT})",
-    )
-    ap.add_argument(
-        "--free-layers",
-        type=int,
-        default=None,
-        help="layers < this (and embed) are always kept (default: n_layers // 3)",
-    )
-    ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    ap.add_argument(
-        "--allow-discovery-split",
-        action="store_true",
-        help="allow evaluating on the circuit's own discovery dataset and split",
-    )
-    ap.add_argument("--out", default=None, help="output directory (default: the circuit's directory)")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    return ap
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from feature_circuits.data import DatasetError, UnknownDatasetError
-    from feature_circuits.dictionaries.marks import DictionaryError
-    from feature_circuits.model.loading import ModelLoadError
-    from feature_circuits.model.sites import UnsupportedModelError
-
-    try:
-        return run(args)
-    except (
-        UsageError,
-        EvaluationError,
-        DatasetError,
-        UnknownDatasetError,
-        DictionaryError,
-        ModelLoadError,
-        UnsupportedModelError,
-        FileNotFoundError,
-    ) as err:
-        msg = " ".join(str(err).split())
-        print(f"evaluate.py: error: {msg}", file=sys.stderr)
-        return 2
