@@ -40,7 +40,23 @@ _LAZY: dict[str, str] = {
     "FeatureCircuitsError": "feature_circuits.errors",
 }
 
-__all__ = ["__version__", "load", *_LAZY]
+__all__ = [
+    "Aggregation",
+    "Circuit",
+    "DiscoverConfig",
+    "EvaluateConfig",
+    "FeatureCircuitsError",
+    "LRPConfig",
+    "Method",
+    "MetricName",
+    "__version__",
+    "discover",
+    "edge_effects",
+    "evaluate",
+    "load",
+    "load_circuit",
+    "node_effects",
+]
 
 if TYPE_CHECKING:
     import torch

@@ -39,6 +39,9 @@ from types import ModuleType
 from feature_circuits.errors import ConfigError, FeatureCircuitsError
 from feature_circuits.pipeline import DiscoverConfig, EvaluateConfig
 
+if typing.TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 __all__ = ["add_config_arguments", "build_parser", "config_from_args", "main"]
 
 PROG = "feature-circuits"
@@ -104,7 +107,7 @@ def _field_kwargs(f: dataclasses.Field[object], tp: object) -> dict[str, object]
     return kw
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type[DataclassInstance]) -> None:
     """One option per field of the config dataclass ``cls``. Options the user does not give are
     left out of the namespace (``argparse.SUPPRESS``), so the dataclass keeps its own defaults."""
     hints = typing.get_type_hints(cls)
@@ -130,7 +133,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=text, **kw)  # type: ignore[arg-type]
 
 
-_C = typing.TypeVar("_C")
+_C = typing.TypeVar("_C", bound="DataclassInstance")
 
 
 def config_from_args(cls: type[_C], ns: argparse.Namespace, **overrides: object) -> _C:
@@ -227,11 +230,16 @@ def _download_saes(argv: list[str]) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument(
-        "--out", type=Path, default=None, help="where to unpack (default: $FEATURE_CIRCUITS_SAES or saes/dictionaries)"
+        "--out",
+        type=Path,
+        default=None,
+        help="where to unpack (default: $FEATURE_CIRCUITS_SAES or saes/dictionaries)",
     )
     ap.add_argument("--repo-id", default=dl.DEFAULT_REPO_ID, help="Hugging Face repo (default: %(default)s)")
     ap.add_argument("--filename", default=dl.DEFAULT_FILENAME, help="file in the repo (default: %(default)s)")
-    ap.add_argument("--cache-dir", type=Path, default=None, help="hub cache directory (default: the hub's own)")
+    ap.add_argument(
+        "--cache-dir", type=Path, default=None, help="hub cache directory (default: the hub's own)"
+    )
     ap.add_argument("--force", action="store_true", help="unpack again even if all files are present")
     ap.add_argument("--verify-only", action="store_true", help="only check that the 19 files are present")
     ap.add_argument("--quiet", action="store_true", help="no unpacking progress bar")
@@ -258,7 +266,8 @@ def _download_saes(argv: list[str]) -> int:
         )
     except zipfile.BadZipFile as err:
         raise DownloadError(
-            f"the downloaded archive is corrupt ({err}); delete it from the hub cache (`hf cache`) and run again"
+            f"the downloaded archive is corrupt ({err}); delete it from the hub cache (`hf cache`) and "
+            "run again"
         ) from None
     print(f"all 19 dictionaries present under {root}")
     return 0
@@ -272,11 +281,14 @@ def _toy_datasets(argv: list[str]) -> int:
         prog=f"{PROG} train-toy datasets",
         description="Write the SVA (four templates) and IOI JSON Lines datasets of the embedded model: "
         "<name>_train.jsonl (discovery split: combinations seen in training) and <name>_test.jsonl "
-        "(evaluation split: held-out combinations); see feature_circuits/toy/grammar.py for the hold-out rule.",
+        "(evaluation split: held-out combinations); see feature_circuits/toy/grammar.py for the hold-out "
+        "rule.",
     )
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (the hold-out rule is seed-free)")
     ap.add_argument("--out", type=Path, default=DATA_DIR, help="output directory (default: the package data)")
-    ap.add_argument("--n-train", type=int, default=N_TRAIN, help="pairs per *_train file (default: %(default)s)")
+    ap.add_argument(
+        "--n-train", type=int, default=N_TRAIN, help="pairs per *_train file (default: %(default)s)"
+    )
     ap.add_argument("--n-test", type=int, default=N_TEST, help="pairs per *_test file (default: %(default)s)")
     args = ap.parse_args(argv)
     for p in write_datasets(args.out, args.seed, args.n_train, args.n_test):
@@ -316,10 +328,54 @@ def _train_toy(argv: list[str]) -> int:
 
 #: Subcommands that parse their own arguments: name -> (run(argv), one-line help).
 _OWN_PARSER: dict[str, tuple[Callable[[list[str]], int], str]] = {
-    "compare": (_compare, "atp / relp / ig against exact activation patching (source checkout: experiments/)"),
+    "compare": (
+        _compare,
+        "atp / relp / ig against exact activation patching (source checkout: experiments/)",
+    ),
     "bench": (_bench, "wall time and memory of each method against the 2-forward + 1-backward floor"),
     "download-saes": (_download_saes, "fetch and unpack the Marks et al. Pythia-70M SAEs (needs the HF hub)"),
     "train-toy": (_train_toy, "regenerate the embedded default: train-toy {datasets,model,saes} [options]"),
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _ConfigCommand:
+    """A subcommand whose options are generated from a config dataclass."""
+
+    config: type[DataclassInstance]
+    run: Callable[[argparse.Namespace], int]
+    help: str
+    description: str
+    example: str
+    quiet: str  # help of the CLI-only --quiet switch
+
+
+_CONFIG_COMMANDS: dict[str, _ConfigCommand] = {
+    "discover": _ConfigCommand(
+        config=DiscoverConfig,
+        run=_discover,
+        help="node + edge effects, thresholded into DIR/circuit.json and DIR/circuit.html",
+        description="Discover a sparse feature circuit: attribute the metric to SAE features and error "
+        "nodes, aggregate over examples, threshold, and write DIR/circuit.json, DIR/effects.safetensors "
+        "(the aggregated effect of every node, which `evaluate` sweeps below --node-threshold) and an "
+        "interactive DIR/circuit.html. Measured node counts, faithfulness and timings per threshold: "
+        "docs/methods.md.",
+        example="discover --method relp --num-examples 64 --out out/",
+        quiet="no progress bar or summary",
+    ),
+    "evaluate": _ConfigCommand(
+        config=EvaluateConfig,
+        run=_evaluate,
+        help="held-out faithfulness/completeness by mean ablation: eval.json + eval.html",
+        description="Faithfulness and completeness of one or more circuits by mean ablation on held-out "
+        "data. For each --circuit it loads the model and dictionaries the circuit.json names and, when "
+        "it names an effects file, every node's effect (so the threshold sweep reaches below the "
+        "discovery threshold). Writes eval.json per circuit and one eval.html plot (several circuits on "
+        "one plot). Evaluating on a circuit's own discovery data is refused unless "
+        "--allow-discovery-split is given.",
+        example="evaluate --circuit out/relp/circuit.json --circuit out/ig --split test",
+        quiet="no progress bar",
+    ),
 }
 
 
@@ -332,32 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
         "error nodes, evaluate it by mean ablation. Each subcommand takes --help.",
     )
     sub = p.add_subparsers(dest="command", metavar="command", required=True)
-    d = sub.add_parser(
-        "discover",
-        help="node + edge effects, thresholded into DIR/circuit.json and DIR/circuit.html",
-        description="Discover a sparse feature circuit: attribute the metric to SAE features and error nodes, "
-        "aggregate over examples, threshold, and write DIR/circuit.json, DIR/effects.safetensors (the "
-        "aggregated effect of every node, which `evaluate` sweeps below --node-threshold) and an "
-        "interactive DIR/circuit.html. Measured node counts, faithfulness and timings per threshold: "
-        "docs/methods.md.",
-        epilog=f"Example: {PROG} discover --method relp --num-examples 64 --out out/",
-    )
-    add_config_arguments(d, DiscoverConfig)
-    d.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    d.set_defaults(run=_discover)
-    e = sub.add_parser(
-        "evaluate",
-        help="held-out faithfulness/completeness by mean ablation: eval.json + eval.html",
-        description="Faithfulness and completeness of one or more circuits by mean ablation on held-out data. "
-        "For each --circuit it loads the model and dictionaries the circuit.json names and, when it names an "
-        "effects file, every node's effect (so the threshold sweep reaches below the discovery threshold). "
-        "Writes eval.json per circuit and one eval.html plot (several circuits on one plot). Evaluating on a "
-        "circuit's own discovery data is refused unless --allow-discovery-split is given.",
-        epilog=f"Example: {PROG} evaluate --circuit out/relp/circuit.json --circuit out/ig --split test",
-    )
-    add_config_arguments(e, EvaluateConfig)
-    e.add_argument("--quiet", action="store_true", help="no progress bar")
-    e.set_defaults(run=_evaluate)
+    for name, cmd in _CONFIG_COMMANDS.items():
+        c = sub.add_parser(
+            name, help=cmd.help, description=cmd.description, epilog=f"Example: {PROG} {cmd.example}"
+        )
+        add_config_arguments(c, cmd.config)
+        c.add_argument("--quiet", action="store_true", help=cmd.quiet)
+        c.set_defaults(run=cmd.run)
     for name, (_, text) in _OWN_PARSER.items():
         sub.add_parser(name, help=text, add_help=False)
     return p

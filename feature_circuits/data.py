@@ -1,4 +1,5 @@
-"""Contrastive prompt datasets (spec section 8): loading, validation and batching.
+"""Contrastive prompt datasets (docs/algorithms.md, "Datasets"): loading, validation, tokenization
+(once per pair) and batching.
 
 A dataset is a JSON Lines file, one example per line::
 
@@ -19,6 +20,10 @@ answer tokens at the last prefix position:
 
 Every error is a :class:`DatasetError` whose message starts with ``path:line:`` (1-based line).
 
+Each pair is tokenized once: :func:`load_pairs` validates it with the tokenizer and keeps the token
+ids on the pair (:attr:`Pair.tokens`, a :class:`TokenizedPair` that remembers which tokenizer made
+it); :func:`make_batches` reuses them and tokenizes only pairs without tokens from that tokenizer.
+
 Blank lines: trailing blank lines at the end of the file are ignored (an editor's final newline, or
 several); a blank line *between* examples is reported as an error, since it usually means a line was
 lost or a file was concatenated badly.
@@ -29,17 +34,19 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 
 from feature_circuits.errors import DatasetError, DatasetNotFoundError, UnknownDatasetError
 from feature_circuits.toy import DATA_DIR
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = [
     "Batch",
@@ -53,6 +60,7 @@ __all__ = [
     "make_batches",
     "resolve_dataset",
     "tokenize_pair",
+    "tokenizer_key",
 ]
 
 REQUIRED_KEYS = ("clean_prefix", "patch_prefix", "clean_answer", "patch_answer")
@@ -61,8 +69,28 @@ SPLITS = ("train", "test")
 
 
 @dataclass(frozen=True, kw_only=True)
+class TokenizedPair:
+    """Token ids of a validated :class:`Pair`, and which tokenizer produced them (``tokenizer``:
+    :func:`tokenizer_key`)."""
+
+    clean: tuple[int, ...]
+    patch: tuple[int, ...]
+    clean_answer: int
+    patch_answer: int
+    tokenizer: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.clean) != len(self.patch) or not self.clean:
+            raise ValueError(
+                f"TokenizedPair: clean and patch need the same, non-zero length "
+                f"({len(self.clean)} vs {len(self.patch)})"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
 class Pair:
-    """One contrastive example. ``source``/``line`` say where it came from (for error messages)."""
+    """One contrastive example. ``source``/``line`` say where it came from (for error messages);
+    ``tokens`` are its token ids once validated against a tokenizer (not part of equality)."""
 
     clean_prefix: str
     patch_prefix: str
@@ -71,32 +99,36 @@ class Pair:
     case: str | None = None
     source: str = "<memory>"
     line: int = 0
+    tokens: TokenizedPair | None = field(default=None, compare=False, repr=False)
 
     @property
     def where(self) -> str:
         return f"{self.source}:{self.line}"
 
+    def tokens_for(self, tokenizer: PreTrainedTokenizerBase) -> TokenizedPair:
+        """The token ids of this pair under ``tokenizer``: the stored ones if that tokenizer made
+        them, else a fresh :func:`tokenize_pair`."""
+        if self.tokens is not None and self.tokens.tokenizer == tokenizer_key(tokenizer):
+            return self.tokens
+        return tokenize_pair(self, tokenizer)
 
-@dataclass(frozen=True)
-class TokenizedPair:
-    """Token ids of a validated :class:`Pair`."""
 
-    clean: tuple[int, ...]
-    patch: tuple[int, ...]
-    clean_answer: int
-    patch_answer: int
+def tokenizer_key(tokenizer: PreTrainedTokenizerBase) -> str:
+    """What identifies a tokenizer for reusing token ids: its class, name or path and vocabulary
+    size (cheap; a tokenizer that differs in none of them is taken to tokenize the same)."""
+    return f"{type(tokenizer).__name__}:{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}"
 
 
 # --------------------------------------------------------------------------------------------------
 # Tokenization checks
 
 
-def _ids(tokenizer: Any, text: str) -> list[int]:
+def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     out = tokenizer(text, add_special_tokens=False)["input_ids"]
     return [int(i) for i in out]
 
 
-def _unk_id(tokenizer: Any) -> int | None:
+def _unk_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     """The unknown-token id, unless it doubles as BOS/EOS/PAD (GPT-NeoX uses <|endoftext|> for all)."""
     unk = getattr(tokenizer, "unk_token_id", None)
     if unk is None:
@@ -105,11 +137,11 @@ def _unk_id(tokenizer: Any) -> int | None:
     return None if unk in shared else int(unk)
 
 
-def _tok_str(tokenizer: Any, ids: Sequence[int]) -> str:
+def _tok_str(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
     return repr(tokenizer.convert_ids_to_tokens(list(ids)))
 
 
-def tokenize_pair(pair: Pair, tokenizer: Any) -> TokenizedPair:
+def tokenize_pair(pair: Pair, tokenizer: PreTrainedTokenizerBase) -> TokenizedPair:
     """Tokenize and validate one pair; raises :class:`DatasetError` naming ``pair.source:pair.line``."""
 
     def fail(problem: str) -> DatasetError:
@@ -166,6 +198,7 @@ def tokenize_pair(pair: Pair, tokenizer: Any) -> TokenizedPair:
         patch=tuple(prefixes["patch"]),
         clean_answer=answers["clean"],
         patch_answer=answers["patch"],
+        tokenizer=tokenizer_key(tokenizer),
     )
 
 
@@ -173,8 +206,8 @@ def tokenize_pair(pair: Pair, tokenizer: Any) -> TokenizedPair:
 # Loading
 
 
-def _no_duplicate_keys(items: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
+def _no_duplicate_keys(items: list[tuple[str, object]]) -> dict[str, object]:
+    seen: dict[str, object] = {}
     for key, value in items:
         if key in seen:
             raise ValueError(f"duplicate key {key!r}")
@@ -234,7 +267,9 @@ def _content_lines(path: Path) -> list[tuple[int, bytes]]:
     return numbered
 
 
-def _load(path: str | Path, tokenizer: Any | None, *, skip_invalid: bool, limit: int | None) -> list[Pair]:
+def _load(
+    path: str | Path, tokenizer: PreTrainedTokenizerBase | None, *, skip_invalid: bool, limit: int | None
+) -> list[Pair]:
     path = Path(path)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
@@ -249,7 +284,7 @@ def _load(path: str | Path, tokenizer: Any | None, *, skip_invalid: bool, limit:
         try:
             pair = _parse_line(path, lineno, raw)
             if tokenizer is not None:
-                tokenize_pair(pair, tokenizer)
+                pair = replace(pair, tokens=tokenize_pair(pair, tokenizer))
         except DatasetError as err:
             if not skip_invalid:
                 raise
@@ -270,9 +305,14 @@ def _load(path: str | Path, tokenizer: Any | None, *, skip_invalid: bool, limit:
 
 
 def load_pairs(
-    path: str | Path, tokenizer: Any, *, skip_invalid: bool = False, limit: int | None = None
+    path: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    skip_invalid: bool = False,
+    limit: int | None = None,
 ) -> list[Pair]:
-    """Load and validate a JSON Lines dataset of contrastive pairs (spec section 8).
+    """Load and validate a JSON Lines dataset of contrastive pairs (docs/algorithms.md, "Datasets");
+    each returned pair carries its token ids (:attr:`Pair.tokens`).
 
     Raises :class:`DatasetError` (``path:line: problem``) on the first invalid line, or, with
     ``skip_invalid=True``, skips invalid lines and emits one :class:`UserWarning` listing each skipped
@@ -337,13 +377,29 @@ def resolve_dataset(
 
 @dataclass(frozen=True, eq=False)
 class Batch:
-    """Equal-length examples: ``clean``/``patch`` are ``(b, s)`` token ids, answers are ``(b,)``."""
+    """Equal-length examples: ``clean``/``patch`` are ``(b, s)`` token ids, answers are ``(b,)``;
+    ``pairs`` the examples, one per row."""
 
-    clean: torch.Tensor
-    patch: torch.Tensor
-    clean_answer: torch.Tensor
-    patch_answer: torch.Tensor
+    clean: Tensor
+    patch: Tensor
+    clean_answer: Tensor
+    patch_answer: Tensor
     pairs: tuple[Pair, ...]
+
+    def __post_init__(self) -> None:
+        b = self.clean.shape[0]
+        if self.clean.dim() != 2 or self.patch.shape != self.clean.shape:
+            raise ValueError(
+                f"Batch: clean and patch must be (b, s) of one shape, got {tuple(self.clean.shape)} "
+                f"and {tuple(self.patch.shape)}"
+            )
+        if tuple(self.clean_answer.shape) != (b,) or tuple(self.patch_answer.shape) != (b,):
+            raise ValueError(
+                f"Batch: answers must be ({b},), got {tuple(self.clean_answer.shape)} and "
+                f"{tuple(self.patch_answer.shape)}"
+            )
+        if self.pairs and len(self.pairs) != b:
+            raise ValueError(f"Batch: {len(self.pairs)} pairs for {b} rows")
 
     def __len__(self) -> int:
         return int(self.clean.shape[0])
@@ -352,14 +408,42 @@ class Batch:
     def seq_len(self) -> int:
         return int(self.clean.shape[1])
 
+    def select(self, idx: Tensor) -> Batch:
+        """Rows ``idx`` of this batch, in that order (repeats allowed): a batch of ``len(idx)`` rows
+        whose pairs follow the rows (none if this batch has none)."""
+        rows = idx.reshape(-1).to(device="cpu", dtype=torch.long)
+        pairs = tuple(self.pairs[i] for i in rows.tolist()) if self.pairs else ()
+        return Batch(
+            clean=self.clean[rows.to(self.clean.device)],
+            patch=self.patch[rows.to(self.patch.device)],
+            clean_answer=self.clean_answer[rows.to(self.clean_answer.device)],
+            patch_answer=self.patch_answer[rows.to(self.patch_answer.device)],
+            pairs=pairs,
+        )
 
-def make_batches(pairs: Iterable[Pair], tokenizer: Any, batch_size: int) -> list[Batch]:
+    @classmethod
+    def from_tokens(cls, tokens: Sequence[TokenizedPair], pairs: Sequence[Pair] = ()) -> Batch:
+        """A batch of pre-tokenized examples (all of one length)."""
+        return cls(
+            clean=torch.tensor([t.clean for t in tokens], dtype=torch.long),
+            patch=torch.tensor([t.patch for t in tokens], dtype=torch.long),
+            clean_answer=torch.tensor([t.clean_answer for t in tokens], dtype=torch.long),
+            patch_answer=torch.tensor([t.patch_answer for t in tokens], dtype=torch.long),
+            pairs=tuple(pairs),
+        )
+
+
+def make_batches(pairs: Iterable[Pair], tokenizer: PreTrainedTokenizerBase, batch_size: int) -> list[Batch]:
     """Group pairs into unpadded batches of equal token length.
 
     No padding is ever used: with rotary position embeddings left padding shifts every position and
-    right padding moves the answer position, and position-aligned aggregation (spec section 6) sums
-    effects at the same position across examples, which is only meaningful when every example in a
-    batch has its tokens at the same positions. So each batch holds examples of a single length.
+    right padding moves the answer position, and position-aligned aggregation (docs/algorithms.md,
+    "Aggregation") sums effects at the same position across examples, which is only meaningful when
+    every example in a batch has its tokens at the same positions. So each batch holds examples of a
+    single length.
+
+    Token ids come from the pairs (:meth:`Pair.tokens_for`): pairs loaded by :func:`load_pairs`
+    with this tokenizer are not tokenized again.
 
     Order is deterministic: batches are sorted by length (ascending), and within a length examples
     keep their original order; each batch has at most ``batch_size`` examples.
@@ -368,22 +452,14 @@ def make_batches(pairs: Iterable[Pair], tokenizer: Any, batch_size: int) -> list
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     by_len: dict[int, list[tuple[Pair, TokenizedPair]]] = {}
     for pair in pairs:
-        tok = tokenize_pair(pair, tokenizer)
+        tok = pair.tokens_for(tokenizer)
         by_len.setdefault(len(tok.clean), []).append((pair, tok))
     batches: list[Batch] = []
     for length in sorted(by_len):
         group = by_len[length]
         for start in range(0, len(group), batch_size):
             chunk = group[start : start + batch_size]
-            batches.append(
-                Batch(
-                    clean=torch.tensor([t.clean for _, t in chunk], dtype=torch.long),
-                    patch=torch.tensor([t.patch for _, t in chunk], dtype=torch.long),
-                    clean_answer=torch.tensor([t.clean_answer for _, t in chunk], dtype=torch.long),
-                    patch_answer=torch.tensor([t.patch_answer for _, t in chunk], dtype=torch.long),
-                    pairs=tuple(p for p, _ in chunk),
-                )
-            )
+            batches.append(Batch.from_tokens([t for _, t in chunk], [p for p, _ in chunk]))
     return batches
 
 
@@ -391,7 +467,7 @@ def make_batches(pairs: Iterable[Pair], tokenizer: Any, batch_size: int) -> list
 # Hugging Face datasets
 
 
-def as_hf_dataset(path: str | Path, tokenizer: Any | None = None) -> datasets.Dataset:
+def as_hf_dataset(path: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> datasets.Dataset:
     """Validate ``path`` (schema always; token checks too when ``tokenizer`` is given) and load it as a
     :class:`datasets.Dataset` with ``datasets.load_dataset("json", ...)``."""
     import datasets

@@ -27,7 +27,7 @@ import random
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -37,8 +37,10 @@ from feature_circuits.metrics import MetricName
 from feature_circuits.types import Aggregation, Method, Site, SiteKind
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from feature_circuits.circuit import Circuit
-    from feature_circuits.data import Batch, Pair
+    from feature_circuits.data import Pair
     from feature_circuits.dictionaries import Dictionary
     from feature_circuits.evaluation import EvalResult
     from feature_circuits.model import LoadedModel
@@ -150,7 +152,9 @@ class DiscoverConfig:
     dtype: DType = field(default="float32", metadata=_help("model and dictionary dtype"))
     labels: str | None = field(
         default=None,
-        metadata=_help('JSON Lines feature labels {"site": ..., "feature": ..., "label": ...} shown on hover'),
+        metadata=_help(
+            'JSON Lines feature labels {"site": ..., "feature": ..., "label": ...} shown on hover'
+        ),
     )
     out: str | None = field(
         default="out",
@@ -242,14 +246,13 @@ class EvaluateConfig:
             if not self.thresholds or any(not math.isfinite(t) or t < 0 for t in self.thresholds):
                 raise ConfigError(f"--thresholds must be finite numbers >= 0, got {list(self.thresholds)}")
         if self.variants is not None:
-            from feature_circuits.evaluation import VARIANTS
+            from feature_circuits.evaluation import Variant
 
-            object.__setattr__(self, "variants", tuple(self.variants))
-            bad = [v for v in self.variants if v not in VARIANTS]
+            object.__setattr__(self, "variants", tuple(getattr(v, "value", v) for v in self.variants))
+            choices = [v.value for v in Variant]
+            bad = [v for v in self.variants if v not in choices]
             if bad or not self.variants:
-                raise ConfigError(
-                    f"--variants: unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}"
-                )
+                raise ConfigError(f"--variants: unknown variant(s) {bad}; choose from {', '.join(choices)}")
 
 
 def seed_everything(seed: int) -> None:
@@ -324,7 +327,11 @@ def discover(cfg: DiscoverConfig, *, log: Log = _quiet) -> Circuit:
     node_batches, edge_batches = [], []
     t_nodes = t_edges = 0.0
     bar = tqdm(
-        batches, desc=f"{cfg.method.value} attribution", unit="batch", disable=not cfg.progress, file=sys.stderr
+        batches,
+        desc=f"{cfg.method.value} attribution",
+        unit="batch",
+        disable=not cfg.progress,
+        file=sys.stderr,
     )
     for batch in bar:
         t = time.perf_counter()
@@ -345,7 +352,7 @@ def discover(cfg: DiscoverConfig, *, log: Log = _quiet) -> Circuit:
     agg_nodes = aggregate_nodes(node_batches, cfg.aggregation)
     agg_edges = aggregate_edges(edge_batches, cfg.aggregation) if edge_batches else None
     tokens = (
-        [loaded.tokenizer.decode([int(i)]) for i in batches[0].clean[0]]
+        [str(loaded.tokenizer.decode([int(i)])) for i in batches[0].clean[0]]
         if cfg.aggregation is Aggregation.NONE
         else None
     )
@@ -366,11 +373,11 @@ def discover(cfg: DiscoverConfig, *, log: Log = _quiet) -> Circuit:
         n_layers=loaded.n_layers,
         tokens=tokens,
         timing_s={k: round(v, 4) for k, v in timing.items()},
-        effects_file=EFFECTS_FILE if cfg.out is not None else None,
     )
     if cfg.out is not None:
         out = Path(cfg.out)
         save_effects(agg_nodes.effects, out / EFFECTS_FILE, cfg.aggregation)
+        circuit = circuit.model_copy(update={"effects_file": EFFECTS_FILE})
         save_circuit(circuit, out / "circuit.json")
         if cfg.html:
             from feature_circuits.render import render_circuit_html
@@ -388,6 +395,7 @@ class _Job:
 
     path: Path
     circuit: Circuit
+    effects: Mapping[str, Tensor] | None  # every node's effect (the circuit's effects file), if any
     dataset: str
     label: str
 
@@ -402,10 +410,11 @@ def _label(circuit: Circuit, path: Path) -> str:
 
 
 def _load_jobs(cfg: EvaluateConfig) -> list[_Job]:
-    """Read every circuit, choose its evaluation dataset and refuse its own discovery data (unless
-    allowed); labels are made unique by appending the path."""
+    """Read every circuit and its effects file, choose its evaluation dataset and refuse its own
+    discovery data (unless allowed), before any model is loaded; labels are made unique by
+    appending the path."""
     from feature_circuits.circuit import load_circuit
-    from feature_circuits.evaluation import check_held_out, default_dataset
+    from feature_circuits.evaluation import check_held_out, circuit_effects, default_dataset
 
     read = []
     for p in cfg.circuits:
@@ -413,23 +422,18 @@ def _load_jobs(cfg: EvaluateConfig) -> list[_Job]:
         circ = load_circuit(path)
         dataset = cfg.dataset if cfg.dataset is not None else default_dataset(circ.dataset, cfg.split)
         check_held_out(circ.dataset, circ.split, dataset, cfg.split, allow=cfg.allow_discovery_split)
-        read.append((path, circ, dataset, _label(circ, path)))
-    labels = [r[3] for r in read]
+        read.append((path, circ, circuit_effects(circ, path), dataset, _label(circ, path)))
+    labels = [r[-1] for r in read]
     return [
-        _Job(path=path, circuit=circ, dataset=dataset, label=f"{label} {path}" if labels.count(label) > 1 else label)
-        for path, circ, dataset, label in read
+        _Job(
+            path=path,
+            circuit=circ,
+            effects=effects,
+            dataset=dataset,
+            label=f"{label} {path}" if labels.count(label) > 1 else label,
+        )
+        for path, circ, effects, dataset, label in read
     ]
-
-
-def _resolved(name: str, split: str) -> Path | None:
-    """The file a dataset name or path resolves to, or None when it does not resolve."""
-    from feature_circuits.data import resolve_dataset
-    from feature_circuits.errors import FeatureCircuitsError
-
-    try:
-        return Path(resolve_dataset(name, split)).resolve()
-    except (FeatureCircuitsError, OSError):
-        return None
 
 
 def _check_disjoint_from_discovery(
@@ -438,9 +442,9 @@ def _check_disjoint_from_discovery(
     """Refuse evaluation examples that are among the circuit's discovery examples (any file name)."""
     from feature_circuits.data import load_pairs
     from feature_circuits.errors import DatasetError
-    from feature_circuits.evaluation import check_disjoint
+    from feature_circuits.evaluation import check_disjoint, resolved_dataset
 
-    discovery_path = _resolved(job.circuit.dataset, job.circuit.split)
+    discovery_path = resolved_dataset(job.circuit.dataset, job.circuit.split)
     if discovery_path is None or not discovery_path.is_file():
         return
     try:
@@ -461,31 +465,33 @@ def _eval_json_path(cfg: EvaluateConfig, job: _Job, n_jobs: int) -> Path:
 
 
 def evaluate(cfg: EvaluateConfig, *, log: Log = _quiet, echo: Log = _quiet) -> list[EvalResult]:
-    """Evaluate every circuit of ``cfg``: write ``eval.json`` per circuit and one ``eval.html`` plot
-    (see :func:`_eval_json_path` for where). ``log`` gets progress lines, ``echo`` the summary table
-    of each circuit and the paths written. Models, dictionaries and ablation means are loaded once
-    for the circuits that share them."""
+    """Evaluate every circuit of ``cfg``: write ``eval.json`` per circuit (beside it, or in
+    ``cfg.out``: ``eval.json`` for one circuit, ``eval_<dir>_<method>.json`` each for several) and one
+    ``eval.html`` plot (``cfg.out`` or the first circuit's directory). ``log`` gets progress lines,
+    ``echo`` the summary table of each circuit and the paths written. Models, dictionaries and
+    ablation means are loaded once for the circuits that share them."""
     import json
 
     import torch
 
-    from feature_circuits.circuit import load_effects
     from feature_circuits.data import load_pairs, make_batches, resolve_dataset
     from feature_circuits.dictionaries import load_dictionaries
     from feature_circuits.evaluation import (
+        SiteMean,
+        Variant,
         compute_means,
+        eval_json,
         evaluate_circuit,
         plot_html,
         positions_aligned,
         summary_table,
     )
-    from feature_circuits.metrics import get_metric
     from feature_circuits.model import load_model
 
     jobs = _load_jobs(cfg)
     models: dict[str, LoadedModel] = {}
-    dicts: dict[tuple[str, str], dict[str, Dictionary]] = {}
-    means_cache: dict[tuple[str, str, str, int, int], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    dicts: dict[tuple[str, str], Mapping[str, Dictionary]] = {}
+    means_cache: dict[tuple[str, str, str, int, int], Mapping[str, SiteMean]] = {}
     results: list[tuple[str, EvalResult]] = []
     outs: list[Path] = []
     for job in jobs:
@@ -506,29 +512,23 @@ def evaluate(cfg: EvaluateConfig, *, log: Log = _quiet, echo: Log = _quiet) -> l
         key = (circ.model, circ.saes, str(data_path), len(pairs), cfg.batch_size)
         if key not in means_cache:
             means_cache[key] = compute_means(loaded, aes, batches, per_position=positions_aligned(batches))
-        effects = (
-            load_effects(job.path.parent / circ.effects_file, circ.aggregation)
-            if circ.effects_file is not None
-            else None
-        )
         log(f"evaluating {job.label} on {data_path} ({len(pairs)} examples)")
         res = evaluate_circuit(
             loaded,
             aes,
             circ,
             batches,
-            effects=effects,
-            metric=get_metric(cfg.metric or circ.metric),
+            effects=job.effects,
+            metric=cfg.metric,
             thresholds=cfg.thresholds,
-            **({} if cfg.variants is None else {"variants": cfg.variants}),
+            variants=tuple(Variant) if cfg.variants is None else cfg.variants,
             free_layers=cfg.free_layers,
             means=means_cache[key],
             progress=cfg.progress,
-        )
-        res.meta.update({"eval_dataset": str(data_path), "eval_split": cfg.split, "circuit": str(job.path)})
+        ).with_meta(eval_dataset=str(data_path), eval_split=cfg.split, circuit=str(job.path))
         out_json = _eval_json_path(cfg, job, len(jobs))
         out_json.parent.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(json.dumps(res.to_dict(), indent=1) + "\n")
+        out_json.write_text(json.dumps(eval_json(res), indent=1) + "\n")
         results.append((job.label, res))
         outs.append(out_json)
         echo(summary_table(job.label, res))

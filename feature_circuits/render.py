@@ -32,8 +32,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from feature_circuits.circuit.graph import LOGIT_ID, Circuit, Node
+from feature_circuits.circuit.schema import Circuit, Node
 from feature_circuits.errors import LabelsError
+from feature_circuits.types import LOGIT_ID, Aggregation, SiteKind
 
 __all__ = ["LabelsError", "load_labels", "neuronpedia_url", "render_circuit_html", "slider_thresholds"]
 
@@ -41,8 +42,10 @@ POS_COLOR = "#1f77b4"
 NEG_COLOR = "#d62728"
 POS_EDGE = "rgba(31,119,180,0.35)"
 NEG_EDGE = "rgba(214,39,40,0.45)"
-KIND_COL = {"attn": 0, "mlp": 1, "resid": 2, "embed": 1}
-KIND_DY = {"attn": -0.22, "mlp": 0.0, "resid": 0.22, "embed": 0.0}
+KIND_COL = {SiteKind.ATTN: 0, SiteKind.MLP: 1, SiteKind.RESID: 2, SiteKind.EMBED: 1}
+KIND_DY = {SiteKind.ATTN: -0.22, SiteKind.MLP: 0.0, SiteKind.RESID: 0.22, SiteKind.EMBED: 0.0}
+#: Neuronpedia's name of each site kind in the P70D-SM release (the embedding has no page).
+NEURONPEDIA_KIND = {SiteKind.RESID: "res", SiteKind.ATTN: "att", SiteKind.MLP: "mlp"}
 WIDTH_BINS = 4
 MAX_TABLE_ROWS = 3000
 
@@ -89,9 +92,9 @@ def load_labels(path: str | Path) -> dict[tuple[str, int | None], str]:
 
 def neuronpedia_url(circuit: Circuit, node: Node) -> str | None:
     """The node's Neuronpedia page for the Pythia-70M Marks SAEs, else None."""
-    if circuit.saes != "marks" or "pythia-70m" not in circuit.model.lower() or node.is_error:
+    if circuit.saes != "marks" or "pythia-70m" not in circuit.model.lower() or node.feature is None:
         return None
-    kind = {"resid": "res", "attn": "att", "mlp": "mlp"}.get(node.kind)
+    kind = NEURONPEDIA_KIND.get(node.kind)
     if kind is None or node.layer < 0:
         return None
     return f"https://www.neuronpedia.org/pythia-70m-deduped/{int(node.layer)}-{kind}-sm/{int(node.feature)}"
@@ -122,7 +125,7 @@ def _fmt(x: float) -> str:
 
 
 def _layout_positions(circuit: Circuit) -> dict[str, tuple[float, float]]:
-    none = circuit.aggregation == "none"
+    none = circuit.aggregation is Aggregation.NONE
     groups: dict[tuple[int, int], list[Node]] = {}
     for nd in circuit.nodes:
         col = KIND_COL.get(nd.kind, 1)
@@ -273,7 +276,7 @@ def _figure(circuit: Circuit, labels: Labels):
             }
         )
     n_layers = circuit.num_layers
-    none = circuit.aggregation == "none"
+    none = circuit.aggregation is Aggregation.NONE
     if none:
         n_pos = 1 + max((nd.position or 0 for nd in circuit.nodes), default=0)
         if circuit.tokens is not None:
@@ -287,7 +290,7 @@ def _figure(circuit: Circuit, labels: Labels):
     fig.update_layout(
         title={
             "text": _ptext(
-                f"{circuit.method} circuit: {circuit.model} / {circuit.saes} on "
+                f"{circuit.method.value} circuit: {circuit.model} / {circuit.saes} on "
                 f"{circuit.dataset} ({circuit.split}, {circuit.num_examples} examples)"
             )
         },
@@ -379,7 +382,9 @@ _ONERROR = """<script>
     box.appendChild(d);
   }
   window.onerror = function (msg, src, line, col) { report(msg + ' @' + src + ':' + line + ':' + col); };
-  window.addEventListener('unhandledrejection', function (ev) { report('unhandled rejection: ' + ev.reason); });
+  window.addEventListener('unhandledrejection', function (ev) {
+    report('unhandled rejection: ' + ev.reason);
+  });
 })();
 </script>"""
 
@@ -412,10 +417,11 @@ def render_circuit_html(
     meta = [
         ("model", circuit.model),
         ("SAEs", circuit.saes),
-        ("method", circuit.method),
+        ("method", circuit.method.value),
+        ("metric", circuit.metric.value),
         ("dataset", f"{circuit.dataset} ({circuit.split})"),
         ("examples", str(circuit.num_examples)),
-        ("aggregation", circuit.aggregation),
+        ("aggregation", circuit.aggregation.value),
         ("node threshold", f"{circuit.node_threshold:g}"),
         ("edge threshold", f"{circuit.edge_threshold:g}"),
         ("total effect", _fmt(circuit.total_effect)),
@@ -440,7 +446,7 @@ def render_circuit_html(
     more = len(circuit.nodes) - len(rows)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
-<title>{e(f"circuit: {circuit.model} / {circuit.method} / {circuit.dataset}")}</title>
+<title>{e(f"circuit: {circuit.model} / {circuit.method.value} / {circuit.dataset}")}</title>
 <style>{_CSS}</style>
 {_ONERROR}
 </head><body>

@@ -13,7 +13,7 @@ from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import PreTrainedTokenizerFast
 
 from feature_circuits.attribution.results import EdgeEffects, NodeEffects, SiteState
-from feature_circuits.circuit.graph import Circuit, aggregate_edges, aggregate_nodes, build_circuit
+from feature_circuits.circuit import Circuit, aggregate_edges, aggregate_nodes, build_circuit
 from feature_circuits.model.sites import build_sites
 from feature_circuits.types import Method
 

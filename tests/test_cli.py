@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import runpy
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -26,10 +27,12 @@ SUBCOMMANDS = ("discover", "evaluate", "compare", "bench", "download-saes", "tra
 
 
 def _err_line(capsys: pytest.CaptureFixture[str]) -> str:
-    """The one stderr line of a failed command (asserts it is one line, ``error: ...``)."""
+    """The error line of a failed command: the last stderr line, the only one starting ``error: ``
+    (progress bars of the model loader may come before it), no traceback."""
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
+    assert err and err[-1].startswith("error: "), err
+    assert sum(line.startswith("error: ") for line in err) == 1 and not any("Traceback" in x for x in err)
+    return err[-1]
 
 
 # ---------------------------------------------------------------------------------- help, parsers
@@ -47,6 +50,7 @@ def test_help_lists_subcommands_without_measured_numbers(capsys):
         assert "~" not in text and " s on " not in text  # measurements live in docs/methods.md
 
 
+@pytest.mark.slow
 def test_help_imports_no_torch():
     code = (
         "import contextlib, io, sys\n"
@@ -56,10 +60,12 @@ def test_help_imports_no_torch():
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    codes = [main(['--help']), main(['discover', '--help']), main(['evaluate', '--help'])]\n"
         "assert codes == [0, 0, 0], codes\n"
-        "heavy = [m for m in ('torch', 'transformers', 'nnsight', 'dictionary_learning') if m in sys.modules]\n"
+        "heavy = {'torch', 'transformers', 'nnsight', 'dictionary_learning'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
     assert res.returncode == 0, res.stderr
 
 
@@ -68,7 +74,7 @@ def test_parser_generated_from_config():
     ns = parser.parse_args(["discover"])
     assert cli.config_from_args(DiscoverConfig, ns) == DiscoverConfig()  # defaults: the dataclass's
     ns = parser.parse_args(
-        ["discover", "--method", "ig", "--aggregation", "none", "--no-html", "--nodes-only", "--device", "cuda"]
+        shlex.split("discover --method ig --aggregation none --no-html --nodes-only --device cuda")
     )
     cfg = cli.config_from_args(DiscoverConfig, ns)
     assert (cfg.method.value, cfg.aggregation.value, cfg.html, cfg.nodes_only, cfg.device) == (
@@ -137,7 +143,8 @@ def test_interrupt_exit_130(monkeypatch, capsys):
     def interrupted(_ns):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_discover", interrupted)
+    command = dataclasses.replace(cli._CONFIG_COMMANDS["discover"], run=interrupted)
+    monkeypatch.setitem(cli._CONFIG_COMMANDS, "discover", command)
     assert cli.main(["discover"]) == 130
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
@@ -174,6 +181,18 @@ def test_experiment_subcommands_dispatch(capsys):
     assert "--out" in capsys.readouterr().out
 
 
+def test_experiment_subcommands_outside_a_checkout(tmp_path, monkeypatch, capsys):
+    """Installed without the source tree (no experiments/ on the path, in the current directory or
+    beside the package): one line saying where to run it, exit 2."""
+    for name in [m for m in sys.modules if m == "experiments" or m.startswith("experiments.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if not (Path(p or ".") / "experiments").is_dir()])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "feature_circuits" / "cli.py"))
+    assert cli.main(["compare", "--task", "ioi"]) == 2
+    assert "source checkout" in _err_line(capsys)
+
+
 def test_download_saes_verify_only(tmp_path, capsys):
     assert cli.main(["download-saes", "--verify-only", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
@@ -190,22 +209,6 @@ def test_train_toy_datasets(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------- discover
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    rows = [
-        {
-            "clean_prefix": f"the w{i} and w{i + 1}",
-            "patch_prefix": f"the w{i + 2} and w{i + 1}",
-            "clean_answer": " is",
-            "patch_answer": " are",
-        }
-        for i in range(8)
-    ]
-    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def test_discover_user_errors(tmp_path, neox_dir, neox_saes, capsys):
@@ -230,11 +233,12 @@ def test_discover_user_errors(tmp_path, neox_dir, neox_saes, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["relp", "ig"])
 def test_discover_embedded(tmp_path, method, capsys):
+    """Both runs give the same circuit (fixed seed); ``--steps`` (ig only) kept small for time."""
     outs = []
     for run in ("a", "b"):
         out = tmp_path / run
-        argv = ["discover", "--method", method, "--num-examples", "8", "--seed", "0", "--out", str(out)]
-        assert cli.main([*argv, "--no-progress"]) == 0
+        argv = ["discover", "--method", method, "--num-examples", "8", "--steps", "4", "--out", str(out)]
+        assert cli.main([*argv, "--seed", "0", "--no-progress"]) == 0
         assert "total effect" in capsys.readouterr().out
         outs.append(out)
     c = load_circuit(outs[0] / "circuit.json")  # validates against the schema
@@ -251,7 +255,16 @@ def test_discover_embedded(tmp_path, method, capsys):
 def test_smoke_subprocess_embedded_default(tmp_path):
     """The one subprocess run: ``python -m feature_circuits discover`` on the embedded default."""
     res = subprocess.run(
-        [sys.executable, "-m", "feature_circuits", "discover", "--out", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "feature_circuits",
+            "discover",
+            "--num-examples",
+            "16",
+            "--out",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -356,14 +369,17 @@ def test_evaluate_end_to_end(neox_dir, neox_saes, eval_data, tmp_path, capsys):
     html = (cdir / "eval.html").read_text()
     assert "<script src=" not in html and "Faithfulness" in html and len(html) > 1_000_000
     # explicitly allowed on the discovery split, into another directory
-    argv = ["evaluate", "--circuit", str(cdir / "circuit.json"), "--split", "train", "--allow-discovery-split"]
-    argv += ["--thresholds", "0.1", "--quiet", "--out", str(tmp_path / "o"), "--variants", "all_errors_ablated"]
+    argv = ["evaluate", "--circuit", str(cdir / "circuit.json"), "--out", str(tmp_path / "o")]
+    argv += shlex.split(
+        "--split train --allow-discovery-split --thresholds 0.1 --quiet --variants all_errors_ablated"
+    )
     assert cli.main(argv) == 0
     assert json.loads((tmp_path / "o" / "eval.json").read_text())["num_examples"] == 6
     # the discovery examples under another name (a copy, or a file that contains some of them): refused
     _write_jsonl(tmp_path / "renamed.jsonl", _pairs(12)[4:])  # shares examples 4 and 5 with the train file
     capsys.readouterr()
-    assert cli.main(["evaluate", "--circuit", str(cdir), "--dataset", str(tmp_path / "renamed.jsonl"), "--quiet"]) == 2
+    argv = ["evaluate", "--circuit", str(cdir), "--dataset", str(tmp_path / "renamed.jsonl"), "--quiet"]
+    assert cli.main(argv) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "2 of 8 evaluation examples" in last and "allow-discovery-split" in last
 
@@ -387,8 +403,8 @@ def test_evaluate_over_effects_file(neox, neox_dir, neox_saes, eval_data, tmp_pa
     )
     circ["nodes"] = [_node("resid_1", None, 0.9), _node("mlp_1", 3, float(torch.tensor(-0.7)))]
     (cdir / "circuit.json").write_text(json.dumps(circ))
-    argv = ["evaluate", "--circuit", str(cdir), "--thresholds", "0,0.25,0.6,1", "--quiet", "--batch-size", "6"]
-    argv += ["--variants", "all_errors_ablated"]
+    argv = ["evaluate", "--circuit", str(cdir)]
+    argv += shlex.split("--thresholds 0,0.25,0.6,1 --quiet --batch-size 6 --variants all_errors_ablated")
     assert cli.main(argv) == 0
     assert "every node's effect" in capsys.readouterr().out
     res = json.loads((cdir / "eval.json").read_text())

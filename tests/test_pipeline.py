@@ -1,21 +1,20 @@
-"""Discovery end to end: on a tiny random GPT-NeoX with random SAEs (always), and on the embedded
-default model and SAEs (relp and ig): valid circuit.json, non-empty graph, deterministic per seed,
-one-line errors with exit status 2."""
+"""The pipeline and the lazy top-level API: discovery end to end on a tiny random GPT-NeoX with random
+SAEs (valid circuit.json, non-empty graph, deterministic per seed, the dense effects file), discovery
+then evaluation through ``import feature_circuits as fc``, and an import that loads no torch. The
+command line (and the embedded default end to end) is tested in tests/test_cli.py."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from feature_circuits.circuit.graph import LOGIT_ID, load_circuit, load_effects, validate_circuit_dict
-from feature_circuits.pipeline import DiscoverConfig, discover, main
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "discover.py"
+import feature_circuits as fc
+from feature_circuits.circuit import LOGIT_ID, load_circuit, load_effects
+from feature_circuits.pipeline import DiscoverConfig, EvaluateConfig, discover, evaluate
+from feature_circuits.types import Method, error_index
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +64,7 @@ def test_discover_tiny(tmp_path, neox_dir, neox_saes, tiny_data, method):
     assert c1.nodes and c1.edges
     assert _graph(c1) == _graph(c2)
     d = json.loads((tmp_path / "a" / "circuit.json").read_text())
-    validate_circuit_dict(d)
-    assert d["num_examples"] == 8 and d["method"] == method
+    assert d["num_examples"] == 8 and d["method"] == method and d["metric"] == "logit_diff"
     assert load_circuit(tmp_path / "a" / "circuit.json").nodes == c1.nodes
     assert (tmp_path / "a" / "circuit.html").stat().st_size > 1_000_000
     # the dense effects of every node, beside circuit.json; the kept nodes are those above the threshold
@@ -77,7 +75,7 @@ def test_discover_tiny(tmp_path, neox_dir, neox_saes, tiny_data, method):
     for site, t in eff.items():
         assert t.dim() == 1 and t.dtype == torch.float32
         for i in torch.nonzero(t.abs() > 1e-4).flatten().tolist():
-            dense[(site, None if i == t.shape[0] - 1 else i)] = float(t[i])
+            dense[(site, None if i == error_index(t.shape[0] - 1) else i)] = float(t[i])
     assert dense == kept
 
 
@@ -103,92 +101,47 @@ def test_discover_tiny_none_and_nodes_only(tmp_path, neox_dir, neox_saes, tiny_d
     assert all(e.target == LOGIT_ID for e in c.edges)  # nodes only: just the logit sink's edges
 
 
-def test_cli_user_errors(tmp_path, neox_dir, neox_saes, tiny_data, capsys):
-    base = ["--quiet", "--out", str(tmp_path)]
-    cases = [
-        (["--model", str(tmp_path / "nope")], "model directory"),
-        (["--model", str(neox_dir), "--saes", str(tmp_path / "nosaes")], "SAE root"),
-        (["--model", str(neox_dir), "--saes", str(neox_saes), "--dataset", "no_such_set"], "unknown dataset"),
-        (
-            ["--model", str(neox_dir), "--saes", str(neox_saes), "--dataset", str(tmp_path / "x.jsonl")],
-            "not found",
-        ),
-        (["--labels", str(tmp_path / "nolabels.jsonl")], "labels file not found"),
-        (["--num-examples", "0"], "--num-examples"),
-        (["--node-threshold", "nan"], "--node-threshold must be a finite number"),
-        (["--edge-threshold", "-1"], "--edge-threshold must be a finite number"),
-    ]
-    for args, msg in cases:
-        assert main(base + args) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert err and err[-1].startswith("error: ") and msg in err[-1], err
-        assert not any("Traceback" in line for line in err)
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"clean_prefix": "the w1"}\n')
-    assert main(base + ["--model", str(neox_dir), "--saes", str(neox_saes), "--dataset", str(bad)]) == 2
-    assert f"{bad}:1:" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as info:
-        main(["--method", "magic"])
-    assert info.value.code == 2
+def test_lazy_api_discover_then_evaluate(tmp_path, neox_dir, neox_saes, tiny_data):
+    """The README's library flow through ``fc``: load, node/edge effects, discover, evaluate."""
+    from feature_circuits.data import load_pairs, make_batches
 
-
-def test_script_help():
-    res = subprocess.run(
-        [sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, check=False, timeout=120
-    )
-    assert res.returncode == 0
-    for opt in (
-        "--method",
-        "--model",
-        "--saes",
-        "--dataset",
-        "--split",
-        "--num-examples",
-        "--batch-size",
-        "--node-threshold",
-        "--edge-threshold",
-        "--aggregation",
-        "--nodes-only",
-        "--seed",
-        "--device",
-        "--dtype",
-        "--labels",
-        "--out",
-    ):
-        assert opt in res.stdout
-
-
-@pytest.mark.parametrize("method", ["relp", "ig"])
-def test_discover_embedded_cli(tmp_path, method):
-    outs = []
-    for run in ("a", "b"):
-        out = tmp_path / run
-        res = subprocess.run(
-            [
-                sys.executable,
-                str(SCRIPT),
-                "--method",
-                method,
-                "--num-examples",
-                "8",
-                "--seed",
-                "0",
-                "--out",
-                str(out),
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=300,
+    assert fc.Method is Method and fc.LRPConfig().half_rule
+    assert set(fc.__all__) <= set(dir(fc)) and {"load", "discover", "evaluate", "Circuit"} <= set(fc.__all__)
+    with pytest.raises(AttributeError):
+        _ = fc.no_such_name
+    loaded, saes = fc.load(str(neox_dir), str(neox_saes), device="cpu")
+    batch = make_batches(load_pairs(tiny_data, loaded.tokenizer)[:4], loaded.tokenizer, batch_size=4)[0]
+    nodes = fc.node_effects(loaded, saes, batch, fc.Method.RELP)
+    edges = fc.edge_effects(loaded, saes, batch, nodes, node_threshold=1e-3, method=fc.Method.RELP)
+    assert set(nodes.effects) == {s.name for s in loaded.sites} and edges is not None
+    circuit = fc.discover(
+        fc.DiscoverConfig(
+            method=fc.Method.ATP,
+            model=str(neox_dir),
+            saes=str(neox_saes),
+            dataset=str(tiny_data),
+            num_examples=8,
+            node_threshold=1e-3,
+            progress=False,
+            html=False,
+            out=str(tmp_path / "c"),
         )
-        assert res.returncode == 0, res.stderr[-3000:]
-        assert "total effect" in res.stdout
-        outs.append(out)
-    c = load_circuit(outs[0] / "circuit.json")  # validates against the schema
-    assert c.model == "embedded" and c.saes == "embedded" and c.dataset == "sva_rc" and c.num_examples == 8
-    assert c.nodes, "empty circuit"
-    assert any(e.target != LOGIT_ID for e in c.edges), "no edges besides the logit sink's"
-    d1 = json.loads((outs[0] / "circuit.json").read_text())
-    d2 = json.loads((outs[1] / "circuit.json").read_text())
-    assert d1["nodes"] == d2["nodes"] and d1["edges"] == d2["edges"]
-    assert (outs[0] / "circuit.html").is_file()
+    )
+    assert isinstance(circuit, fc.Circuit) and fc.load_circuit(tmp_path / "c" / "circuit.json").nodes
+    lines: list[str] = []
+    results = fc.evaluate(
+        EvaluateConfig(
+            circuits=(str(tmp_path / "c"),),
+            split="train",
+            allow_discovery_split=True,
+            num_examples=8,
+            thresholds=(0.0, 1e6),
+            progress=False,
+        ),
+        echo=lines.append,
+    )
+    assert len(results) == 1 and results[0].n_nodes[-1] == 0 and results[0].n_nodes[0] > 0
+    assert results[0].faithfulness[-1] == 0.0  # empty circuit
+    assert (tmp_path / "c" / "eval.json").is_file() and (tmp_path / "c" / "eval.html").is_file()
+    assert any(line.startswith("wrote ") for line in lines)
+    assert fc.DiscoverConfig is DiscoverConfig and fc.evaluate is evaluate and fc.discover is discover

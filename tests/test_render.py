@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from feature_circuits.circuit.graph import Circuit, Node
+from feature_circuits.circuit import Node
 from feature_circuits.render import (
     LabelsError,
     load_labels,
@@ -78,6 +78,7 @@ def errors(dom: str) -> list[str]:
     return re.findall(r'<div class="fc-error">(.*?)</div>', dom)
 
 
+@pytest.mark.browser
 @needs_chromium
 @pytest.mark.parametrize("aggregation", ["sum", "none"])
 def test_page_renders_without_errors(tmp_path, aggregation):
@@ -91,13 +92,15 @@ def test_page_renders_without_errors(tmp_path, aggregation):
     assert int(st["data-expected-nodes"]) == len(c.nodes) + 1
 
 
+@pytest.mark.browser
 @needs_chromium
 def test_hostile_label_is_text(tmp_path):
     c = small_circuit("none")
     page = render_circuit_html(c, tmp_path / "circuit.html", labels={("resid_0", 1): BAD})
     dom = dump_dom(page, tmp_path, "#fc-hover")
     assert errors(dom) == []
-    assert "data-pwned" not in re.search(r"<body[^>]*>", dom).group(0)
+    body = re.search(r"<body[^>]*>", dom)
+    assert body is not None and "data-pwned" not in body.group(0)
     # the table cell shows the label as text
     assert f'<td class="fc-label">{html.escape(BAD, quote=False)}</td>' in dom
     # hovering every marker shows the label as text in the hover box
@@ -108,6 +111,7 @@ def test_hostile_label_is_text(tmp_path):
     assert hover.count("\n") == len(c.nodes)  # one line per node marker + logit
 
 
+@pytest.mark.browser
 @needs_chromium
 def test_error_reporting_works(tmp_path):
     """The page's error hook itself: a page with a broken script reports it in #fc-errors."""
@@ -155,45 +159,26 @@ def test_labels_file(tmp_path):
 
 def test_neuronpedia_links(tmp_path):
     base = small_circuit("sum")
-    kw = {f: getattr(base, f) for f in Circuit.__dataclass_fields__}
-    kw.update(saes="marks", model="EleutherAI/pythia-70m-deduped")
-    c = Circuit(**kw)
-    node = Node(
-        id="resid_3/123",
-        site="resid_3",
-        kind="resid",
-        layer=3,
-        position=None,
-        feature=123,
-        is_error=False,
-        effect=1.0,
-    )
+    c = base.replace(saes="marks", model="EleutherAI/pythia-70m-deduped")
+    node = Node.feature_node("resid_3", 123, effect=1.0)
     assert neuronpedia_url(c, node) == "https://www.neuronpedia.org/pythia-70m-deduped/3-res-sm/123"
-    attn = Node(
-        id="attn_0/7",
-        site="attn_0",
-        kind="attn",
-        layer=0,
-        position=None,
-        feature=7,
-        is_error=False,
-        effect=1.0,
-    )
+    attn = Node.feature_node("attn_0", 7, effect=1.0)
     assert neuronpedia_url(c, attn) == "https://www.neuronpedia.org/pythia-70m-deduped/0-att-sm/7"
-    err = Node(
-        id="resid_3/err",
-        site="resid_3",
-        kind="resid",
-        layer=3,
-        position=None,
-        feature=None,
-        is_error=True,
-        effect=1.0,
+    assert neuronpedia_url(c, Node.feature_node("mlp_1", 2, effect=1.0)) == (
+        "https://www.neuronpedia.org/pythia-70m-deduped/1-mlp-sm/2"
     )
-    assert neuronpedia_url(c, err) is None
+    assert neuronpedia_url(c, Node.error_node("resid_3", effect=1.0)) is None
+    assert neuronpedia_url(c, Node.feature_node("embed", 5, effect=1.0)) is None  # no layer-indexed page
     assert neuronpedia_url(base, node) is None  # embedded SAEs: no link
     text = render_circuit_html(c, tmp_path / "c.html").read_text()
     assert 'href="https://www.neuronpedia.org/pythia-70m-deduped/' in text
+
+
+def test_page_shows_enum_values(tmp_path):
+    text = render_circuit_html(small_circuit("none"), tmp_path / "c.html").read_text()
+    assert "<b>method</b>: relp" in text and "<b>aggregation</b>: none" in text
+    assert "<b>metric</b>: logit_diff" in text and "relp circuit: tiny" in text
+    assert not any(e in text for e in ("Method.RELP", "Aggregation.NONE", "MetricName.LOGIT_DIFF"))
 
 
 def test_slider_thresholds():

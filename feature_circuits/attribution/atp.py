@@ -1,45 +1,52 @@
-"""Attribution patching (atp) and relevance patching (relp), spec section 3.
+"""Attribution patching, atp (docs/algorithms.md, "Node effects").
 
-atp: IE ~= delta . dm/d(node) at clean; relp: the same with the LRP rules active during the clean
-forward (so the backward returns propagation coefficients). 2 forwards + 1 backward.
+IE(node) ~= (node(patch) - node(clean)) . dm/d(node) at clean: the first-order estimate of the
+exact patching effect, from one clean forward with every dictionary spliced in as gradient leaves,
+one backward, and one patch forward. :func:`gradient_node_effects` is that computation with an
+optional set of LRP rules in force during the clean forward; relevance patching
+(:mod:`.relp`) is the same computation with the rules on.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 import torch
-from torch import nn
 
-from feature_circuits.attribution.forward import (
-    Metric,
-    attribution_sites,
-    patch_states,
-    spliced_clean_forward,
-)
+from feature_circuits.attribution.forward import attribution_sites, patch_states, spliced_clean_forward
+from feature_circuits.attribution.registry import AtpOptions, MethodOptions, MethodSpec, register
 from feature_circuits.attribution.results import NodeEffects, SiteState
+from feature_circuits.data import Batch
+from feature_circuits.dictionaries import Dictionary
+from feature_circuits.metrics import Metric
+from feature_circuits.model.loading import LoadedModel
 from feature_circuits.types import LRPConfig, Method
+
+__all__ = ["atp_node_effects", "gradient_node_effects"]
 
 
 def gradient_node_effects(
-    loaded: Any,
-    dictionaries: dict[str, nn.Module],
-    batch: Any,
+    loaded: LoadedModel,
+    dictionaries: Mapping[str, Dictionary],
+    batch: Batch,
     *,
     metric: Metric,
     lrp: LRPConfig | None,
     method: Method,
     counterfactual: bool = True,
-    sites: list[str] | None = None,
+    sites: Sequence[str] | None = None,
 ) -> NodeEffects:
+    """delta . g per node, with g the gradient of the metric at clean (with ``lrp`` rules in force
+    during the forward: their propagation coefficients)."""
     t0 = time.perf_counter()
     site_list = attribution_sites(loaded, dictionaries, sites)
     leaves, logits = spliced_clean_forward(loaded, dictionaries, batch.clean, site_list, lrp=lrp)
     m = metric(logits, batch)
     flat = [t for s in site_list for t in leaves[s.name]]
     grads_flat = torch.autograd.grad(m.sum(), flat, allow_unused=True)
-    clean, grads = {}, {}
+    clean: dict[str, SiteState] = {}
+    grads: dict[str, SiteState] = {}
     for i, s in enumerate(site_list):
         f, err = leaves[s.name]
         gf, gerr = grads_flat[2 * i], grads_flat[2 * i + 1]
@@ -65,14 +72,16 @@ def gradient_node_effects(
 
 
 def atp_node_effects(
-    loaded,
-    dictionaries,
-    batch,
+    loaded: LoadedModel,
+    dictionaries: Mapping[str, Dictionary],
+    batch: Batch,
     *,
     metric: Metric,
+    options: MethodOptions = AtpOptions(),
     counterfactual: bool = True,
-    sites: list[str] | None = None,
+    sites: Sequence[str] | None = None,
 ) -> NodeEffects:
+    """atp node effects of one batch (plain gradients: every LRP rule off)."""
     return gradient_node_effects(
         loaded,
         dictionaries,
@@ -85,24 +94,4 @@ def atp_node_effects(
     )
 
 
-def relp_node_effects(
-    loaded,
-    dictionaries,
-    batch,
-    *,
-    metric: Metric,
-    lrp: LRPConfig | None = None,
-    counterfactual: bool = True,
-    sites: list[str] | None = None,
-) -> NodeEffects:
-    """relp with ``lrp`` rules (default ``LRPConfig()``: LN + Identity + Half, AH off)."""
-    return gradient_node_effects(
-        loaded,
-        dictionaries,
-        batch,
-        metric=metric,
-        lrp=LRPConfig() if lrp is None else lrp,
-        method=Method.RELP,
-        counterfactual=counterfactual,
-        sites=sites,
-    )
+SPEC = register(MethodSpec(method=Method.ATP, options=AtpOptions, node_effects=atp_node_effects))

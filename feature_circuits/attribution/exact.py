@@ -1,4 +1,4 @@
-"""Exact node effects by activation patching (spec section 3): ground truth.
+"""Exact node effects by activation patching (docs/algorithms.md, "Node effects"): ground truth.
 
 IE(node) = m(clean | do(node <- node(patch))) - m(clean). A patched node changes the site output by
 delta = decode(f with f_i <- f_i(patch)) - decode(f) for a feature, and by err(patch) - err(clean) for
@@ -12,44 +12,46 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 import torch
-from torch import nn
 
-from feature_circuits.attribution.forward import (
-    Metric,
-    attribution_sites,
-    collect_states,
-    patch_states,
-    select,
-)
-from feature_circuits.attribution.results import NodeEffects
-from feature_circuits.model.sites import get_activation, set_activation
+from feature_circuits.attribution.forward import attribution_sites, clean_and_patch
+from feature_circuits.attribution.registry import ExactOptions, MethodOptions, MethodSpec, register
+from feature_circuits.attribution.results import NodeEffects, SiteState
+from feature_circuits.data import Batch
+from feature_circuits.dictionaries import Dictionary
+from feature_circuits.metrics import Metric
+from feature_circuits.model.loading import LoadedModel
+from feature_circuits.model.sites import get_activation, save, set_activation
 from feature_circuits.types import Method
+
+__all__ = ["exact_node_effects"]
 
 
 def exact_node_effects(
-    loaded: Any,
-    dictionaries: dict[str, nn.Module],
-    batch: Any,
+    loaded: LoadedModel,
+    dictionaries: Mapping[str, Dictionary],
+    batch: Batch,
     *,
     metric: Metric,
+    options: MethodOptions = ExactOptions(),
     counterfactual: bool = True,
-    sites: list[str] | None = None,
-    max_nodes: int | None = None,
-    chunk_size: int = 128,
+    sites: Sequence[str] | None = None,
 ) -> NodeEffects:
-    """``max_nodes``: per site, patch at most this many feature nodes (largest |delta| first; every
-    error node is always patched); the skipped features get NaN."""
+    """Exact node effects of one batch. ``options.max_nodes``: per site, patch at most this many
+    feature nodes (largest |delta| first; every error node is always patched); the skipped features
+    get NaN. ``options.chunk_size``: single-node patches per forward."""
+    opts = SPEC.check_options(options)
+    assert isinstance(opts, ExactOptions)
+    max_nodes, chunk_size = opts.max_nodes, opts.chunk_size
     t0 = time.perf_counter()
     site_list = attribution_sites(loaded, dictionaries, sites)
-    clean, clean_logits = collect_states(loaded, dictionaries, batch.clean, site_list)
-    with torch.no_grad():
-        metric_clean = metric(clean_logits, batch).detach()
-    patch, metric_patch = patch_states(loaded, dictionaries, batch, site_list, clean, metric, counterfactual)
+    run = clean_and_patch(loaded, dictionaries, batch, site_list, metric, counterfactual)
+    clean, patch, metric_clean = run.clean, run.patch, run.metric_clean
     lm = loaded.lm
-    effects, deltas = {}, {}
+    effects: dict[str, torch.Tensor] = {}
+    deltas: dict[str, SiteState] = {}
     n_forwards = 0
     for s in site_list:
         ae = dictionaries[s.name]
@@ -94,15 +96,14 @@ def exact_node_effects(
                     chunk.shape[0], seq, c.err.shape[-1], dtype=c.err.dtype, device=c.err.device
                 )
                 add[torch.arange(chunk.shape[0], device=add.device), pos] = vec
-            sub = select(batch, e.cpu())
-            saved: dict[str, Any] = {}
+            sub = batch.select(e.cpu())
             with lm.trace(sub.clean.to(loaded.device)):
                 x = get_activation(lm, s)
                 set_activation(lm, s, x + add)
-                saved["logits"] = lm.output.logits.save()
+                logits = save(lm.output.logits)
             n_forwards += 1
             with torch.no_grad():
-                m = metric(saved["logits"].detach(), sub)
+                m = metric(logits.detach(), sub)
             eff[e, pos, j] = (m - metric_clean[e.to(metric_clean.device)]).to(eff.dtype)
         effects[s.name] = eff
     return NodeEffects(
@@ -112,6 +113,11 @@ def exact_node_effects(
         grads=None,
         clean=clean,
         metric_clean=metric_clean,
-        metric_patch=metric_patch,
+        metric_patch=run.metric_patch,
         timing_s={"total": time.perf_counter() - t0, "forwards": float(n_forwards)},
     )
+
+
+SPEC = register(
+    MethodSpec(method=Method.EXACT, options=ExactOptions, node_effects=exact_node_effects, has_gradients=False)
+)

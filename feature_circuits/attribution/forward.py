@@ -1,116 +1,86 @@
-"""Shared machinery of the attribution methods: metrics, sub-batches, the clean/patch forwards."""
+"""The forwards every attribution method shares (docs/algorithms.md, "Node effects"): the sites to
+attribute, the clean and patch states of every site, and the clean forward with every dictionary
+spliced in as gradient leaves.
+
+A site's *state* is its features ``f`` and error node ``err`` (:class:`SiteState`). The patch state
+is the state on the counterfactual input, or -- without a counterfactual -- every node set to zero,
+whose model output is the one with the last residual site zeroed (every later quantity is a
+function of it).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from feature_circuits.attribution.results import SiteState
-from feature_circuits.dictionaries.marks import encode_with_error, splice_with_grad_leaves
+from feature_circuits.data import Batch
+from feature_circuits.dictionaries import Dictionary, encode_with_error, splice_with_grad_leaves
+from feature_circuits.errors import ConfigError
+from feature_circuits.metrics import Metric
+from feature_circuits.model.loading import LoadedModel
 from feature_circuits.model.lrp import lrp_context
-from feature_circuits.model.sites import get_activation, set_activation
+from feature_circuits.model.sites import get_activation, save, set_activation
 from feature_circuits.types import LRPConfig, Site
 
-#: A metric maps the logits (b, s, V) and the batch to one scalar per example (b,).
-Metric = Callable[[Tensor, Any], Tensor]
-
-
-@dataclass(frozen=True)
-class SubBatch:
-    """Duck-typed stand-in for ``feature_circuits.data.Batch`` (the four tensors a metric needs)."""
-
-    clean: Tensor
-    patch: Tensor
-    clean_answer: Tensor
-    patch_answer: Tensor
-
-    def __len__(self) -> int:
-        return int(self.clean.shape[0])
-
-
-def select(batch: Any, idx: Tensor) -> SubBatch:
-    """Rows ``idx`` of a batch (repeats allowed), as a SubBatch."""
-    return SubBatch(
-        clean=batch.clean[idx.to(batch.clean.device)],
-        patch=batch.patch[idx.to(batch.patch.device)],
-        clean_answer=batch.clean_answer[idx.to(batch.clean_answer.device)],
-        patch_answer=batch.patch_answer[idx.to(batch.patch_answer.device)],
-    )
-
-
-def _last_logit(logits: Tensor, tokens: Tensor) -> Tensor:
-    last = logits[:, -1, :]
-    return last.gather(1, tokens.to(last.device).view(-1, 1)).squeeze(1)
-
-
-def logit_diff_metric(logits: Tensor, batch: Any) -> Tensor:
-    """Spec default: logit(patch answer) - logit(clean answer) at the last position, per example."""
-    return _last_logit(logits, batch.patch_answer) - _last_logit(logits, batch.clean_answer)
-
-
-def neg_answer_logit_metric(logits: Tensor, batch: Any) -> Tensor:
-    """No-counterfactual default: -logit(clean answer) at the last position."""
-    return -_last_logit(logits, batch.clean_answer)
-
-
-def default_metric(counterfactual: bool) -> Metric:
-    return logit_diff_metric if counterfactual else neg_answer_logit_metric
+__all__ = [
+    "CleanPatch",
+    "attribution_sites",
+    "clean_and_patch",
+    "collect_states",
+    "patch_states",
+    "spliced_clean_forward",
+    "zero_last_resid_logits",
+]
 
 
 def attribution_sites(
-    loaded: Any, dictionaries: dict[str, nn.Module], sites: Iterable[str] | None = None
+    loaded: LoadedModel, dictionaries: Mapping[str, Dictionary], sites: Iterable[str] | None = None
 ) -> list[Site]:
     """Sites (forward order) that have a dictionary, optionally restricted to ``sites`` names."""
     wanted = None if sites is None else set(sites)
     out = [s for s in loaded.sites if s.name in dictionaries and (wanted is None or s.name in wanted)]
     if wanted is not None and len(out) != len(wanted):
         missing = wanted - {s.name for s in out}
-        raise KeyError(f"no dictionary / unknown site for {sorted(missing)}")
+        raise ConfigError(f"sites {sorted(missing)}: no dictionary or unknown site")
     return out
 
 
-def _ids(t: Tensor, loaded: Any) -> Tensor:
-    return t.to(loaded.device)
-
-
 def collect_states(
-    loaded: Any, dictionaries: dict[str, nn.Module], ids: Tensor, sites: Sequence[Site]
+    loaded: LoadedModel, dictionaries: Mapping[str, Dictionary], ids: Tensor, sites: Sequence[Site]
 ) -> tuple[dict[str, SiteState], Tensor]:
     """Plain forward on ``ids``: every site's (features, error) and the logits (all detached)."""
-    saved: dict[str, Any] = {}
+    acts: dict[str, Tensor] = {}
     lm = loaded.lm
-    with lm.trace(_ids(ids, loaded)):
+    with lm.trace(ids.to(loaded.device)):
         for s in sites:
-            saved[s.name] = get_activation(lm, s).save()
-        saved["__logits__"] = lm.output.logits.save()
+            acts[s.name] = save(get_activation(lm, s))
+        logits = save(lm.output.logits)
     with torch.no_grad():
-        states = {}
-        for s in sites:
-            f, err = encode_with_error(dictionaries[s.name], saved[s.name].detach())
-            states[s.name] = SiteState(f, err)
-    return states, saved["__logits__"].detach()
+        states = {
+            s.name: SiteState(*encode_with_error(dictionaries[s.name], acts[s.name].detach())) for s in sites
+        }
+    return states, logits.detach()
 
 
-def zero_last_resid_logits(loaded: Any, ids: Tensor) -> Tensor:
+def zero_last_resid_logits(loaded: LoadedModel, ids: Tensor) -> Tensor:
     """Logits with the last residual site zeroed: the model's output when every node of every site
     is set to zero (no-counterfactual "patch" state)."""
     lm = loaded.lm
-    last = loaded.sites[-1]
-    saved: dict[str, Any] = {}
-    with lm.trace(_ids(ids, loaded)):
+    last = loaded.last_resid
+    with lm.trace(ids.to(loaded.device)):
         x = get_activation(lm, last)
         set_activation(lm, last, torch.zeros_like(x))
-        saved["logits"] = lm.output.logits.save()
-    return saved["logits"].detach()
+        logits = save(lm.output.logits)
+    return logits.detach()
 
 
 def spliced_clean_forward(
-    loaded: Any,
-    dictionaries: dict[str, nn.Module],
+    loaded: LoadedModel,
+    dictionaries: Mapping[str, Dictionary],
     ids: Tensor,
     sites: Sequence[Site],
     lrp: LRPConfig | None = None,
@@ -119,23 +89,22 @@ def spliced_clean_forward(
     bit-identical to the model's), with the LRP rules of ``lrp`` active. Returns the leaves and
     the logits (with their graph)."""
     lm = loaded.lm
-    leaves: dict[str, Any] = {}
-    with lrp_context(loaded, lrp), lm.trace(_ids(ids, loaded)):
+    leaves: dict[str, tuple[Tensor, Tensor]] = {}
+    with lrp_context(loaded, lrp), lm.trace(ids.to(loaded.device)):
         for s in sites:
             out, f, err = splice_with_grad_leaves(dictionaries[s.name], get_activation(lm, s))
             set_activation(lm, s, out)
-            leaves[s.name] = (f.save(), err.save())
-        leaves["__logits__"] = lm.output.logits.save()
-    logits = leaves.pop("__logits__")
+            leaves[s.name] = (save(f), save(err))
+        logits = save(lm.output.logits)
     return leaves, logits
 
 
 def patch_states(
-    loaded: Any,
-    dictionaries: dict[str, nn.Module],
-    batch: Any,
+    loaded: LoadedModel,
+    dictionaries: Mapping[str, Dictionary],
+    batch: Batch,
     sites: Sequence[Site],
-    clean: dict[str, SiteState],
+    clean: Mapping[str, SiteState],
     metric: Metric,
     counterfactual: bool,
 ) -> tuple[dict[str, SiteState], Tensor]:
@@ -149,3 +118,29 @@ def patch_states(
     with torch.no_grad():
         m = metric(logits, batch).detach()
     return states, m
+
+
+@dataclass(frozen=True, kw_only=True)
+class CleanPatch:
+    """Clean and patch states of every site, and the metric on both (``(b,)`` each)."""
+
+    clean: dict[str, SiteState]
+    patch: dict[str, SiteState]
+    metric_clean: Tensor
+    metric_patch: Tensor
+
+
+def clean_and_patch(
+    loaded: LoadedModel,
+    dictionaries: Mapping[str, Dictionary],
+    batch: Batch,
+    sites: Sequence[Site],
+    metric: Metric,
+    counterfactual: bool,
+) -> CleanPatch:
+    """A plain clean forward (states and metric) and :func:`patch_states`."""
+    clean, clean_logits = collect_states(loaded, dictionaries, batch.clean, sites)
+    with torch.no_grad():
+        metric_clean = metric(clean_logits, batch).detach()
+    patch, metric_patch = patch_states(loaded, dictionaries, batch, sites, clean, metric, counterfactual)
+    return CleanPatch(clean=clean, patch=patch, metric_clean=metric_clean, metric_patch=metric_patch)

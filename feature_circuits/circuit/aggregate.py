@@ -134,7 +134,8 @@ def aggregate_edges(
                 continue
             if t.dim() != 5:
                 raise CircuitError(
-                    f"batch {i}, edge {key}: expected 5 dims (b, s_down, F_down+1, s_up, F_up+1), got {tuple(t.shape)}"
+                    f"batch {i}, edge {key}: expected 5 dims (b, s_down, F_down+1, s_up, F_up+1), "
+                    f"got {tuple(t.shape)}"
                 )
             bsz = t.shape[0] if bsz is None else bsz
             if t.shape[0] != bsz:
@@ -153,8 +154,8 @@ def aggregate_edges(
                 if totals[key].shape != part.shape:
                     what = "lengths differ" if agg is Aggregation.NONE else "shapes differ"
                     raise CircuitError(
-                        f"batch {i}, edge {key}: shape {tuple(part.shape)} != {tuple(totals[key].shape)} ({what}; "
-                        "aggregation 'none' needs examples of equal length)"
+                        f"batch {i}, edge {key}: shape {tuple(part.shape)} != {tuple(totals[key].shape)} "
+                        f"({what}; aggregation 'none' needs examples of equal length)"
                     )
                 totals[key] = totals[key] + part
             else:

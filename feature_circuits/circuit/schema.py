@@ -64,7 +64,6 @@ __all__ = [
     "load_circuit",
     "save_circuit",
     "schema_text",
-    "validate_circuit_dict",
 ]
 
 #: Version of the circuit.json format this code reads and writes.
@@ -73,7 +72,7 @@ SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("circuit.schema.json")
 _SCHEMA_URI = "https://json-schema.org/draft/2020-12/schema"
 _SCHEMA_ID = "https://feature-circuits.local/circuit.schema.json"
-#: Fields omitted from the file when they are None (older readers never saw them as null).
+#: Optional fields, left out of the file when None (the readers before this module rejected null there).
 _OMIT_IF_NONE = frozenset({"tokens", "n_layers", "effects_file"})
 _MAX_LISTED = 10
 
@@ -396,7 +395,7 @@ def circuit_to_dict(circuit: Circuit) -> dict[str, Any]:
     return circuit.model_dump(mode="json", exclude=omit)
 
 
-def circuit_from_dict(data: Mapping[str, Any] | object, source: str = "circuit") -> Circuit:
+def circuit_from_dict(data: Mapping[str, Any], source: str = "circuit") -> Circuit:
     """Check a parsed circuit.json (schema version, the schema, the graph rules) and build the
     :class:`Circuit`; :class:`CircuitError` naming ``source`` and each offending field otherwise."""
     try:
@@ -406,15 +405,14 @@ def circuit_from_dict(data: Mapping[str, Any] | object, source: str = "circuit")
     return _parse(text, source)
 
 
-#: Older name of :func:`circuit_from_dict` (it checks and returns the circuit).
-validate_circuit_dict = circuit_from_dict
-
-
 def save_circuit(circuit: Circuit, path: str | Path) -> Path:
     """Write ``circuit.json``, after checking the document with the reader :func:`load_circuit` uses;
     :class:`CircuitError` naming the file and field on a problem."""
     path = Path(path)
-    text = json.dumps(circuit_to_dict(circuit), indent=1, allow_nan=False) + "\n"
+    try:
+        text = json.dumps(circuit_to_dict(circuit), indent=1, allow_nan=False) + "\n"
+    except ValueError as err:  # a non-finite number in a circuit built without validation
+        raise CircuitError(f"{path}: cannot be written as JSON ({err})") from None
     _parse(text, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

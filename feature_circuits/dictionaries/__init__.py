@@ -1,30 +1,56 @@
-"""Dictionaries (SAEs) and the splice with its error node.
+"""Dictionaries (SAEs) and the splice with its error node (docs/algorithms.md, "Dictionaries and
+the error node").
 
-* :mod:`.marks`: the Marks et al. / dictionary_learning layout, identity dictionaries, loading a set;
+* :mod:`.base`: the :class:`Dictionary` Protocol (``encode``, ``decode``, ``decoder_directions``,
+  ``dict_size``, ``activation_dim``): every signature takes dictionaries as it;
+* :mod:`.splice`: the splice primitive (features, error node, gradient leaves, patched output);
+* :mod:`.identity`: identity dictionaries (the neuron baseline);
+* :mod:`.marks`: the Marks et al. / dictionary_learning layout, loading a set by name or root;
 * :mod:`.download`: fetching the Marks et al. Pythia-70M release.
+
+The names of :mod:`.marks` are imported on first use (it imports ``dictionary_learning``).
 """
 
-from feature_circuits.dictionaries.marks import (
-    KNOWN_SAES,
-    IdentityDictionary,
-    SAESource,
-    decoder_directions,
-    dict_size,
-    encode_with_error,
-    load_autoencoder,
-    load_dictionaries,
-    resolve_sae_source,
-    save_autoencoder,
-    splice_patched,
-    splice_with_grad_leaves,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from feature_circuits.dictionaries.base import Dictionary, decoder_directions_by_vjp
+from feature_circuits.dictionaries.identity import IdentityDictionary
+from feature_circuits.dictionaries.splice import encode_with_error, splice_patched, splice_with_grad_leaves
+
+if TYPE_CHECKING:
+    from feature_circuits.dictionaries.marks import (
+        KNOWN_SAES,
+        MarksAutoEncoder,
+        SAESource,
+        load_autoencoder,
+        load_dictionaries,
+        resolve_sae_source,
+        save_autoencoder,
+    )
+
+_LAZY = {
+    name: "feature_circuits.dictionaries.marks"
+    for name in (
+        "KNOWN_SAES",
+        "MarksAutoEncoder",
+        "SAESource",
+        "load_autoencoder",
+        "load_dictionaries",
+        "resolve_sae_source",
+        "save_autoencoder",
+    )
+}
 
 __all__ = [
     "KNOWN_SAES",
+    "Dictionary",
     "IdentityDictionary",
+    "MarksAutoEncoder",
     "SAESource",
-    "decoder_directions",
-    "dict_size",
+    "decoder_directions_by_vjp",
     "encode_with_error",
     "load_autoencoder",
     "load_dictionaries",
@@ -33,3 +59,15 @@ __all__ = [
     "splice_patched",
     "splice_with_grad_leaves",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'feature_circuits.dictionaries' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -1,25 +1,41 @@
-"""SAE dictionaries (Marks et al. layout, ``dictionary_learning.AutoEncoder``) and the splice
-primitive with its error node (spec section 2).
+"""Dictionaries in the Marks et al. layout (``dictionary_learning.AutoEncoder``): the adapter,
+loading and saving, and the named sets (docs/algorithms.md, "Dictionaries and the error node").
 
 Layout: ``<root>/<model dir>/{embed,attn_out_layerL,mlp_out_layerL,resid_out_layerL}/<dict id>/ae.pt``
 (the Marks release, ``dict id`` = ``10_32768``) or ``ae.safetensors`` (what this project writes).
 Checkpoints are loaded safely: safetensors, or ``torch.load(weights_only=True)``.
+
+The autoencoder is ``f = ReLU(W_enc (x - b_dec) + b_enc)``, ``decode(f) = W_dec f + b_dec``, so
+its decoder directions are the columns of ``W_dec`` (:meth:`MarksAutoEncoder.decoder_directions`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from dictionary_learning import AutoEncoder
-from torch import Tensor, nn
+from torch import Tensor
 
 from feature_circuits import toy
+from feature_circuits.dictionaries.base import Dictionary
 from feature_circuits.dictionaries.download import DEFAULT_DICT_ID, DEFAULT_MODEL_DIR, marks_sae_root
+from feature_circuits.dictionaries.identity import IdentityDictionary
 from feature_circuits.errors import DictionaryError
 from feature_circuits.types import Site
+
+__all__ = [
+    "KNOWN_SAES",
+    "MarksAutoEncoder",
+    "SAESource",
+    "find_checkpoint",
+    "load_autoencoder",
+    "load_dictionaries",
+    "resolve_sae_source",
+    "save_autoencoder",
+]
 
 _KEYS = ("bias", "encoder.weight", "encoder.bias", "decoder.weight")
 
@@ -31,35 +47,39 @@ class SAESource:
     root: Path
     model_dir: str
     dict_id: str | None = None  # None: the single sub-directory of each site directory
+    #: what to tell a user when ``root/model_dir`` is missing (e.g. how to download it)
+    missing_hint: str | None = None
 
 
-#: Registry of known dictionary sets (SAELens-style short names).
-KNOWN_SAES: dict[str, SAESource] = {
-    "embedded": SAESource(root=toy.SAE_ROOT, model_dir=toy.MODEL_NAME),
-    "marks": SAESource(root=marks_sae_root(), model_dir=DEFAULT_MODEL_DIR, dict_id=DEFAULT_DICT_ID),
-}
+def _embedded_saes() -> SAESource:
+    return SAESource(root=toy.SAE_ROOT, model_dir=toy.MODEL_NAME)
 
 
-class IdentityDictionary(nn.Module):
-    """The neuron baseline: features are the raw dimensions, the error is identically zero."""
-
-    def __init__(self, activation_dim: int):
-        super().__init__()
-        self.activation_dim = activation_dim
-        self.dict_size = activation_dim
-
-    def encode(self, x: Tensor) -> Tensor:
-        return x
-
-    def decode(self, f: Tensor) -> Tensor:
-        return f
-
-    def forward(self, x: Tensor, output_features: bool = False):
-        return (x, x) if output_features else x
+def _marks_saes() -> SAESource:
+    return SAESource(
+        root=marks_sae_root(),
+        model_dir=DEFAULT_MODEL_DIR,
+        dict_id=DEFAULT_DICT_ID,
+        missing_hint="download them first with `feature-circuits download-saes` "
+        "(scripts/download_saes.py; needs the Hugging Face hub)",
+    )
 
 
-def dict_size(ae: nn.Module) -> int:
-    return int(ae.dict_size)
+#: Known dictionary sets (SAELens-style short names), each resolved when used (the Marks root
+#: follows ``$FEATURE_CIRCUITS_SAES`` at call time). ``neurons`` (identity dictionaries) is handled
+#: by :func:`resolve_sae_source`.
+KNOWN_SAES: dict[str, Callable[[], SAESource]] = {"embedded": _embedded_saes, "marks": _marks_saes}
+
+
+class MarksAutoEncoder(AutoEncoder):
+    """``dictionary_learning.AutoEncoder`` as a :class:`~feature_circuits.dictionaries.Dictionary`:
+    the same module and state dict, plus its decoder directions read from the weights."""
+
+    activation_dim: int
+    dict_size: int
+
+    def decoder_directions(self, like: Tensor) -> Tensor:
+        return self.decoder.weight.detach().T.to(like)
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
@@ -105,7 +125,7 @@ def load_autoencoder(
     site: str = "?",
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-) -> AutoEncoder:
+) -> MarksAutoEncoder:
     """Load one ``AutoEncoder`` checkpoint safely, checking keys and shapes against ``d_model``."""
     path = Path(path)
     if not path.is_file():
@@ -133,7 +153,7 @@ def load_autoencoder(
         raise DictionaryError(
             f"site {site}: {path} is a dictionary for width {d}, but the model's activation there has width {d_model}"
         )
-    ae = AutoEncoder(d, n_feat)
+    ae = MarksAutoEncoder(d, n_feat)
     ae.load_state_dict({k: sd[k] for k in _KEYS})
     ae.to(device=device, dtype=dtype).eval()
     for p in ae.parameters():
@@ -152,7 +172,7 @@ def resolve_sae_source(saes: str | Path | SAESource | None, model_dir: str | Non
     if name == "neurons":
         return None
     if name in KNOWN_SAES:
-        return KNOWN_SAES[name]
+        return KNOWN_SAES[name]()
     root = Path(name)
     if not root.is_dir():
         raise DictionaryError(
@@ -174,15 +194,12 @@ def load_dictionaries(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-) -> dict[str, nn.Module]:
+) -> dict[str, Dictionary]:
     """One dictionary per site name. ``saes="neurons"`` gives identity dictionaries."""
     source = resolve_sae_source(saes)
-    if source == KNOWN_SAES["marks"] and not (source.root / source.model_dir).is_dir():
-        raise DictionaryError(
-            f"the Marks et al. SAEs are not under {source.root / source.model_dir}: download them first with "
-            "scripts/download_saes.py (needs the Hugging Face hub)"
-        )
-    out: dict[str, nn.Module] = {}
+    if source is not None and source.missing_hint and not (source.root / source.model_dir).is_dir():
+        raise DictionaryError(f"the dictionaries are not under {source.root / source.model_dir}: {source.missing_hint}")
+    out: dict[str, Dictionary] = {}
     for site in sites:
         if source is None:
             out[site.name] = IdentityDictionary(site.d_model).to(device=device, dtype=dtype)
@@ -202,58 +219,3 @@ def save_autoencoder(ae: AutoEncoder, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = ae.state_dict()
     save_file({k: sd[k].detach().contiguous().cpu() for k in _KEYS}, str(path))
-
-
-# ---------------------------------------------------------------- splice primitive (spec section 2)
-
-
-def encode_with_error(ae: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Features and error node of activation ``x``, differentiable in ``x``: f = encode(x),
-    err = x - decode(f)."""
-    f = ae.encode(x)
-    return f, x - ae.decode(f)
-
-
-def splice_with_grad_leaves(ae: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Splice an SAE into a site for attribution.
-
-    Returns ``(out, f, err)`` where ``f`` (b,s,F) and ``err`` (b,s,d) are fresh leaves that
-    require grad, and ``out`` is numerically ``x`` exactly (bit for bit) with gradient routing:
-    d out/d f = decoder (a feature's gradient comes only through the decoder), d out/d err = I,
-    and d out/d x = I (upstream layers receive the true gradient of the site output; no gradient
-    flows through the encoder or into the error's dependence on x).
-    """
-    with torch.no_grad():
-        f0, err0 = encode_with_error(ae, x.detach())
-    f = f0.requires_grad_(True)
-    err = err0.requires_grad_(True)
-    x_hat = ae.decode(f)
-    out = x + (x_hat - x_hat.detach()) + (err - err.detach())
-    return out, f, err
-
-
-def splice_patched(ae: nn.Module, f: Tensor, err: Tensor) -> Tensor:
-    """Site output for given features and error: decode(f) + err."""
-    return ae.decode(f) + err
-
-
-def decoder_directions(ae: nn.Module, like: Tensor) -> Tensor:
-    """The decoder as an (F, d) matrix with ``like``'s dtype and device: row k is d decode(f)/d f_k
-    (decode is affine in f).
-
-    Read from the weights for the dictionary_learning layouts (``decoder`` Linear or ``W_dec``) and
-    the identity dictionary; any other dictionary gets it from one batched VJP of its ``decode``."""
-    n_f = dict_size(ae)
-    if isinstance(ae, IdentityDictionary):
-        return torch.eye(n_f, dtype=like.dtype, device=like.device)
-    dec = getattr(ae, "decoder", None)
-    if isinstance(dec, nn.Linear) and dec.weight.shape[1] == n_f:
-        return dec.weight.detach().T.to(like)
-    w_dec = getattr(ae, "W_dec", None)
-    if isinstance(w_dec, Tensor) and w_dec.shape[0] == n_f:
-        return w_dec.detach().to(like)
-    f0 = torch.zeros(1, n_f, dtype=like.dtype, device=like.device, requires_grad=True)
-    out = ae.decode(f0)
-    eye = torch.eye(out.shape[-1], dtype=out.dtype, device=out.device).unsqueeze(1)
-    (jac,) = torch.autograd.grad(out, f0, eye, is_grads_batched=True)
-    return jac[:, 0].T.contiguous()

@@ -74,6 +74,7 @@ __all__ = [
     "plot_html",
     "positions_aligned",
     "resolved_dataset",
+    "select",
     "summary_table",
     "sweep_source",
 ]

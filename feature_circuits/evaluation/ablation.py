@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from feature_circuits.dictionaries.marks import encode_with_error
+from feature_circuits.dictionaries.splice import encode_with_error
 from feature_circuits.errors import EvaluationError
 from feature_circuits.evaluation.masks import SiteMask
 from feature_circuits.metrics import Metric, logit_diff
-from feature_circuits.model.sites import get_activation, set_activation
+from feature_circuits.model.sites import get_activation, save, set_activation
 from feature_circuits.types import Site
 
 if TYPE_CHECKING:
@@ -103,7 +103,8 @@ def compute_means(
     lengths = {b.seq_len for b in batches}
     if per_position and len(lengths) != 1:
         raise EvaluationError(
-            f"per-position means need evaluation examples of one token length; found lengths {sorted(lengths)}"
+            "per-position means need evaluation examples of one token length; "
+            f"found lengths {sorted(lengths)}"
         )
     sums: dict[str, tuple[Tensor, Tensor]] = {}
     count = 0
@@ -113,7 +114,7 @@ def compute_means(
         acts: dict[str, Tensor] = {}
         with lm.trace(patch):
             for site in sites:
-                acts[site.name] = get_activation(lm, site).save()
+                acts[site.name] = save(get_activation(lm, site))
         for site in sites:
             f, err = encode_with_error(dictionaries[site.name], acts[site.name])
             f, err = f.double(), err.double()
@@ -214,7 +215,7 @@ def ablated_metrics(
                     f = torch.where(keep_f, f.view(k, b, *f.shape[1:]), mean_f).view(f.shape)
                     err = torch.where(keep_err, err.view(k, b, *err.shape[1:]), mean_err).view(err.shape)
                     set_activation(lm, site, ae.decode(f) + err)
-                saved["logits"] = lm.output.logits.save()
+                saved["logits"] = save(lm.output.logits)
             answers = _Answers(
                 clean_answer=batch.clean_answer.to(dev).repeat(k),
                 patch_answer=batch.patch_answer.to(dev).repeat(k),

@@ -102,10 +102,10 @@ def check_disjoint(
     if shared:
         first = shared[0]
         raise EvaluationError(
-            f"{len(shared)} of {len(eval_pairs)} evaluation examples of {eval_name} are among the {len(discovery_pairs)} "
-            f"examples the circuit was discovered on ({discovery_name}), e.g. line {first.line}: "
-            f"{first.clean_prefix!r}; held-out evaluation needs disjoint data; pass --allow-discovery-split to do it "
-            "anyway"
+            f"{len(shared)} of {len(eval_pairs)} evaluation examples of {eval_name} are among the "
+            f"{len(discovery_pairs)} examples the circuit was discovered on ({discovery_name}), e.g. line "
+            f"{first.line}: {first.clean_prefix!r}; held-out evaluation needs disjoint data; pass "
+            "--allow-discovery-split to do it anyway"
         )
 
 
@@ -124,8 +124,9 @@ def check_held_out(
     if same:
         raise EvaluationError(
             f"refusing to evaluate on the circuit's own discovery data (dataset {circuit_dataset!r}, split "
-            f"{circuit_split!r}, file {b or dataset}): held-out evaluation needs disjoint data (--split test, or "
-            "--dataset with held-out examples); pass --allow-discovery-split to do it anyway"
+            f"{circuit_split!r}, file {b or dataset}): held-out evaluation needs disjoint data "
+            "(--split test, or --dataset with held-out examples); pass --allow-discovery-split to do it "
+            "anyway"
         )
 
 
@@ -211,7 +212,11 @@ _SHORT = {
     Variant.RESID_ERRORS_KEPT: "resid-err",
     Variant.NO_ERRORS_ABLATED: "no-err",
 }
-_DASH = {Variant.ALL_ERRORS_ABLATED: "solid", Variant.RESID_ERRORS_KEPT: "dash", Variant.NO_ERRORS_ABLATED: "dot"}
+_DASH = {
+    Variant.ALL_ERRORS_ABLATED: "solid",
+    Variant.RESID_ERRORS_KEPT: "dash",
+    Variant.NO_ERRORS_ABLATED: "dot",
+}
 
 
 def _fmt(x: float | None) -> str:
@@ -241,8 +246,8 @@ def summary_table(label: str, result: EvalResult) -> str:
     lines.append(f"m(M) = {std.m_full:+.4f}, m(empty) = {std.m_empty:+.4f} (standard variant)")
     if any(result.below_discovery_threshold):
         lines.append(
-            f"* at or below the discovery node threshold {result.discovery_node_threshold:g}: the circuit file "
-            "holds only nodes above it, so these rows are all the same (the whole stored circuit)"
+            f"* at or below the discovery node threshold {result.discovery_node_threshold:g}: the circuit "
+            "file holds only nodes above it, so these rows are all the same (the whole stored circuit)"
         )
     return "\n".join(lines)
 
@@ -260,7 +265,9 @@ def plot_html(results: Sequence[tuple[str, EvalResult]], path: Path) -> Path:
         for variant, curve in res.variants.items():
             pts = [
                 (n, f, c, t)
-                for n, f, c, t in zip(curve.n_nodes, curve.faithfulness, curve.completeness, res.thresholds)
+                for n, f, c, t in zip(
+                    curve.n_nodes, curve.faithfulness, curve.completeness, res.thresholds, strict=True
+                )
                 if n > 0
             ]
             pts.sort(key=lambda p: p[0])

@@ -112,7 +112,9 @@ class SweepSource:
         return self.effects is not None
 
 
-def sweep_source(circuit: Circuit | AggregatedNodes, effects: Mapping[str, Tensor] | None = None) -> SweepSource:
+def sweep_source(
+    circuit: Circuit | AggregatedNodes, effects: Mapping[str, Tensor] | None = None
+) -> SweepSource:
     """What :func:`evaluate_circuit` sweeps for a stored circuit (with the dense ``effects`` of every
     node when given: they must agree with the stored nodes, see :func:`check_effects_agree`) or for
     the aggregated effects of a discovery run (every node, no discovery threshold)."""
@@ -260,13 +262,15 @@ def _given_effects(
     out = {s.name: torch.zeros(n_positions, sizes[s.name] + 1, dtype=torch.float64) for s in sites}
     for name, eff in effects.items():
         if name not in names:
-            raise EvaluationError(f"node effects at unknown site {name!r}; the model's sites are {sorted(names)}")
+            raise EvaluationError(
+                f"node effects at unknown site {name!r}; the model's sites are {sorted(names)}"
+            )
         if eff.dim() != want:
             raise EvaluationError(f"effects[{name!r}] has shape {tuple(eff.shape)}; expected {want} dims")
         if eff.shape[-1] - 1 != sizes[name]:
             raise EvaluationError(
-                f"the circuit's node effects have {eff.shape[-1] - 1} features at site {name}, the dictionary "
-                f"has {sizes[name]} (wrong --saes?)"
+                f"the circuit's node effects have {eff.shape[-1] - 1} features at site {name}, the "
+                f"dictionary has {sizes[name]} (wrong --saes?)"
             )
         grid = eff.detach().cpu().double().reshape(-1, eff.shape[-1])
         if grid.shape[0] > n_positions and bool(grid[n_positions:].any()):
@@ -397,7 +401,9 @@ class EvalResult:
         if not self.variants:
             raise ValueError("EvalResult: no variants")
         n = len(self.thresholds)
-        if len(self.below_discovery_threshold) != n or any(len(c.n_nodes) != n for c in self.variants.values()):
+        if len(self.below_discovery_threshold) != n or any(
+            len(c.n_nodes) != n for c in self.variants.values()
+        ):
             raise ValueError("EvalResult: per-threshold fields must have one entry per threshold")
 
     @property
@@ -427,13 +433,18 @@ class EvalResult:
 
 
 def _faith(m: float, m_full: float, m_empty: float) -> float:
-    denom = m_full - m_empty
+    """(m - m(empty)) / (m(M) - m(empty)), computed as (m(empty) - m) / (m(empty) - m(M)): the same
+    ratio, and for ``logit_diff`` bit for bit (a zero's sign included) the value of the opposite sign
+    convention earlier versions measured with."""
+    denom = m_empty - m_full
     if denom == 0:
         return float("nan")
-    return (m - m_empty) / denom
+    return (m_empty - m) / denom
 
 
-def _score(plan: _Plan, variants: Sequence[Variant], value_of: Mapping[str, float]) -> dict[Variant, VariantCurve]:
+def _score(
+    plan: _Plan, variants: Sequence[Variant], value_of: Mapping[str, float]
+) -> dict[Variant, VariantCurve]:
     curves: dict[Variant, VariantCurve] = {}
     for variant in variants:
         m_full = value_of[plan.digest_of[(variant, True, 0)]]  # the complement of nothing: everything kept
@@ -561,7 +572,9 @@ def evaluate_circuit(
             raise EvaluationError(f"means over {sorted(got)} position(s) given; these examples need {want}")
 
     plan = _plan(dense, thr, variant_list, sites, dictionaries, free)
-    value_of = _run(loaded, dictionaries, batches, plan, means, metric_name, aligned, stack, max_rows, progress)
+    value_of = _run(
+        loaded, dictionaries, batches, plan, means, metric_name, aligned, stack, max_rows, progress
+    )
     curves = _score(plan, variant_list, value_of)
 
     disc = src.node_threshold
@@ -616,4 +629,4 @@ def _run(
         )
     finally:
         bar.close()
-    return dict(zip(order, values))
+    return dict(zip(order, values, strict=True))

@@ -15,14 +15,19 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from feature_circuits import toy
 from feature_circuits.errors import ModelLoadError
-from feature_circuits.model.sites import build_sites, detect_architecture, is_parallel_residual
-from feature_circuits.types import Architecture, Site
+from feature_circuits.model.sites import build_sites, detect_architecture, is_parallel_residual, site_by_name
+from feature_circuits.types import Architecture, Site, SiteKind
+
+if TYPE_CHECKING:
+    from nnsight import LanguageModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 #: Short names a user can pass instead of an HF id or a directory.
 KNOWN_MODELS: dict[str, str] = {
@@ -41,16 +46,21 @@ DTYPES = {
 
 @dataclass(frozen=True, kw_only=True)
 class LoadedModel:
-    """A model ready for tracing: the nnsight wrapper, the underlying HF module and its sites."""
+    """A model ready for tracing: the nnsight wrapper ``lm``, the HF model it wraps, its tokenizer
+    and its sites (forward order)."""
 
     name: str
-    lm: object  # nnsight.LanguageModel
-    hf_model: nn.Module
-    tokenizer: object
+    lm: LanguageModel
+    hf_model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     architecture: Architecture
     sites: tuple[Site, ...]
     device: torch.device
     dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        if not self.sites:
+            raise ValueError(f"LoadedModel {self.name}: no sites")
 
     @property
     def n_layers(self) -> int:
@@ -63,6 +73,15 @@ class LoadedModel:
     @property
     def parallel_residual(self) -> bool:
         return is_parallel_residual(self.hf_model)
+
+    @property
+    def last_resid(self) -> Site:
+        """The residual stream after the last layer (the site that feeds the logits)."""
+        return self.site(Site.format(SiteKind.RESID, self.n_layers - 1))
+
+    def site(self, name: str) -> Site:
+        """The site called ``name`` (:class:`~feature_circuits.errors.ConfigError` if unknown)."""
+        return site_by_name(self.sites, name)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -103,7 +122,7 @@ def load_model(
     *,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype = torch.float32,
-    before_wrap: Callable[[nn.Module], None] | None = None,
+    before_wrap: Callable[[nn.Module], object] | None = None,
 ) -> LoadedModel:
     """Load a causal LM by HF id, short name (``embedded``, ``pythia-70m-deduped``) or local
     directory; put it in eval mode on ``device`` in ``dtype`` (float32 by default); run
@@ -146,7 +165,9 @@ def load_model(
     )
 
 
-def wrap(hf_model: nn.Module, tokenizer: object, device: torch.device | None = None):
+def wrap(
+    hf_model: nn.Module, tokenizer: PreTrainedTokenizerBase, device: torch.device | None = None
+) -> LanguageModel:
     """Wrap an in-memory HF model with nnsight (it needs the tokenizer passed explicitly).
 
     nnsight 0.8 builds a ``transformers.pipeline`` around the model, and a pipeline given no device

@@ -1,4 +1,5 @@
-"""Sites: where SAEs are spliced into a model, and how to read/write them inside an nnsight trace.
+"""Sites: where SAEs are spliced into a model, and how to read/write them inside an nnsight trace
+(docs/algorithms.md, "Sites"). Site names are :class:`~feature_circuits.types.Site`'s.
 
 GPT-NeoX (Pythia): ``embed`` = ``gpt_neox.embed_in``, ``attn_l`` = ``gpt_neox.layers[l].attention``
 (output[0]), ``mlp_l`` = ``gpt_neox.layers[l].mlp``, ``resid_l`` = ``gpt_neox.layers[l]``.
@@ -10,13 +11,19 @@ Whether a module returns a tuple is detected by running the model once, never as
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from feature_circuits.errors import UnsupportedModelError
+from feature_circuits.errors import ConfigError, UnsupportedModelError
 from feature_circuits.types import Architecture, Site, SiteKind
+
+if TYPE_CHECKING:
+    from nnsight import LanguageModel
+
+_T = TypeVar("_T")
 
 _PATHS = {
     Architecture.GPT_NEOX: ("gpt_neox.embed_in", "gpt_neox.layers", "attention", "mlp"),
@@ -41,7 +48,8 @@ def detect_architecture(model: nn.Module) -> Architecture:
 
 
 def get_submodule(root: Any, path: str) -> Any:
-    """Follow a dotted path (``gpt_neox.layers.3.mlp``) on a torch module or an nnsight envoy."""
+    """Follow a dotted path (``gpt_neox.layers.3.mlp``) on a torch module or an nnsight envoy
+    (``Any``: an envoy's attributes are the wrapped model's, resolved at run time)."""
     obj = root
     for part in path.split("."):
         obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
@@ -103,17 +111,18 @@ def build_sites(model: nn.Module) -> list[Site]:
     return sorted(sites, key=lambda s: s.rank)
 
 
-def site_envoy(lm: Any, site: Site) -> Any:
+def site_envoy(lm: LanguageModel, site: Site) -> Any:
+    """The nnsight envoy of the site's module (its ``.output`` is readable and writable in a trace)."""
     return get_submodule(lm, site.module_path)
 
 
-def get_activation(lm: Any, site: Site) -> Any:
+def get_activation(lm: LanguageModel, site: Site) -> Tensor:
     """The site's activation (b, s, d) inside a trace (``output[0]`` only for tuple outputs)."""
     out = site_envoy(lm, site).output
     return out[0] if site.output_is_tuple else out
 
 
-def set_activation(lm: Any, site: Site, value: Any) -> None:
+def set_activation(lm: LanguageModel, site: Site, value: Tensor) -> None:
     """Replace the site's activation inside a trace, keeping the rest of a tuple output."""
     env = site_envoy(lm, site)
     if site.output_is_tuple:
@@ -123,11 +132,20 @@ def set_activation(lm: Any, site: Site, value: Any) -> None:
         env.output = value
 
 
-def site_by_name(sites: list[Site], name: str) -> Site:
+def save(value: _T) -> _T:
+    """``nnsight.save``, typed: mark ``value`` (computed inside a trace) to be kept after it."""
+    import nnsight
+
+    return nnsight.save(value)
+
+
+def site_by_name(sites: Sequence[Site], name: str) -> Site:
+    """The site called ``name``; :class:`~feature_circuits.errors.ConfigError` naming the
+    known sites if there is none."""
     for s in sites:
         if s.name == name:
             return s
-    raise KeyError(f"unknown site {name!r}; sites are {[s.name for s in sites]}")
+    raise ConfigError(f"unknown site {name!r}; sites are {[s.name for s in sites]}")
 
 
 def is_parallel_residual(model: nn.Module) -> bool:

@@ -97,7 +97,7 @@ def evaluate_pairs(model, tokenizer, pairs: list[dict], batch_size: int = 256) -
             ids = [tokenizer(p[f"{side}_prefix"]).input_ids for p in chunk]
             good = [tokenizer(p[f"{side}_answer"], add_special_tokens=False).input_ids for p in chunk]
             bad = [tokenizer(p[f"{other}_answer"], add_special_tokens=False).input_ids for p in chunk]
-            if any(len(g) != 1 or len(b) != 1 for g, b in zip(good, bad)):
+            if any(len(g) != 1 or len(b) != 1 for g, b in zip(good, bad, strict=True)):
                 raise ValueError("answers must be single tokens")
             n = max(map(len, ids))
             x = torch.full((len(ids), n), tokenizer.pad_token_id, dtype=torch.long)

@@ -304,6 +304,8 @@ def make_sva_pair(
         if structure == "nounpp":
             return sva_prefix(structure, subj, attr, preposition)
         if structure == "rc":
+            if other_verb is None:
+                raise ValueError("make_sva_pair: structure 'rc' needs other_verb (the relative-clause verb)")
             return sva_prefix(structure, subj, attr, verb_form(other_verb, attr_pl))
         return sva_prefix(structure, subj, attr)
 
@@ -476,7 +478,7 @@ def _sva_sentence(structure: str, rng: random.Random) -> CorpusSentence | None:
             return None
         toks = ["The", subj, "that", "the", noun_form(attractor, apl), verb_form(rcv, apl), v]
         targets = (5, 6)
-    toks += _continuation(v, rng) + ["."]
+    toks += [*_continuation(v, rng), "."]
     return CorpusSentence(" ".join(toks), targets, structure)
 
 
@@ -517,7 +519,7 @@ def _filler_sentence(rng: random.Random) -> CorpusSentence:
     else:
         a, b = rng.sample(NAMES, 2)
         toks = [a, "and", b, rng.choice(FILLER_VERBS_PAST), "to", "the", rng.choice(PLACES)]
-    return CorpusSentence(" ".join(toks + ["."]), (), "filler")
+    return CorpusSentence(" ".join([*toks, "."]), (), "filler")
 
 
 #: Default mixture of the training corpus.
@@ -528,7 +530,7 @@ def corpus_sentence(rng: random.Random, mix: dict[str, float] | None = None) -> 
     """One training sentence drawn from ``mix`` (default ``CORPUS_MIX``); never contains a held-out
     combination."""
     mix = mix or CORPUS_MIX
-    kinds, weights = zip(*mix.items())
+    kinds, weights = zip(*mix.items(), strict=True)
     while True:
         kind = rng.choices(kinds, weights)[0]
         if kind == "ioi":

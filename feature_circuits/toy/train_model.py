@@ -1,12 +1,12 @@
 """Train the embedded default model: a 4-layer Pythia-architecture (GPT-NeoX) LM on the project's grammar.
 
-The corpus (feature_circuits/grammar.py) mixes subject-verb agreement sentences in four structures
+The corpus (feature_circuits/toy/grammar.py) mixes subject-verb agreement sentences in four structures
 (simple, across a prepositional phrase, across/within a relative clause), IOI sentences and filler,
 and never contains a held-out combination. Loss is next-token cross-entropy over every token, with the
 agreeing verbs and the IOI indirect object upweighted (--answer-weight). Deterministic for a --seed
 (single-process CPU). At the end the model is evaluated on the held-out test pairs (data splits
 *_test, regenerated from the grammar) and saved with the tokenizer to --out, together with
-metrics.json (written to the parent of --out, i.e. feature_circuits/embedded/metrics.json by default).
+metrics.json (written to the parent of --out: feature_circuits/toy/metrics.json by default).
 
 Tiny run for tests:  --steps 5 --d-model 32 --n-layers 1 --n-heads 2 --d-mlp 64 --eval-n 8
 """
@@ -37,8 +37,7 @@ def make_config(tok, args) -> GPTNeoXConfig:
         num_attention_heads=args.n_heads,
         intermediate_size=args.d_mlp,
         hidden_act="gelu",
-        rotary_pct=0.25,
-        rotary_emb_base=10000,
+        rope_parameters={"partial_rotary_factor": 0.25, "rope_theta": 10000, "rope_type": "default"},
         max_position_embeddings=64,
         use_parallel_residual=True,
         tie_word_embeddings=False,
@@ -61,7 +60,7 @@ def batches(tok, seed: int, batch_size: int, answer_weight: float):
         n = max(map(len, ids))
         x = torch.full((batch_size, n), pad, dtype=torch.long)
         w = torch.zeros(batch_size, n)
-        for i, (s, t) in enumerate(zip(sents, ids)):
+        for i, (s, t) in enumerate(zip(sents, ids, strict=True)):
             x[i, : len(t)] = torch.tensor(t)
             w[i, 1 : len(t)] = 1.0
             for j in s.targets:
@@ -77,7 +76,8 @@ def evaluate(model, tok, n: int, seed: int) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line options (defaults: the shipped package directories of :mod:`feature_circuits.toy`)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=2500, help="optimizer steps")
@@ -94,7 +94,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--metrics", type=Path, default=None, help="metrics.json path (default: <out>/../metrics.json)"
     )
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

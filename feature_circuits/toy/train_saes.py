@@ -2,7 +2,7 @@
 
 Sites: embed (gpt_neox.embed_in output), attn_l (layers[l].attention output[0]), mlp_l (layers[l].mlp
 output), resid_l (layers[l] output, a plain tensor in transformers 5). Activations come from sentences
-of the training corpus (feature_circuits/grammar.py, never held-out combinations), pad positions
+of the training corpus (feature_circuits/toy/grammar.py, never held-out combinations), pad positions
 excluded. Each site's activations are divided by a scalar c (root mean squared norm) for training, so one
 --l1 works at every site; the scale is folded back into the saved weights (encoder.bias and bias times c),
 so the saved AutoEncoder acts on raw activations and its features are c times the normalised ones.
@@ -27,6 +27,7 @@ from transformers import AutoTokenizer, GPTNeoXForCausalLM
 
 from feature_circuits.dictionaries.marks import save_autoencoder
 from feature_circuits.model.sites import build_sites, get_submodule
+from feature_circuits.toy import METRICS_PATH as EMBEDDED_METRICS_PATH
 from feature_circuits.toy import MODEL_DIR as EMBEDDED_MODEL_DIR
 from feature_circuits.toy import MODEL_NAME as EMBEDDED_MODEL_NAME
 from feature_circuits.toy import SAE_ROOT as EMBEDDED_SAE_ROOT
@@ -86,7 +87,8 @@ def fold_scale(ae, c: float) -> None:
         ae.encoder.bias.mul_(c)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line options (defaults: the shipped package directories of :mod:`feature_circuits.toy`)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=EMBEDDED_MODEL_DIR, help="model directory")
     ap.add_argument("--out", type=Path, default=EMBEDDED_SAE_ROOT, help="SAE root (Marks layout)")
@@ -106,7 +108,11 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="metrics.json to update (default: <model>/../metrics.json when --model is the default)",
     )
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -167,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
             "mean_l0": round(test_stats["l0"], 2),
             "train_fve": round(train_stats["fve"], 4),
             "dead_fraction": round(dead, 4),
-            "eval_set": "held-out sentences (feature_circuits.datasets_gen.heldout_eval_texts(seed=0))",
+            "eval_set": "held-out sentences (feature_circuits.toy.datasets.heldout_eval_texts(seed=0))",
             "train_seconds": round(time.time() - t0, 1),
         }
         ddir = args.out / args.model_name / site.marks_dir / str(args.dict_size)
@@ -182,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"all sites in {total:.0f} s")
     mpath = args.metrics
     if mpath is None and args.model.resolve() == EMBEDDED_MODEL_DIR.resolve():
-        mpath = EMBEDDED_MODEL_DIR.parent / "metrics.json"
+        mpath = EMBEDDED_METRICS_PATH
     if mpath is not None:
         metrics = json.loads(mpath.read_text()) if mpath.exists() else {}
         metrics["saes"] = {"total_seconds": round(total, 1), "sites": results}

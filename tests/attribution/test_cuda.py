@@ -12,7 +12,7 @@ import torch
 from feature_circuits.attribution import SubBatch, edge_effects, load_for_attribution, node_effects
 from tests.helpers import save_model, save_random_saes, tiny_gpt_neox, tiny_llama
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 
 CLEAN = torch.tensor([[4, 12, 13, 6, 14], [5, 15, 16, 7, 17]])
 

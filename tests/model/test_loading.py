@@ -172,6 +172,7 @@ def test_wrap_keeps_the_requested_device(neox_dir):
     assert {p.device.type for p in lm._module.parameters()} == {"cpu"}
 
 
+@pytest.mark.slow
 def test_load_by_hub_id_from_offline_cache(tmp_path):
     """``org/name`` is a hub id (not a missing directory): a model laid out in a hub cache loads through
     the same loader, offline. Run in a subprocess because huggingface_hub reads its cache and offline
