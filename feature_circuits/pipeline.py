@@ -285,7 +285,7 @@ def discover(cfg: DiscoverConfig, *, log: Log = _quiet) -> Circuit:
     ``cfg.html`` is False) there. Returns the :class:`~feature_circuits.circuit.Circuit`."""
     from tqdm import tqdm
 
-    from feature_circuits.attribution import edge_effects, load_for_attribution, node_effects
+    from feature_circuits.attribution import edge_effects, load_for_attribution, method_spec, node_effects
     from feature_circuits.circuit import (
         EFFECTS_FILE,
         aggregate_edges,
@@ -324,6 +324,7 @@ def discover(cfg: DiscoverConfig, *, log: Log = _quiet) -> Circuit:
     timing["data"] = time.perf_counter() - t
 
     metric = get_metric(cfg.metric)
+    options = method_spec(cfg.method).options_from({"steps": cfg.steps})
     node_batches, edge_batches = [], []
     t_nodes = t_edges = 0.0
     bar = tqdm(
@@ -335,7 +336,7 @@ def discover(cfg: DiscoverConfig, *, log: Log = _quiet) -> Circuit:
     )
     for batch in bar:
         t = time.perf_counter()
-        ne = node_effects(loaded, dicts, batch, cfg.method, metric=metric, steps=cfg.steps)
+        ne = node_effects(loaded, dicts, batch, cfg.method, metric=metric, options=options)
         t_nodes += time.perf_counter() - t
         node_batches.append(ne)
         if cfg.computes_edges:

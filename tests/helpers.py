@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerFast
 
 from feature_circuits.attribution.results import EdgeEffects, NodeEffects, SiteState
 from feature_circuits.circuit import Circuit, aggregate_edges, aggregate_nodes, build_circuit
+from feature_circuits.data import Batch
 from feature_circuits.model.sites import build_sites
 from feature_circuits.types import Method
 
@@ -87,6 +88,29 @@ def save_random_saes(
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(ae.state_dict(), path)
     return root
+
+
+#: The clean token ids every attribution test runs on (``make_tokenizer``'s vocabulary: 2 x 5 tokens).
+CLEAN = torch.tensor([[4, 12, 13, 6, 14], [5, 15, 16, 7, 17]])
+
+
+def patch_batch(
+    clean: torch.Tensor = CLEAN,
+    pos: int = 1,
+    new: tuple[int, ...] = (20, 21),
+    device: str | torch.device = "cpu",
+) -> Batch:
+    """The CLEAN batch: the patch input is ``clean`` with position ``pos`` replaced by ``new`` (one
+    token per example); answers ``is``/``are`` (8, 9) and the other way round."""
+    patch = clean.clone()
+    patch[:, pos] = torch.tensor(new)
+    return Batch(
+        clean=clean.to(device),
+        patch=patch.to(device),
+        clean_answer=torch.tensor([8, 9], device=device),
+        patch_answer=torch.tensor([9, 8], device=device),
+        pairs=(),
+    )
 
 
 WORDS = [

@@ -123,7 +123,7 @@ def test_configs_reject_bad_values():
     ]:
         with pytest.raises(ConfigError, match=msg):
             DiscoverConfig(**kwargs)
-    assert DiscoverConfig(method="exact").computes_edges is False  # strings become the enums
+    assert DiscoverConfig(method="exact").computes_edges is False  # pyright: ignore[reportArgumentType]
     for kwargs, msg in [
         ({"circuits": ()}, "--circuit is required"),
         ({"num_examples": 0}, "--num-examples must be >= 1"),
@@ -136,7 +136,7 @@ def test_configs_reject_bad_values():
     ]:
         with pytest.raises(ConfigError, match=msg):
             EvaluateConfig(**{"circuits": ("c.json",), **kwargs})
-    assert EvaluateConfig(circuits="c.json").circuits == ("c.json",)
+    assert EvaluateConfig(circuits="c.json").circuits == ("c.json",)  # pyright: ignore[reportArgumentType]
 
 
 def test_interrupt_exit_130(monkeypatch, capsys):

@@ -14,7 +14,7 @@ import torch
 import feature_circuits as fc
 from feature_circuits.circuit import LOGIT_ID, load_circuit, load_effects
 from feature_circuits.pipeline import DiscoverConfig, EvaluateConfig, discover, evaluate
-from feature_circuits.types import Method, error_index
+from feature_circuits.types import Aggregation, Method, error_index
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +82,12 @@ def test_discover_tiny(tmp_path, neox_dir, neox_saes, tiny_data, method):
 def test_discover_tiny_none_and_nodes_only(tmp_path, neox_dir, neox_saes, tiny_data):
     c = discover(
         DiscoverConfig(
-            method="atp",
+            method=Method.ATP,
             model=str(neox_dir),
             saes=str(neox_saes),
             dataset=str(tiny_data),
             num_examples=4,
-            aggregation="none",
+            aggregation=Aggregation.NONE,
             nodes_only=True,
             node_threshold=1e-4,
             progress=False,

@@ -1,36 +1,80 @@
-"""Node and edge attribution (spec sections 3 and 4).
+"""Node and edge attribution (docs/algorithms.md, "Node effects" and "Edge effects").
 
-loaded, dicts = load_for_attribution("embedded", "embedded")
-nodes = node_effects(loaded, dicts, batch, Method.RELP)
-edges = edge_effects(loaded, dicts, batch, nodes, node_threshold=0.1, method=Method.RELP)
+    loaded, dicts = load_for_attribution("embedded", "embedded")
+    nodes = node_effects(loaded, dicts, batch, Method.RELP)
+    edges = edge_effects(loaded, dicts, batch, nodes, node_threshold=0.1)
+
+* :mod:`.results`: the typed results (:class:`NodeEffects`, :class:`EdgeEffects`);
+* :mod:`.forward`: the clean / patch forwards every method shares;
+* :mod:`.exact`, :mod:`.atp`, :mod:`.relp`, :mod:`.ig`: one module per method, each registered in
+  :mod:`.registry` with its options dataclass;
+* :mod:`.edges`: edge effects between direct-path site pairs.
+
+The metric is one of :mod:`feature_circuits.metrics` (default ``logit_diff``, or ``answer_logit``
+without a counterfactual).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
-from feature_circuits.attribution.forward import (
-    Metric,
-    SubBatch,
-    default_metric,
-    logit_diff_metric,
-    neg_answer_logit_metric,
+from feature_circuits.attribution.edges import SitePair, edge_effects
+from feature_circuits.attribution.registry import (
+    METHODS,
+    AtpOptions,
+    ExactOptions,
+    IGOptions,
+    MethodOptions,
+    MethodSpec,
+    RelPOptions,
+    method_spec,
 )
 from feature_circuits.attribution.results import EdgeEffects, NodeEffects, SiteState
+from feature_circuits.data import Batch
+from feature_circuits.dictionaries import Dictionary
+from feature_circuits.metrics import Metric, answer_logit, logit_diff
+from feature_circuits.model.loading import LoadedModel
 from feature_circuits.model.lrp import LRPController, get_lrp_controller, install_lrp
 from feature_circuits.types import LRPConfig, Method
 
+if TYPE_CHECKING:
+    from feature_circuits.dictionaries.marks import SAESource
+
+__all__ = [
+    "METHODS",
+    "AtpOptions",
+    "EdgeEffects",
+    "ExactOptions",
+    "IGOptions",
+    "LRPConfig",
+    "LRPController",
+    "Method",
+    "MethodOptions",
+    "MethodSpec",
+    "NodeEffects",
+    "RelPOptions",
+    "SiteState",
+    "SitePair",
+    "edge_effects",
+    "get_lrp_controller",
+    "install_lrp",
+    "load_for_attribution",
+    "method_spec",
+    "node_effects",
+]
+
 
 def load_for_attribution(
-    model: str | os.PathLike | None = None,
-    saes: Any = None,
+    model: str | os.PathLike[str] | None = None,
+    saes: str | Path | SAESource | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype = torch.float32,
-):
+) -> tuple[LoadedModel, dict[str, Dictionary]]:
     """Load a model with the LRP rules installed (all off) and its dictionaries: ``(loaded, dicts)``."""
     from feature_circuits.dictionaries.marks import load_dictionaries
     from feature_circuits.model.loading import load_model
@@ -41,90 +85,33 @@ def load_for_attribution(
 
 
 def node_effects(
-    loaded: Any,
-    dictionaries: dict[str, nn.Module],
-    batch: Any,
+    loaded: LoadedModel,
+    dictionaries: Mapping[str, Dictionary],
+    batch: Batch,
     method: Method | str,
     *,
     metric: Metric | None = None,
-    steps: int = 10,
-    lrp: LRPConfig | None = None,
+    options: MethodOptions | None = None,
     counterfactual: bool = True,
-    sites: list[str] | None = None,
-    max_nodes: int | None = None,
-    chunk_size: int = 128,
+    sites: Sequence[str] | None = None,
 ) -> NodeEffects:
-    """Node effects (b, s, F+1) per site of one batch.
+    """Node effects (b, s, F+1) per site of one batch, error node last, by ``method``.
 
-    ``metric(logits (b,s,V), batch) -> (b,)``; default logit(patch answer) - logit(clean answer) at
-    the last position, or -logit(clean answer) when ``counterfactual=False`` (zero-ablation mode: the
-    patch state is zero features and zero error). ``steps``: IG steps. ``lrp``: relp rules (default
-    ``LRPConfig()``). ``sites``: restrict to these site names. ``max_nodes`` / ``chunk_size``: exact only.
+    ``metric(logits (b,s,V), batch) -> (b,)``: default :func:`~feature_circuits.metrics.logit_diff`,
+    or :func:`~feature_circuits.metrics.answer_logit` when ``counterfactual=False`` (zero-ablation
+    mode: the patch state is zero features and zero error). ``options``: the method's options
+    dataclass (:class:`ExactOptions`, :class:`AtpOptions`, :class:`RelPOptions`, :class:`IGOptions`;
+    default its defaults). ``sites``: restrict to these site names.
     """
-    method = Method(method)
-    metric = default_metric(counterfactual) if metric is None else metric
-    if method is Method.EXACT:
-        from feature_circuits.attribution.exact import exact_node_effects
-
-        return exact_node_effects(
-            loaded,
-            dictionaries,
-            batch,
-            metric=metric,
-            counterfactual=counterfactual,
-            sites=sites,
-            max_nodes=max_nodes,
-            chunk_size=chunk_size,
-        )
-    if method is Method.ATP:
-        from feature_circuits.attribution.atp import atp_node_effects
-
-        return atp_node_effects(
-            loaded, dictionaries, batch, metric=metric, counterfactual=counterfactual, sites=sites
-        )
-    if method is Method.RELP:
-        from feature_circuits.attribution.atp import relp_node_effects
-
-        return relp_node_effects(
-            loaded, dictionaries, batch, metric=metric, lrp=lrp, counterfactual=counterfactual, sites=sites
-        )
-    if method is Method.IG:
-        from feature_circuits.attribution.ig import ig_node_effects
-
-        return ig_node_effects(
-            loaded,
-            dictionaries,
-            batch,
-            metric=metric,
-            steps=steps,
-            counterfactual=counterfactual,
-            sites=sites,
-        )
-    raise ValueError(f"unknown method {method!r}")
-
-
-def edge_effects(*args, **kwargs) -> EdgeEffects:
-    """See :func:`feature_circuits.attribution.edges.edge_effects`."""
-    from feature_circuits.attribution.edges import edge_effects as _edge_effects
-
-    return _edge_effects(*args, **kwargs)
-
-
-__all__ = [
-    "EdgeEffects",
-    "LRPConfig",
-    "LRPController",
-    "Method",
-    "Metric",
-    "NodeEffects",
-    "SiteState",
-    "SubBatch",
-    "default_metric",
-    "edge_effects",
-    "get_lrp_controller",
-    "install_lrp",
-    "load_for_attribution",
-    "logit_diff_metric",
-    "neg_answer_logit_metric",
-    "node_effects",
-]
+    spec = method_spec(method)
+    if metric is None:
+        metric = logit_diff if counterfactual else answer_logit
+    return spec.node_effects(
+        loaded,
+        dictionaries,
+        batch,
+        metric=metric,
+        options=spec.check_options(options),
+        counterfactual=counterfactual,
+        sites=sites,
+    )

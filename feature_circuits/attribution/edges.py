@@ -1,4 +1,4 @@
-"""Edge effects between direct-path site pairs (spec section 4).
+"""Edge effects between direct-path site pairs (docs/algorithms.md, "Edge effects").
 
 edge(k -> j) = g_j . (d d_j / d u_k)|clean . delta u_k, with g_j the downstream node's gradient from
 the node pass (plain for atp, IG-averaged for ig, LRP propagation coefficient for relp: for relp the
@@ -26,32 +26,50 @@ graph), kept as the one-backward-per-node reference the tests and the benchmark 
 from __future__ import annotations
 
 import time
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from feature_circuits.attribution.results import EdgeEffects, NodeEffects
-from feature_circuits.dictionaries.marks import decoder_directions, encode_with_error, splice_with_grad_leaves
+from feature_circuits.attribution.registry import METHODS, method_spec
+from feature_circuits.attribution.results import EdgeEffects, NodeEffects, SiteState
+from feature_circuits.data import Batch
+from feature_circuits.dictionaries import Dictionary, encode_with_error, splice_with_grad_leaves
+from feature_circuits.errors import ConfigError
+from feature_circuits.model.loading import LoadedModel
 from feature_circuits.model.lrp import lrp_context
-from feature_circuits.model.sites import get_activation, set_activation
-from feature_circuits.types import LRPConfig, Method, Site
+from feature_circuits.model.sites import get_activation, save, set_activation
+from feature_circuits.types import LOGIT_ID, LRPConfig, Method, Site, SiteKind
+
+__all__ = [
+    "SitePair",
+    "check_direct_pairs",
+    "edge_effects",
+    "edge_forward",
+    "leaf_forward",
+    "select_nodes",
+    "site_pairs",
+]
 
 
 @dataclass(frozen=True)
 class SitePair:
+    """An edge's ends (site names, ``up`` before ``down``) and the sites between them that the
+    direct path does not cross (``stop``)."""
+
     up: str
     down: str
     stop: tuple[str, ...] = ()
 
 
-def site_pairs(loaded: Any, available: set[str] | None = None) -> list[SitePair]:
-    """The direct-path pairs of spec section 4, in forward order of the downstream site."""
+def site_pairs(loaded: LoadedModel, available: Collection[str] | None = None) -> list[SitePair]:
+    """The direct-path pairs (docs/algorithms.md, "Edge effects"), in forward order of the
+    downstream site; with ``available``, only pairs whose ends are both in it."""
     pairs: list[SitePair] = []
     for layer in range(loaded.n_layers):
-        prev = "embed" if layer == 0 else f"resid_{layer - 1}"
-        attn, mlp, resid = f"attn_{layer}", f"mlp_{layer}", f"resid_{layer}"
+        prev = Site.format(SiteKind.EMBED, -1) if layer == 0 else Site.format(SiteKind.RESID, layer - 1)
+        attn, mlp, resid = (Site.format(kind, layer) for kind in (SiteKind.ATTN, SiteKind.MLP, SiteKind.RESID))
         pairs.append(SitePair(prev, attn))
         if not loaded.parallel_residual:
             pairs.append(SitePair(attn, mlp))
@@ -63,35 +81,34 @@ def site_pairs(loaded: Any, available: set[str] | None = None) -> list[SitePair]
 
 
 def edge_forward(
-    loaded: Any,
-    dictionaries: dict[str, nn.Module],
+    loaded: LoadedModel,
+    dictionaries: Mapping[str, Dictionary],
     ids: Tensor,
     pair: SitePair,
     lrp: LRPConfig | None = None,
 ) -> dict[str, Tensor]:
     """Clean forward for one pair: returns ``fu``, ``eu`` (upstream leaves) and ``fd``, ``ed``
     (downstream node values, functions of the leaves through the direct path only)."""
-    by_name = {s.name: s for s in loaded.sites}
-    up, down = by_name[pair.up], by_name[pair.down]
-    stops = [by_name[n] for n in pair.stop]
+    up, down = loaded.site(pair.up), loaded.site(pair.down)
+    stops = [loaded.site(n) for n in pair.stop]
     order: list[tuple[Site, str]] = [(up, "up"), *[(s, "stop") for s in stops], (down, "down")]
     order.sort(key=lambda t: t[0].rank)
     if order[0][1] != "up" or order[-1][1] != "down":
         raise ValueError(f"pair {pair} is not in forward order")
     lm = loaded.lm
-    saved: dict[str, Any] = {}
+    saved: dict[str, Tensor] = {}
     with lrp_context(loaded, lrp), lm.trace(ids.to(loaded.device)):
         for site, role in order:
             x = get_activation(lm, site)
             if role == "up":
                 out, f, err = splice_with_grad_leaves(dictionaries[site.name], x)
                 set_activation(lm, site, out)
-                saved["fu"], saved["eu"] = f.save(), err.save()
+                saved["fu"], saved["eu"] = save(f), save(err)
             elif role == "stop":
                 set_activation(lm, site, x.detach())
             else:
                 fd, ed = encode_with_error(dictionaries[site.name], x)
-                saved["fd"], saved["ed"] = fd.save(), ed.save()
+                saved["fd"], saved["ed"] = save(fd), save(ed)
     return saved
 
 
@@ -106,34 +123,35 @@ def select_nodes(effects: Tensor, threshold: float) -> tuple[Tensor, Tensor, Ten
 
 
 def leaf_forward(
-    loaded: Any,
+    loaded: LoadedModel,
     ids: Tensor,
-    names: set[str],
+    names: Collection[str],
     lrp: LRPConfig | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """One clean forward in which every named site's output is saved (``outs``, still a function of
     the earlier leaves) and then replaced by a gradient leaf with the same value (``leaves``).
 
     So d outs[d] / d leaves[u] is the derivative along the paths from u to d that cross no other
-    named site: the direct path of spec section 4 when the named sites are all the sites between."""
+    named site: the direct path (docs/algorithms.md, "Edge effects") when the named sites are all
+    the sites between."""
     lm = loaded.lm
     leaves: dict[str, Tensor] = {}
     outs: dict[str, Tensor] = {}
     with lrp_context(loaded, lrp), lm.trace(ids.to(loaded.device)):
         for site in sorted((s for s in loaded.sites if s.name in names), key=lambda t: t.rank):
             x = get_activation(lm, site)
-            outs[site.name] = x.save()
+            outs[site.name] = save(x)
             leaf = x.detach().clone().requires_grad_(True)
             set_activation(lm, site, leaf)
-            leaves[site.name] = leaf.save()
+            leaves[site.name] = save(leaf)
     return leaves, outs
 
 
-def pair_sites(pairs: list[SitePair]) -> set[str]:
+def pair_sites(pairs: Sequence[SitePair]) -> set[str]:
     return {n for p in pairs for n in (p.up, p.down, *p.stop)}
 
 
-def check_direct_pairs(loaded: Any, pairs: list[SitePair]) -> None:
+def check_direct_pairs(loaded: LoadedModel, pairs: Sequence[SitePair]) -> None:
     """Each pair's stops must be exactly the sites of the computation that lie between its ends."""
     order = {s.name: s.rank for s in loaded.sites}
     names = pair_sites(pairs)
@@ -147,7 +165,7 @@ def check_direct_pairs(loaded: Any, pairs: list[SitePair]) -> None:
             )
 
 
-def _node_cotangents(ae: nn.Module, x: Tensor, j: Tensor, g_f: Tensor, g_err: Tensor, n_fd: int) -> Tensor:
+def _node_cotangents(ae: Dictionary, x: Tensor, j: Tensor, g_f: Tensor, g_err: Tensor, n_fd: int) -> Tensor:
     """d(g . node)/dx for n downstream nodes at their own activation rows ``x`` (n, d): feature node
     j < F is g_j f_j(x), the error node (j = F) is g_err . (x - decode(f(x)))."""
     x = x.detach().requires_grad_(True)
@@ -174,11 +192,11 @@ def _empty_edges(shape: tuple[int, ...], like: Tensor) -> Tensor:
 UpstreamFactors = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
-def upstream_factors(ae: nn.Module, delta: Any, like: Tensor) -> UpstreamFactors:
+def upstream_factors(ae: Dictionary, delta: SiteState, like: Tensor) -> UpstreamFactors:
     """What an upstream site contributes to every edge out of it (computed once per site)."""
     active = (delta.f != 0).any(0).any(0).nonzero().squeeze(1)
     return (
-        decoder_directions(ae, like)[active],
+        ae.decoder_directions(like)[active],
         delta.f[..., active].to(like.dtype),
         delta.err.to(like.dtype),
         torch.cat([active, active.new_tensor([delta.f.shape[-1]])]),
@@ -186,13 +204,13 @@ def upstream_factors(ae: nn.Module, delta: Any, like: Tensor) -> UpstreamFactors
 
 
 def down_edges(
-    dictionaries: dict[str, nn.Module],
+    dictionaries: Mapping[str, Dictionary],
     nodes: NodeEffects,
     down: str,
-    ups: list[str],
-    leaves: dict[str, Tensor],
-    outs: dict[str, Tensor],
-    factors: dict[str, UpstreamFactors],
+    ups: Sequence[str],
+    leaves: Mapping[str, Tensor],
+    outs: Mapping[str, Tensor],
+    factors: Mapping[str, UpstreamFactors],
     *,
     node_threshold: float,
     chunk_size: int = 64,
@@ -205,7 +223,7 @@ def down_edges(
     outputs at once (d wide), and the upstream features' gradients are the products with the
     decoder rows of the features whose delta is non-zero (the only ones with a non-zero edge)."""
     if nodes.grads is None:
-        raise ValueError("edge effects need node gradients: compute nodes with atp, ig or relp (not exact)")
+        raise ConfigError("edge effects need node gradients: compute nodes with atp, ig or relp (not exact)")
     gd = nodes.grads[down]
     xd = outs[down]
     b, s, n_fd = gd.f.shape
@@ -261,30 +279,34 @@ def down_edges(
 
 
 def edge_effects(
-    loaded: Any,
-    dictionaries: dict[str, nn.Module],
-    batch: Any,
+    loaded: LoadedModel,
+    dictionaries: Mapping[str, Dictionary],
+    batch: Batch,
     nodes: NodeEffects,
     *,
     node_threshold: float,
     method: Method | str | None = None,
     lrp: LRPConfig | None = None,
     chunk_size: int = 64,
-    pairs: list[SitePair] | None = None,
+    pairs: Sequence[SitePair] | None = None,
 ) -> EdgeEffects:
     """Edge effects of one batch for atp, ig and relp (``method`` defaults to ``nodes.method``; relp
-    runs the edge backward with ``lrp`` rules, default ``LRPConfig()``). ``chunk_size``: rows per
-    batched VJP (each row carries one downstream node of every example)."""
-    method = Method(nodes.method if method is None else method)
-    if method is Method.EXACT:
-        raise ValueError("edge effects are defined for atp, ig and relp (exact has no gradients)")
-    if method is Method.RELP:
-        lrp = LRPConfig() if lrp is None else lrp
-    else:
-        lrp = None
+    runs the edge backward with ``lrp`` rules, default ``LRPConfig()``). ``node_threshold``: the
+    downstream nodes with |effect| above it get edges. ``chunk_size``: rows per batched VJP (each
+    row carries one downstream node of every example). ``pairs``: default :func:`site_pairs`."""
+    spec = method_spec(nodes.method if method is None else method)
+    if not spec.has_gradients:
+        raise ConfigError(
+            f"method {spec.method.value}: edge effects are defined for methods with gradients "
+            f"({', '.join(m.value for m, s in METHODS.items() if s.has_gradients)})"
+        )
+    if chunk_size < 1:
+        raise ConfigError(f"edge_effects: chunk_size must be >= 1, got {chunk_size}")
+    method = spec.method
+    lrp = spec.backward_lrp(lrp)
     t0 = time.perf_counter()
     available = set(nodes.effects) & set(dictionaries)
-    pairs = site_pairs(loaded, available) if pairs is None else pairs
+    pairs = site_pairs(loaded, available) if pairs is None else list(pairs)
     check_direct_pairs(loaded, pairs)
     edges: dict[tuple[str, str], Tensor] = {}
     timing: dict[str, float] = {}
@@ -315,8 +337,8 @@ def edge_effects(
                 edges[(u, down)] = got[u]
             timing[f"->{down}"] = time.perf_counter() - t1
         del leaves, outs, factors
-    last = f"resid_{loaded.n_layers - 1}"
+    last = loaded.last_resid.name
     if last in nodes.effects:
-        edges[(last, "logit")] = nodes.effects[last]
+        edges[(last, LOGIT_ID)] = nodes.effects[last]
     timing["total"] = time.perf_counter() - t0
     return EdgeEffects(method=method, edges=edges, timing_s=timing)

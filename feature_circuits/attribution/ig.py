@@ -1,4 +1,4 @@
-"""Integrated gradients node effects (Marks et al.), spec section 3.
+"""Integrated gradients node effects (Marks et al.; docs/algorithms.md, "Node effects").
 
 Per site separately (other sites not spliced): z_a = (1-a) clean + a patch for the features AND the
 error, a = k/steps, k = 0..steps-1; the clean input runs with the site output set to
@@ -9,47 +9,49 @@ decode(z.f) + z.err; IE = mean_a(dm/dz) . delta. The steps are stacked along the
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor
 
-from feature_circuits.attribution.forward import (
-    Metric,
-    attribution_sites,
-    collect_states,
-    patch_states,
-    select,
-)
+from feature_circuits.attribution.forward import attribution_sites, clean_and_patch
+from feature_circuits.attribution.registry import IGOptions, MethodOptions, MethodSpec, register
 from feature_circuits.attribution.results import NodeEffects, SiteState
-from feature_circuits.dictionaries.marks import splice_patched
-from feature_circuits.model.sites import get_activation, set_activation
+from feature_circuits.data import Batch
+from feature_circuits.dictionaries import Dictionary, splice_patched
+from feature_circuits.metrics import Metric
+from feature_circuits.model.loading import LoadedModel
+from feature_circuits.model.sites import get_activation, save, set_activation
 from feature_circuits.types import Method
+
+__all__ = ["ig_node_effects"]
 
 
 def ig_node_effects(
-    loaded: Any,
-    dictionaries: dict[str, nn.Module],
-    batch: Any,
+    loaded: LoadedModel,
+    dictionaries: Mapping[str, Dictionary],
+    batch: Batch,
     *,
     metric: Metric,
-    steps: int = 10,
+    options: MethodOptions = IGOptions(),
     counterfactual: bool = True,
-    sites: list[str] | None = None,
-    max_rows: int = 512,
+    sites: Sequence[str] | None = None,
 ) -> NodeEffects:
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    """IG node effects of one batch with ``options.steps`` steps, ``options.max_rows`` rows per
+    forward."""
+    opts = SPEC.check_options(options)
+    assert isinstance(opts, IGOptions)
+    steps = opts.steps
     t0 = time.perf_counter()
     site_list = attribution_sites(loaded, dictionaries, sites)
-    clean, clean_logits = collect_states(loaded, dictionaries, batch.clean, site_list)
-    with torch.no_grad():
-        metric_clean = metric(clean_logits, batch).detach()
-    patch, metric_patch = patch_states(loaded, dictionaries, batch, site_list, clean, metric, counterfactual)
+    run = clean_and_patch(loaded, dictionaries, batch, site_list, metric, counterfactual)
+    clean, patch = run.clean, run.patch
     b = batch.clean.shape[0]
     lm = loaded.lm
-    steps_per_chunk = max(1, max_rows // max(b, 1))
-    grads, deltas, effects = {}, {}, {}
+    steps_per_chunk = max(1, opts.max_rows // max(b, 1))
+    grads: dict[str, SiteState] = {}
+    deltas: dict[str, SiteState] = {}
+    effects: dict[str, Tensor] = {}
     for s in site_list:
         ae = dictionaries[s.name]
         c, p = clean[s.name], patch[s.name]
@@ -62,13 +64,12 @@ def ig_node_effects(
             zf = ((1 - alpha) * c.f + alpha * p.f).reshape(n * b, *c.f.shape[1:]).requires_grad_(True)
             zerr = ((1 - alpha) * c.err + alpha * p.err).reshape(n * b, *c.err.shape[1:]).requires_grad_(True)
             idx = torch.arange(b).repeat(n)
-            sub = select(batch, idx)
-            saved: dict[str, Any] = {}
+            sub = batch.select(idx)
             with lm.trace(sub.clean.to(loaded.device)):
                 get_activation(lm, s)
                 set_activation(lm, s, splice_patched(ae, zf, zerr))
-                saved["logits"] = lm.output.logits.save()
-            m = metric(saved["logits"], sub)
+                logits = save(lm.output.logits)
+            m = metric(logits, sub)
             gf, gerr = torch.autograd.grad(m.sum(), [zf, zerr], allow_unused=True)
             if gf is not None:
                 gf_sum += gf.view(n, *c.f.shape).sum(0)
@@ -83,7 +84,10 @@ def ig_node_effects(
         deltas=deltas,
         grads=grads,
         clean=clean,
-        metric_clean=metric_clean,
-        metric_patch=metric_patch,
+        metric_clean=run.metric_clean,
+        metric_patch=run.metric_patch,
         timing_s={"total": time.perf_counter() - t0},
     )
+
+
+SPEC = register(MethodSpec(method=Method.IG, options=IGOptions, node_effects=ig_node_effects))

@@ -138,9 +138,12 @@ class MethodSpec:
         names = {f.name for f in dataclasses.fields(self.options)}
         return self.options(**{k: v for k, v in values.items() if k in names})  # pyright: ignore[reportArgumentType]
 
-    def lrp(self, options: MethodOptions) -> LRPConfig | None:
-        """The LRP rules the method's gradients run with (relp's; ``None`` for the others)."""
-        return options.lrp if isinstance(options, RelPOptions) else None
+    def backward_lrp(self, lrp: LRPConfig | None = None) -> LRPConfig | None:
+        """The LRP rules a backward of this method runs with: ``lrp`` (default ``LRPConfig()``) for
+        a method with :class:`RelPOptions`, ``None`` (plain gradients) for the others."""
+        if self.options is not RelPOptions:
+            return None
+        return RelPOptions().lrp if lrp is None else lrp
 
 
 #: The registered methods.

@@ -34,12 +34,13 @@ def relp_node_effects(
 ) -> NodeEffects:
     """relp node effects of one batch with the rules of ``options.lrp`` (default ``LRPConfig()``)."""
     opts = SPEC.check_options(options)
+    assert isinstance(opts, RelPOptions)
     return gradient_node_effects(
         loaded,
         dictionaries,
         batch,
         metric=metric,
-        lrp=SPEC.lrp(opts),
+        lrp=opts.lrp,
         method=Method.RELP,
         counterfactual=counterfactual,
         sites=sites,

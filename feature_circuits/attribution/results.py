@@ -1,8 +1,9 @@
-"""Typed results shared by every attribution method (spec sections 3 and 4).
+"""Typed results shared by every attribution method (docs/algorithms.md, "Node effects" and
+"Edge effects").
 
-Node indexing at a site with F features: flat index ``0..F-1`` are features, index ``F`` is the
-site's error node. Tensors keep the batch (b) and position (s) axes; aggregation is done later
-(feature_circuits.graph).
+Node indexing at a site with F features follows :func:`feature_circuits.types.error_index`: flat
+index ``0..F-1`` are features, index ``F`` is the site's error node. Tensors keep the batch (b) and
+position (s) axes; aggregation is done later (:mod:`feature_circuits.circuit.aggregate`).
 """
 
 from __future__ import annotations
@@ -61,11 +62,11 @@ class NodeEffects:
 
 @dataclass(kw_only=True)
 class EdgeEffects:
-    """Edge effects of one batch between direct-path site pairs (spec section 4).
+    """Edge effects of one batch between direct-path site pairs.
 
     ``edges[(up, down)]``: a sparse COO tensor of shape (b, s_down, F_down+1, s_up, F_up+1): the
     effect of upstream node (s_up, k) on downstream node (s_down, j) in each example, for the
-    downstream nodes selected by the node threshold. ``edges[(last_resid, "logit")]``: dense
+    downstream nodes selected by the node threshold. ``edges[(last_resid, LOGIT_ID)]``: dense
     (b, s, F+1), the node effect of the last residual site.
     """
 

@@ -137,15 +137,15 @@ def load_model(
             hint = " (train it with `feature-circuits train-toy`)" if source == str(toy.MODEL_DIR) else ""
             raise ModelLoadError(f"model directory {source} does not exist{hint}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dt)
+        tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(source)
+        hf_model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(source, dtype=dt)
     except OSError as err:
         raise ModelLoadError(
             f"could not load model {source!r}: {err}\n(no network? pass a local directory with --model)"
         ) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    hf_model.to(dev).eval()
+    nn.Module.to(hf_model, dev).eval()
     for p in hf_model.parameters():
         p.requires_grad_(False)
     arch = detect_architecture(hf_model)

@@ -1,4 +1,4 @@
-"""LRP rules as patched submodules (spec section 5, RelP).
+"""LRP rules as patched submodules (RelP; docs/algorithms.md, "LRP rules").
 
 ``install_lrp(hf_model)`` rewrites submodules of a GPT-NeoX or Llama-family model so that the
 forward pass is unchanged (bit-identical logits: every rule's forward calls the original op) and,
@@ -27,13 +27,26 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from feature_circuits.types import LRPConfig
+from feature_circuits.errors import ConfigError
+from feature_circuits.model.sites import detect_architecture, get_submodule
+from feature_circuits.types import Architecture, LRPConfig
+
+if TYPE_CHECKING:
+    from feature_circuits.model.loading import LoadedModel
+
+    # What each mixin is mixed into (for the type checker; at run time they are plain mixins put in
+    # front of the module's own class by ``_swap_class``).
+    _LayerNormBase = nn.LayerNorm
+    _ModuleBase = nn.Module
+    _LinearBase = nn.Linear
+else:
+    _LayerNormBase = _ModuleBase = _LinearBase = object
 
 _ATTR = "_lrp_controller"
 
@@ -178,16 +191,18 @@ def _swap_class(module: nn.Module, mixin: type, ctrl: LRPController) -> None:
     object.__setattr__(module, _ATTR, ctrl)
 
 
-class _LayerNormMixin:
-    def forward(self, x):
+class _LayerNormMixin(_LayerNormBase):
+    def forward(self, x: Tensor) -> Tensor:
         ctrl = getattr(self, _ATTR)
         if ctrl.config.ln_rule and torch.is_grad_enabled():
             return _LayerNormLN.apply(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return super().forward(x)
 
 
-class _RMSNormMixin:
-    def forward(self, x):
+class _RMSNormMixin(_ModuleBase):
+    weight: nn.Parameter
+
+    def forward(self, x: Tensor) -> Tensor:
         ctrl = getattr(self, _ATTR)
         if ctrl.config.ln_rule and torch.is_grad_enabled():
             eps = getattr(self, "variance_epsilon", getattr(self, "eps", 1e-6))
@@ -196,31 +211,36 @@ class _RMSNormMixin:
         return super().forward(x)
 
 
-class _ActivationMixin:
-    def forward(self, x):
+class _ActivationMixin(_ModuleBase):
+    def forward(self, x: Tensor) -> Tensor:
         ctrl = getattr(self, _ATTR)
         if ctrl.config.identity_rule and torch.is_grad_enabled():
             return _IdentityRule.apply(x, super().forward)
         return super().forward(x)
 
 
-class _GatedMLPMixin:
+class _GatedMLPMixin(_ModuleBase):
     """Llama-family MLP: down(act(gate(x)) * up(x)) with the Half-rule on the product."""
 
-    def forward(self, x):
+    gate_proj: nn.Module
+    up_proj: nn.Module
+    down_proj: nn.Module
+    act_fn: nn.Module
+
+    def forward(self, x: Tensor) -> Tensor:
         ctrl = getattr(self, _ATTR)
         if ctrl.config.half_rule and torch.is_grad_enabled():
             return self.down_proj(_HalfProduct.apply(self.act_fn(self.gate_proj(x)), self.up_proj(x)))
         return super().forward(x)
 
 
-class _LinearMixin:
+class _LinearMixin(_LinearBase):
     """nn.Linear with the optional epsilon-rule and, for attention q/k projections, the AH-rule."""
 
     _lrp_qk_mask: Tensor | None = None  # packed q|k|v output: True where the column is q or k
     _lrp_is_qk: bool = False
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         out = super().forward(x)
         ctrl = getattr(self, _ATTR)
         cfg = ctrl.config
@@ -264,9 +284,6 @@ def install_lrp(hf_model: nn.Module) -> LRPController:
     existing = getattr(hf_model, _ATTR, None)
     if isinstance(existing, LRPController):
         return existing
-    from feature_circuits.model.sites import detect_architecture
-    from feature_circuits.types import Architecture
-
     arch = detect_architecture(hf_model)
     ctrl = LRPController()
     for name, m in list(hf_model.named_modules()):
@@ -282,21 +299,20 @@ def install_lrp(hf_model: nn.Module) -> LRPController:
         elif isinstance(m, nn.Linear):
             _swap_class(m, _LinearMixin, ctrl)
     if arch is Architecture.GPT_NEOX:
-        for i, layer in enumerate(hf_model.gpt_neox.layers):
-            attn = layer.attention
-            qkv = attn.query_key_value
-            hs = attn.head_size
+        for i, layer in enumerate(cast(nn.ModuleList, get_submodule(hf_model, "gpt_neox.layers"))):
+            qkv = cast(nn.Linear, get_submodule(layer, "attention.query_key_value"))
+            hs = int(get_submodule(layer, "attention").head_size)
             n_heads = qkv.out_features // (3 * hs)
             col = torch.arange(qkv.out_features) % (3 * hs)
             assert n_heads * 3 * hs == qkv.out_features
             object.__setattr__(qkv, "_lrp_qk_mask", col < 2 * hs)
             ctrl._note("ah", f"gpt_neox.layers.{i}.attention.query_key_value")
     else:
-        for i, layer in enumerate(hf_model.model.layers):
+        for i, layer in enumerate(cast(nn.ModuleList, get_submodule(hf_model, "model.layers"))):
             for proj in ("q_proj", "k_proj"):
                 object.__setattr__(getattr(layer.self_attn, proj), "_lrp_is_qk", True)
             ctrl._note("ah", f"model.layers.{i}.self_attn")
-            mlp = layer.mlp
+            mlp = cast(nn.Module, get_submodule(layer, "mlp"))
             if all(hasattr(mlp, k) for k in ("gate_proj", "up_proj", "down_proj", "act_fn")):
                 _swap_class(mlp, _GatedMLPMixin, ctrl)
                 ctrl._note("half", f"model.layers.{i}.mlp")
@@ -304,19 +320,19 @@ def install_lrp(hf_model: nn.Module) -> LRPController:
     return ctrl
 
 
-def get_lrp_controller(model: Any) -> LRPController:
+def get_lrp_controller(model: LoadedModel | nn.Module) -> LRPController:
     """The controller of a LoadedModel (or HF model) patched by ``install_lrp``."""
     hf = getattr(model, "hf_model", model)
     ctrl = getattr(hf, _ATTR, None)
     if not isinstance(ctrl, LRPController):
-        raise RuntimeError(
+        raise ConfigError(
             "LRP rules are not installed in this model: load it with "
             "load_model(..., before_wrap=install_lrp) or feature_circuits.attribution.load_for_attribution"
         )
     return ctrl
 
 
-def lrp_context(model: Any, config: LRPConfig | None) -> contextlib.AbstractContextManager:
+def lrp_context(model: LoadedModel | nn.Module, config: LRPConfig | None) -> contextlib.AbstractContextManager[object]:
     """``controller.use(config)`` if rules are needed, else a null context (works on unpatched models
     when ``config`` is None or all-off)."""
     if config is None or not config.any:

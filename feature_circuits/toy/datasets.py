@@ -1,4 +1,12 @@
-"""Dataset files and the word-level tokenizer of the embedded model (built from ``grammar``)."""
+"""The shipped dataset files and the embedded model's word-level tokenizer, both built from
+:mod:`feature_circuits.toy.grammar`.
+
+Owns: the split sizes (:data:`N_TRAIN`, :data:`N_TEST`), writing ``<name>_<split>.jsonl``
+(:func:`write_datasets`; the package's ``toy/data/`` is what ``feature-circuits train-toy datasets``
+rewrites), the tokenizer (:func:`build_tokenizer`), and the logit-difference accuracy check of a model
+on clean/patch pairs used when training (:func:`evaluate_pairs`). The dataset format itself is
+defined in docs/algorithms.md, "Datasets".
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """CUDA: every method gives the same node and edge effects on the GPU as on the CPU (float64), and the
 discovery CLI runs end to end with ``--device cuda``. Skipped where torch sees no GPU (CI's machine);
-run on a GPU machine with ``pytest tests/test_cuda.py``."""
+run on a GPU machine with ``pytest tests/attribution/test_cuda.py``."""
 
 from __future__ import annotations
 
@@ -9,23 +9,14 @@ import json
 import pytest
 import torch
 
-from feature_circuits.attribution import SubBatch, edge_effects, load_for_attribution, node_effects
-from tests.helpers import save_model, save_random_saes, tiny_gpt_neox, tiny_llama
+from feature_circuits.attribution import edge_effects, load_for_attribution, method_spec, node_effects
+from tests.helpers import patch_batch, save_model, save_random_saes, tiny_gpt_neox, tiny_llama
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 
-CLEAN = torch.tensor([[4, 12, 13, 6, 14], [5, 15, 16, 7, 17]])
-
 
 def _batch(device):
-    patch = CLEAN.clone()
-    patch[:, 1] = torch.tensor([20, 21])
-    return SubBatch(
-        CLEAN.to(device),
-        patch.to(device),
-        torch.tensor([8, 9], device=device),
-        torch.tensor([9, 8], device=device),
-    )
+    return patch_batch(device=device)
 
 
 @pytest.mark.parametrize("make", [tiny_gpt_neox, tiny_llama], ids=["neox", "llama"])
@@ -39,7 +30,7 @@ def test_cuda_matches_cpu(make, method, tmp_path):
         assert loaded.device.type == dev
         assert all(p.device.type == dev for ae in dicts.values() for p in ae.parameters())
         batch = _batch(loaded.device)
-        nodes = node_effects(loaded, dicts, batch, method, steps=3)
+        nodes = node_effects(loaded, dicts, batch, method, options=method_spec(method).options_from({"steps": 3}))
         assert all(v.device.type == dev for v in nodes.effects.values())
         edges = None if method == "exact" else edge_effects(loaded, dicts, batch, nodes, node_threshold=1e-3)
         results[dev] = (nodes, edges)
@@ -60,10 +51,11 @@ def test_cuda_matches_cpu(make, method, tmp_path):
 
 
 def test_discover_cli_on_cuda(tmp_path):
-    from feature_circuits.pipeline import main
+    from feature_circuits.cli import main
 
     rc = main(
         [
+            "discover",
             "--method",
             "relp",
             "--num-examples",

@@ -1,22 +1,16 @@
-"""Edge effects (spec section 4): batched VJPs equal a plain one-backward-per-node loop."""
+"""Edge effects (docs/algorithms.md, "Edge effects"): batched VJPs equal a plain
+one-backward-per-node loop."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from feature_circuits.attribution import SubBatch, edge_effects, load_for_attribution, node_effects
+from feature_circuits.attribution import edge_effects, load_for_attribution, method_spec, node_effects
 from feature_circuits.attribution.edges import edge_forward, select_nodes, site_pairs
 from feature_circuits.types import LRPConfig
+from tests.helpers import patch_batch as _batch
 from tests.helpers import save_model, save_random_saes, tiny_gpt_neox, tiny_llama
-
-CLEAN = torch.tensor([[4, 12, 13, 6, 14], [5, 15, 16, 7, 17]])
-
-
-def _batch():
-    patch = CLEAN.clone()
-    patch[:, 1] = torch.tensor([20, 21])
-    return SubBatch(CLEAN, patch, torch.tensor([8, 9]), torch.tensor([9, 8]))
 
 
 def _load(tmp_path, make, saes="random"):
@@ -55,7 +49,7 @@ def test_batched_edges_equal_loop(make, method, tmp_path):
         pytest.skip("ig edges differ from atp only in the node gradients; covered for neox")
     loaded, dicts = _load(tmp_path, make)
     batch = _batch()
-    nodes = node_effects(loaded, dicts, batch, method, steps=3)
+    nodes = node_effects(loaded, dicts, batch, method, options=method_spec(method).options_from({"steps": 3}))
     threshold = 1e-4
     lrp = LRPConfig() if method == "relp" else None
     res = edge_effects(loaded, dicts, batch, nodes, node_threshold=threshold, chunk_size=5)
@@ -114,27 +108,22 @@ def test_edges_deterministic_and_exact_rejected(tmp_path):
 
 
 def test_decoder_directions_match_decode():
-    """Row k of decoder_directions is decode(e_k) - decode(0), from the weights and from the
-    generic VJP fallback alike."""
-    from dictionary_learning import AutoEncoder
-
-    from feature_circuits.dictionaries.marks import IdentityDictionary, decoder_directions
+    """Row k of decoder_directions is decode(e_k) - decode(0): read from the weights (the Marks
+    adapter), derived from decode by a VJP (any affine decode), and the identity for neurons."""
+    from feature_circuits.dictionaries import (
+        Dictionary,
+        IdentityDictionary,
+        MarksAutoEncoder,
+        decoder_directions_by_vjp,
+    )
 
     torch.manual_seed(0)
-    ae = AutoEncoder(6, 10).double()
+    ae = MarksAutoEncoder(6, 10).double()
     like = torch.zeros(1, dtype=torch.float64)
     expect = ae.decode(torch.eye(10, dtype=torch.float64)) - ae.decode(
         torch.zeros(1, 10, dtype=torch.float64)
     )
-
-    class Wrapped(torch.nn.Module):  # no `decoder`/`W_dec` attribute: forces the VJP path
-        def __init__(self, inner):
-            super().__init__()
-            self.inner, self.dict_size = inner, inner.dict_size
-
-        def decode(self, f):
-            return self.inner.decode(f)
-
-    assert torch.allclose(decoder_directions(ae, like), expect, atol=1e-14)
-    assert torch.allclose(decoder_directions(Wrapped(ae), like), expect, atol=1e-14)
-    assert torch.equal(decoder_directions(IdentityDictionary(4), like), torch.eye(4, dtype=torch.float64))
+    assert isinstance(ae, Dictionary) and isinstance(IdentityDictionary(4), Dictionary)
+    assert torch.allclose(ae.decoder_directions(like), expect, atol=1e-14)
+    assert torch.allclose(decoder_directions_by_vjp(ae.decode, ae.dict_size, like), expect, atol=1e-14)
+    assert torch.equal(IdentityDictionary(4).decoder_directions(like), torch.eye(4, dtype=torch.float64))

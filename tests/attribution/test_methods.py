@@ -1,21 +1,24 @@
-"""Node effects (spec section 3): exact, atp, ig, relp, zero-ablation mode."""
+"""Node effects (docs/algorithms.md, "Node effects"): exact, atp, ig, relp, zero-ablation mode; the
+method registry and its options."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from feature_circuits.attribution import SubBatch, load_for_attribution, node_effects
+from feature_circuits.attribution import (
+    METHODS,
+    ExactOptions,
+    IGOptions,
+    RelPOptions,
+    load_for_attribution,
+    method_spec,
+    node_effects,
+)
+from feature_circuits.errors import ConfigError
 from feature_circuits.types import LRPConfig, Method
-from tests.helpers import save_model, save_random_saes, tiny_gpt_neox, tiny_llama
-
-CLEAN = torch.tensor([[4, 12, 13, 6, 14], [5, 15, 16, 7, 17]])
-
-
-def _batch(clean=CLEAN, pos=1, new=(20, 21)):
-    patch = clean.clone()
-    patch[:, pos] = torch.tensor(new)
-    return SubBatch(clean, patch, torch.tensor([8, 9]), torch.tensor([9, 8]))
+from tests.helpers import CLEAN, save_model, save_random_saes, tiny_gpt_neox, tiny_llama
+from tests.helpers import patch_batch as _batch
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,7 @@ def test_relp_with_rules_off_equals_atp_and_shapes(which, request):
     loaded, dicts = request.getfixturevalue(which)
     batch = _batch()
     atp = node_effects(loaded, dicts, batch, Method.ATP)
-    off = node_effects(loaded, dicts, batch, Method.RELP, lrp=LRPConfig.off())
+    off = node_effects(loaded, dicts, batch, Method.RELP, options=RelPOptions(lrp=LRPConfig.off()))
     relp = node_effects(loaded, dicts, batch, Method.RELP)
     assert set(atp.effects) == {s.name for s in loaded.sites}
     for name, eff in atp.effects.items():
@@ -73,7 +76,8 @@ def test_all_methods_equal_exact_when_linear(tmp_path):
     scale = max(exact.effects[s].abs().max() for s in sites)
     assert scale > 1e-3
     for method in ("atp", "relp", "ig"):
-        res = node_effects(loaded, dicts, batch, method, sites=sites, steps=3)
+        options = method_spec(method).options_from({"steps": 3})
+        res = node_effects(loaded, dicts, batch, method, sites=sites, options=options)
         for s in sites:
             assert torch.allclose(res.effects[s], exact.effects[s], atol=1e-7 * scale, rtol=0), (method, s)
 
@@ -103,7 +107,7 @@ def test_ig_approaches_exact_single_node(tmp_path):
     atp = node_effects(loaded, dicts, batch, "atp", sites=["embed"])
     errs = {}
     for steps in (2, 10, 50):
-        ig = node_effects(loaded, dicts, batch, "ig", sites=["embed"], steps=steps)
+        ig = node_effects(loaded, dicts, batch, "ig", sites=["embed"], options=IGOptions(steps=steps))
         errs[steps] = (torch.stack([ig.effects["embed"][n] for n in nodes]) - ex).abs()
     atp_err = (torch.stack([atp.effects["embed"][n] for n in nodes]) - ex).abs()
     assert (errs[50] < atp_err).all(), (errs, atp_err)
@@ -119,7 +123,9 @@ def test_zero_ablation_mode(neox64):
     assert torch.allclose(res.metric_clean, -logits[[0, 1], [8, 9]])
     for name, d in res.deltas.items():
         assert torch.equal(d.f, -res.clean[name].f) and torch.equal(d.err, -res.clean[name].err)
-    ex = node_effects(loaded, dicts, batch, "exact", counterfactual=False, sites=["resid_1"], max_nodes=20)
+    ex = node_effects(
+        loaded, dicts, batch, "exact", counterfactual=False, sites=["resid_1"], options=ExactOptions(max_nodes=20)
+    )
     eff = ex.effects["resid_1"]
     assert torch.isnan(eff).sum() > 0 and torch.isfinite(eff[..., -1]).all()
 
@@ -127,7 +133,7 @@ def test_zero_ablation_mode(neox64):
 def test_exact_matches_manual_patch(neox64):
     loaded, dicts = neox64
     batch = _batch()
-    ex = node_effects(loaded, dicts, batch, "exact", sites=["mlp_0"], chunk_size=7)
+    ex = node_effects(loaded, dicts, batch, "exact", sites=["mlp_0"], options=ExactOptions(chunk_size=7))
     d = ex.deltas["mlp_0"]
     e, p, j = (d.f != 0).nonzero()[0].tolist()
     ae = dicts["mlp_0"]
@@ -151,8 +157,9 @@ def test_determinism_and_float32(neox64, tmp_path):
     loaded, dicts = neox64
     batch = _batch()
     for method in ("relp", "ig"):
-        a = node_effects(loaded, dicts, batch, method, steps=4)
-        b = node_effects(loaded, dicts, batch, method, steps=4)
+        options = method_spec(method).options_from({"steps": 4})
+        a = node_effects(loaded, dicts, batch, method, options=options)
+        b = node_effects(loaded, dicts, batch, method, options=options)
         assert all(torch.equal(a.effects[k], b.effects[k]) for k in a.effects)
     d = save_model(tiny_gpt_neox(), tmp_path / "m")
     saes = save_random_saes(tiny_gpt_neox(), tmp_path / "s")
@@ -162,3 +169,43 @@ def test_determinism_and_float32(neox64, tmp_path):
     for k in r32.effects:
         assert r32.effects[k].dtype == torch.float32
         assert torch.allclose(r32.effects[k].double(), r64.effects[k], atol=1e-4)
+
+
+def test_registry_options_and_errors(neox64):
+    """Every method is registered with its options dataclass; options are validated when built and
+    checked against the method; a wrong option type or value is a ConfigError naming it."""
+    assert set(METHODS) >= set(Method) or {method_spec(m).method for m in Method} == set(Method)
+    assert {m: method_spec(m).options.__name__ for m in Method} == {
+        Method.EXACT: "ExactOptions",
+        Method.ATP: "AtpOptions",
+        Method.RELP: "RelPOptions",
+        Method.IG: "IGOptions",
+    }
+    assert not method_spec("exact").has_gradients and method_spec("relp").has_gradients
+    assert method_spec("ig").options_from({"steps": 7, "unrelated": 1}) == IGOptions(steps=7)
+    assert method_spec("relp").backward_lrp() == LRPConfig() and method_spec("atp").backward_lrp() is None
+    for bad in (lambda: IGOptions(steps=0), lambda: ExactOptions(chunk_size=0), lambda: ExactOptions(max_nodes=0)):
+        with pytest.raises(ConfigError, match="must be an integer >= 1"):
+            bad()
+    loaded, dicts = neox64
+    with pytest.raises(ConfigError, match="method ig takes IGOptions, got ExactOptions"):
+        node_effects(loaded, dicts, _batch(), "ig", options=ExactOptions())
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        node_effects(loaded, dicts, _batch(), "nope")
+    with pytest.raises(ConfigError, match=r"sites \['mlp_9'\]"):
+        node_effects(loaded, dicts, _batch(), "atp", sites=["mlp_9"])
+
+
+def test_default_metric_follows_counterfactual(neox64):
+    """No metric given: logit_diff with a counterfactual, answer_logit without (metrics.py)."""
+    from feature_circuits.metrics import answer_logit, logit_diff
+
+    loaded, dicts = neox64
+    batch = _batch()
+    for counterfactual, metric in ((True, logit_diff), (False, answer_logit)):
+        a = node_effects(loaded, dicts, batch, "atp", counterfactual=counterfactual, sites=["resid_1"])
+        b = node_effects(
+            loaded, dicts, batch, "atp", counterfactual=counterfactual, sites=["resid_1"], metric=metric
+        )
+        assert torch.equal(a.effects["resid_1"], b.effects["resid_1"])
+        assert torch.equal(a.metric_clean, b.metric_clean)

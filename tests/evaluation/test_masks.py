@@ -37,9 +37,8 @@ def test_keep_masks_positions_variants_and_free_layers(neox):
     sel = _selection(neox.sites, 1, [("mlp_1", None, 3), ("attn_1", None, None)])
     m = keep_masks(sel, neox.sites)
     assert m["embed"] is None  # free: always kept
-    assert (
-        _kept(m, "mlp_1").f.shape == (1, 64) and _kept(m, "mlp_1").f[0, 3] and _kept(m, "mlp_1").f.sum() == 1
-    )
+    mlp = _kept(m, "mlp_1")
+    assert mlp.f.shape == (1, 64) and mlp.f[0, 3] and mlp.f.sum() == 1
     assert _kept(m, "attn_1").err.all() and not _kept(m, "resid_1").err.any()
     m = keep_masks(sel, neox.sites, variant="resid_errors_kept")
     assert _kept(m, "resid_1").err.all() and not _kept(m, "mlp_1").err.any()
@@ -50,7 +49,7 @@ def test_keep_masks_positions_variants_and_free_layers(neox):
     m = keep_masks(pos, neox.sites)
     assert _kept(m, "mlp_1").f[:, 3].tolist() == [False, False, True, False]
     c = keep_masks(pos, neox.sites, complement=True, free_layers=1)
-    assert c["attn_0"] is None and _kept(c, "resid_1") is None and _kept(c, "mlp_1").f.sum() == 4 * 64 - 1
+    assert c["attn_0"] is None and c["resid_1"] is None and _kept(c, "mlp_1").f.sum() == 4 * 64 - 1
     with pytest.raises(EvaluationError, match="unknown variant"):
         keep_masks(pos, neox.sites, variant="bogus")
     with pytest.raises(EvaluationError, match="no node selection for site 'mlp_1'"):
