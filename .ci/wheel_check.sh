@@ -15,7 +15,8 @@ REPO=$(pwd)
 PY="${VENV:-$REPO/.venv}/bin/python"
 start=$(date +%s)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/fc-wheel.XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
+had_build=$([ -e "$REPO/build" ] && echo 1 || echo 0)   # setuptools builds in ./build: leave no trace
+trap 'rm -rf "$WORK"; [ "$had_build" = 1 ] || rm -rf "$REPO/build"' EXIT
 
 # 1. build (no isolation: the venv's setuptools, no network)
 "$PY" -m pip wheel --quiet --no-deps --no-build-isolation . -w "$WORK/dist"

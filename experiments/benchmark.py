@@ -42,10 +42,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from feature_circuits.attribution import edge_effects, load_for_attribution, node_effects
+from feature_circuits.attribution import edge_effects, load_for_attribution, method_spec, node_effects
 from feature_circuits.attribution.edges import edge_forward, select_nodes, site_pairs
-from feature_circuits.attribution.forward import attribution_sites, logit_diff_metric
-from feature_circuits.dictionaries.marks import encode_with_error, splice_with_grad_leaves
+from feature_circuits.attribution.forward import attribution_sites
+from feature_circuits.data import Batch
+from feature_circuits.dictionaries import encode_with_error, splice_with_grad_leaves
+from feature_circuits.metrics import logit_diff
 from feature_circuits.model.sites import get_submodule
 from feature_circuits.types import LRPConfig, Method
 
@@ -171,7 +173,7 @@ def measure(fn: Callable[[], Any], device: torch.device, repeats: int = 3, warmu
 
 
 def floor_node_effects(
-    loaded: Any, dicts: dict[str, Any], batch: Any, metric: Any = logit_diff_metric
+    loaded: Any, dicts: dict[str, Any], batch: Any, metric: Any = logit_diff
 ) -> dict[str, Tensor]:
     """The cheapest gradient attribution: clean forward with every SAE spliced (plain torch hooks on
     the HF model), one backward, one patch forward, delta . grad. Numerically atp."""
@@ -237,7 +239,7 @@ def edges_loop(
     lrp: LRPConfig | None,
     max_nodes_per_pair: int | None = None,
 ) -> dict[str, Any]:
-    """Reference edge algorithm: one backward per selected downstream node (spec section 4).
+    """Reference edge algorithm: one backward per selected downstream node (docs/algorithms.md, "Edge effects").
 
     Returns ``rows[(up, down)] = [((e, p, j), dense (s_u, F_u+1)), ...]`` and timings: ``forward_s`` per
     pair (the one clean forward a pair needs), ``backward_s`` (all per-node backwards), ``n_nodes``
@@ -367,7 +369,7 @@ def build_pythia_shaped(
             pre = (x - ae.bias) @ ae.encoder.weight.T + ae.encoder.bias
             k = max(1, min(pre.numel(), active * x.shape[0]))
             thr = torch.topk(pre.flatten(), k).values[-1]
-            ae.encoder.bias -= thr
+            ae.encoder.bias.sub_(thr)
         path = sae_root / "pythia-shaped" / s.marks_dir / f"10_{n_features}" / "ae.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(ae.state_dict(), path)
@@ -391,15 +393,13 @@ def embedded_batch(tokenizer: Any, batch_size: int) -> Any:
 
 def random_batch(vocab_size: int, b: int, s: int, seed: int = 0, n_diff: int = 2) -> Any:
     """Random clean ids; the patch differs at ``n_diff`` random positions (same in every example)."""
-    from feature_circuits.attribution.forward import SubBatch
-
     gen = torch.Generator().manual_seed(seed)
     clean = torch.randint(0, vocab_size, (b, s), generator=gen)
     patch = clean.clone()
     pos = torch.randperm(s, generator=gen)[:n_diff]
     patch[:, pos] = torch.randint(0, vocab_size, (b, n_diff), generator=gen)
     answers = torch.randint(0, vocab_size, (2, b), generator=gen)
-    return SubBatch(clean=clean, patch=patch, clean_answer=answers[0], patch_answer=answers[1])
+    return Batch(clean=clean, patch=patch, clean_answer=answers[0], patch_answer=answers[1], pairs=())
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -431,14 +431,15 @@ def bench_model(
         "warmup": warmup,
     }
     log(f"[{name}] floor and nodes (interleaved)")
+    options = {m: method_spec(m).options_from({"steps": steps}) for m in METHODS}
     fns: dict[str, Callable[[], Any]] = {"floor": lambda: floor_node_effects(loaded, dicts, batch)}
     for m in METHODS:
-        fns[m] = lambda m=m: node_effects(loaded, dicts, batch, Method(m), steps=steps)
+        fns[m] = lambda m=m: node_effects(loaded, dicts, batch, Method(m), options=options[m])
     timed = measure_many(fns, dev, repeats, warmup)
     res["floor"] = timed.pop("floor")
     floor_s = res["floor"]["median_s"]
     fl = floor_node_effects(loaded, dicts, batch)
-    node_results = {m: node_effects(loaded, dicts, batch, Method(m), steps=steps) for m in METHODS}
+    node_results = {m: node_effects(loaded, dicts, batch, Method(m), options=options[m]) for m in METHODS}
     res["floor"]["max_abs_diff_vs_atp"] = max(
         float((fl[k] - node_results["atp"].effects[k]).abs().max()) for k in fl
     )

@@ -1,4 +1,4 @@
-"""Component-level faithfulness check of the attribution approximations (spec section 9).
+"""Component-level faithfulness check of the attribution approximations (docs/algorithms.md, "Component-level check").
 
 For every layer's ``resid_l``, ``attn_l`` and ``mlp_l`` output (the whole vector at one position), the
 exact indirect effect of patching it clean -> patch (one forward per (site, position), stacked along
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from feature_circuits.data import DatasetError, Pair, make_batches, tokenize_pair
-from feature_circuits.model.sites import get_activation, set_activation
+from feature_circuits.model.sites import get_activation, save, set_activation
 from feature_circuits.toy import grammar
 from feature_circuits.types import LRPConfig, Method, Site, SiteKind
 
@@ -186,7 +186,7 @@ def _site_acts(
     saved: dict[str, Any] = {}
     with lm.trace(ids.to(loaded.device)):
         for s in sites:
-            saved[s.name] = get_activation(lm, s).save()
+            saved[s.name] = save(get_activation(lm, s))
         saved["__logits__"] = lm.output.logits.save()
     logits = saved.pop("__logits__")
     return {k: v.detach() for k, v in saved.items()}, logits.detach()
@@ -202,9 +202,9 @@ def component_exact(
 ) -> dict[str, torch.Tensor]:
     """Exact component effects (b, s) per site: m(clean | x_site[pos] <- x_site^patch[pos]) - m(clean),
     one patched forward per (example, position), ``max_rows`` of them stacked per forward."""
-    from feature_circuits.attribution.forward import default_metric, select
+    from feature_circuits.metrics import logit_diff
 
-    metric = default_metric(True) if metric is None else metric
+    metric = logit_diff if metric is None else metric
     sites = component_sites(loaded) if sites is None else list(sites)
     clean_acts, clean_logits = _site_acts(loaded, batch.clean, sites)
     patch_acts, _ = _site_acts(loaded, batch.patch, sites)
@@ -223,7 +223,7 @@ def component_exact(
             n = chunk.shape[0]
             add = torch.zeros(n, seq, delta.shape[-1], dtype=delta.dtype, device=delta.device)
             add[torch.arange(n), pos.to(delta.device)] = delta[e.to(delta.device), pos.to(delta.device)]
-            sub = select(batch, e)
+            sub = batch.select(e)
             saved: dict[str, Any] = {}
             with torch.no_grad(), lm.trace(sub.clean.to(loaded.device)):
                 x = get_activation(lm, s)
@@ -248,11 +248,12 @@ def component_scores(
 ) -> dict[str, torch.Tensor]:
     """atp / relp / ig component scores (b, s) per site: delta x . g summed over the hidden dims,
     from the attribution engine on identity dictionaries (feature effects summed over dims)."""
-    from feature_circuits.attribution import node_effects
+    from feature_circuits.attribution import method_spec, node_effects
 
     sites = component_sites(loaded) if sites is None else list(sites)
+    options = method_spec(method).options_from({"steps": steps, "lrp": lrp})
     nodes = node_effects(
-        loaded, neuron_dicts, batch, Method(method), steps=steps, lrp=lrp, sites=[s.name for s in sites]
+        loaded, neuron_dicts, batch, Method(method), options=options, sites=[s.name for s in sites]
     )
     return {s.name: nodes.effects[s.name][..., :-1].sum(-1).detach().cpu() for s in sites}
 
@@ -337,7 +338,7 @@ def run_compare(
     log: Any = None,
 ) -> CompareResult:
     """Run the component-level (or, with ``features``, feature-level) comparison."""
-    from feature_circuits.attribution import load_for_attribution, node_effects
+    from feature_circuits.attribution import load_for_attribution, method_spec, node_effects
 
     methods = [Method(m).value for m in methods]
     if "exact" in methods:
@@ -365,7 +366,9 @@ def run_compare(
             _add_node_points(exact_pts, ex.effects, keep, site_kind)
             for m in methods:
                 t0 = time.perf_counter()
-                ne = node_effects(loaded, dicts, batch, Method(m), steps=steps)
+                ne = node_effects(
+                    loaded, dicts, batch, Method(m), options=method_spec(m).options_from({"steps": steps})
+                )
                 timing[m] += time.perf_counter() - t0
                 _add_node_points(score_pts[m], ne.effects, keep, site_kind)
         else:
@@ -508,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="compare_methods.py",
         description="Component-level (or --features: SAE-feature-level) check of atp / relp / ig against exact "
-        "activation patching: Pearson correlation per component kind (spec section 9).",
+        "activation patching: Pearson correlation per component kind (docs/algorithms.md, "Component-level check").",
     )
     p.add_argument(
         "--model", default="embedded", help="'embedded' (default), an HF id or a local model directory"

@@ -31,6 +31,7 @@ lost or a file was concatenated badly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from collections.abc import Iterable, Sequence
@@ -105,18 +106,22 @@ class Pair:
     def where(self) -> str:
         return f"{self.source}:{self.line}"
 
-    def tokens_for(self, tokenizer: PreTrainedTokenizerBase) -> TokenizedPair:
+    def tokens_for(self, tokenizer: PreTrainedTokenizerBase, key: str | None = None) -> TokenizedPair:
         """The token ids of this pair under ``tokenizer``: the stored ones if that tokenizer made
-        them, else a fresh :func:`tokenize_pair`."""
-        if self.tokens is not None and self.tokens.tokenizer == tokenizer_key(tokenizer):
+        them, else a fresh :func:`tokenize_pair`. ``key``: :func:`tokenizer_key` of ``tokenizer``,
+        when the caller has it already."""
+        key = tokenizer_key(tokenizer) if key is None else key
+        if self.tokens is not None and self.tokens.tokenizer == key:
             return self.tokens
-        return tokenize_pair(self, tokenizer)
+        return tokenize_pair(self, tokenizer, key=key)
 
 
 def tokenizer_key(tokenizer: PreTrainedTokenizerBase) -> str:
-    """What identifies a tokenizer for reusing token ids: its class, name or path and vocabulary
-    size (cheap; a tokenizer that differs in none of them is taken to tokenize the same)."""
-    return f"{type(tokenizer).__name__}:{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}"
+    """What identifies a tokenizer for reusing token ids: its name or path, its size and a digest
+    of its vocabulary (computed once per :func:`load_pairs` / :func:`make_batches` call)."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    digest = hashlib.sha1(vocab.encode("utf-8")).hexdigest()[:16]
+    return f"{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}:{digest}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,8 +146,9 @@ def _tok_str(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
     return repr(tokenizer.convert_ids_to_tokens(list(ids)))
 
 
-def tokenize_pair(pair: Pair, tokenizer: PreTrainedTokenizerBase) -> TokenizedPair:
-    """Tokenize and validate one pair; raises :class:`DatasetError` naming ``pair.source:pair.line``."""
+def tokenize_pair(pair: Pair, tokenizer: PreTrainedTokenizerBase, *, key: str | None = None) -> TokenizedPair:
+    """Tokenize and validate one pair; raises :class:`DatasetError` naming ``pair.source:pair.line``.
+    ``key``: :func:`tokenizer_key` of ``tokenizer`` if the caller has it (recorded on the result)."""
 
     def fail(problem: str) -> DatasetError:
         return DatasetError(pair.source, pair.line, problem)
@@ -198,7 +204,7 @@ def tokenize_pair(pair: Pair, tokenizer: PreTrainedTokenizerBase) -> TokenizedPa
         patch=tuple(prefixes["patch"]),
         clean_answer=answers["clean"],
         patch_answer=answers["patch"],
-        tokenizer=tokenizer_key(tokenizer),
+        tokenizer=tokenizer_key(tokenizer) if key is None else key,
     )
 
 
@@ -280,11 +286,12 @@ def _load(
         raise DatasetError(path, 1, "dataset file is empty (no examples)")
     pairs: list[Pair] = []
     skipped: list[DatasetError] = []
+    key = None if tokenizer is None else tokenizer_key(tokenizer)
     for lineno, raw in lines:
         try:
             pair = _parse_line(path, lineno, raw)
             if tokenizer is not None:
-                pair = replace(pair, tokens=tokenize_pair(pair, tokenizer))
+                pair = replace(pair, tokens=tokenize_pair(pair, tokenizer, key=key))
         except DatasetError as err:
             if not skip_invalid:
                 raise
@@ -451,8 +458,9 @@ def make_batches(pairs: Iterable[Pair], tokenizer: PreTrainedTokenizerBase, batc
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     by_len: dict[int, list[tuple[Pair, TokenizedPair]]] = {}
+    key = tokenizer_key(tokenizer)
     for pair in pairs:
-        tok = pair.tokens_for(tokenizer)
+        tok = pair.tokens_for(tokenizer, key)
         by_len.setdefault(len(tok.clean), []).append((pair, tok))
     batches: list[Batch] = []
     for length in sorted(by_len):

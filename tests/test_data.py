@@ -1,4 +1,5 @@
-"""Dataset loading, validation, name resolution and batching (feature_circuits.data)."""
+"""Dataset loading, validation, name resolution, tokenization (once per pair) and batching
+(feature_circuits.data)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from feature_circuits.data import (
     load_pairs,
     make_batches,
     resolve_dataset,
+    tokenize_pair,
 )
 from tests.helpers import tiny_tokenizer
 
@@ -64,7 +66,7 @@ def test_load_valid(tmp_path, tok):
 
 def test_limit(tmp_path, tok):
     # limit takes the first N valid lines and does not even read past them
-    path = write(tmp_path, GOOD + ["{broken"])
+    path = write(tmp_path, [*GOOD, "{broken"])
     pairs = load_pairs(path, tok, limit=2)
     assert [p.line for p in pairs] == [1, 2]
     with pytest.raises(ValueError):
@@ -277,6 +279,73 @@ def test_make_batches_validates_hand_made_pairs(tok):
     )
     with pytest.raises(DatasetError, match=r"^hand:7: clean and patch prefixes have different token lengths"):
         make_batches([bad], tok, 4)
+
+
+class CountingTokenizer:
+    """A tokenizer that counts how often it is called (and otherwise is ``inner``)."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner(*args, **kwargs)
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_pairs_are_tokenized_once(tmp_path, tok):
+    """load_pairs tokenizes (and validates) each pair once and keeps its token ids; make_batches
+    reuses them: batching loaded pairs costs no tokenizer call, and gives the same batches as
+    tokenizing afresh."""
+    recs = [
+        rec(),
+        rec("The cat", "The cats", " was", " were"),
+        rec("The cat near the men", "The cats near the men"),
+    ]
+    counting = CountingTokenizer(tok)
+    pairs = load_pairs(write(tmp_path, recs), counting)
+    per_pair = counting.calls // len(recs)
+    assert counting.calls == per_pair * len(recs) and per_pair > 0
+    assert all(p.tokens == tokenize_pair(p, tok) for p in pairs)
+    counting.calls = 0
+    batches = make_batches(pairs, counting, batch_size=2)
+    assert counting.calls == 0
+    fresh = make_batches([Pair(**{k: getattr(p, k) for k in rec()}) for p in pairs], tok, batch_size=2)
+    for a, b in zip(batches, fresh, strict=True):
+        assert torch.equal(a.clean, b.clean) and torch.equal(a.patch, b.patch)
+        assert torch.equal(a.clean_answer, b.clean_answer) and torch.equal(a.patch_answer, b.patch_answer)
+    # tokens are not part of a pair's identity; another tokenizer's tokens are not reused
+    assert pairs[0] == Pair(**{k: getattr(pairs[0], k) for k in (*rec(), "source", "line")})
+    other = tiny_tokenizer(
+        ["The", "keys", "key", "are", "is", "cat", "cats", "was", "were", "near", "the", "men"]
+    )
+    assert pairs[0].tokens_for(other) != pairs[0].tokens
+    assert pairs[0].tokens_for(other) == tokenize_pair(pairs[0], other)
+
+
+def test_batch_select_rows_with_repeats(tmp_path, tok):
+    """Batch.select: rows in the given order, repeats allowed, pairs following the rows."""
+    recs = [rec(), rec("The cat", "The cats", " was", " were"), rec("The men", "The man", " have", " has")]
+    (batch,) = make_batches(load_pairs(write(tmp_path, recs), tok), tok, batch_size=3)
+    idx = torch.tensor([2, 0, 2])
+    sub = batch.select(idx)
+    assert isinstance(sub, Batch) and len(sub) == 3 and sub.seq_len == batch.seq_len
+    for field in ("clean", "patch", "clean_answer", "patch_answer"):
+        assert torch.equal(getattr(sub, field), getattr(batch, field)[idx])
+    assert [p.line for p in sub.pairs] == [3, 1, 3]
+    with pytest.raises(ValueError, match="answers must be"):
+        Batch(
+            clean=batch.clean,
+            patch=batch.patch,
+            clean_answer=batch.clean_answer[:1],
+            patch_answer=batch.patch_answer,
+            pairs=(),
+        )
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -77,11 +77,12 @@ def atp_node_effects(
     batch: Batch,
     *,
     metric: Metric,
-    options: MethodOptions = AtpOptions(),
+    options: MethodOptions | None = None,
     counterfactual: bool = True,
     sites: Sequence[str] | None = None,
 ) -> NodeEffects:
     """atp node effects of one batch (plain gradients: every LRP rule off)."""
+    SPEC.check_options(options)
     return gradient_node_effects(
         loaded,
         dictionaries,

@@ -69,7 +69,9 @@ def site_pairs(loaded: LoadedModel, available: Collection[str] | None = None) ->
     pairs: list[SitePair] = []
     for layer in range(loaded.n_layers):
         prev = Site.format(SiteKind.EMBED, -1) if layer == 0 else Site.format(SiteKind.RESID, layer - 1)
-        attn, mlp, resid = (Site.format(kind, layer) for kind in (SiteKind.ATTN, SiteKind.MLP, SiteKind.RESID))
+        attn, mlp, resid = (
+            Site.format(kind, layer) for kind in (SiteKind.ATTN, SiteKind.MLP, SiteKind.RESID)
+        )
         pairs.append(SitePair(prev, attn))
         if not loaded.parallel_residual:
             pairs.append(SitePair(attn, mlp))

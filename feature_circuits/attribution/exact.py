@@ -35,7 +35,7 @@ def exact_node_effects(
     batch: Batch,
     *,
     metric: Metric,
-    options: MethodOptions = ExactOptions(),
+    options: MethodOptions | None = None,
     counterfactual: bool = True,
     sites: Sequence[str] | None = None,
 ) -> NodeEffects:
@@ -119,5 +119,7 @@ def exact_node_effects(
 
 
 SPEC = register(
-    MethodSpec(method=Method.EXACT, options=ExactOptions, node_effects=exact_node_effects, has_gradients=False)
+    MethodSpec(
+        method=Method.EXACT, options=ExactOptions, node_effects=exact_node_effects, has_gradients=False
+    )
 )

@@ -33,7 +33,7 @@ def ig_node_effects(
     batch: Batch,
     *,
     metric: Metric,
-    options: MethodOptions = IGOptions(),
+    options: MethodOptions | None = None,
     counterfactual: bool = True,
     sites: Sequence[str] | None = None,
 ) -> NodeEffects:

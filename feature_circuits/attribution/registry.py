@@ -134,9 +134,10 @@ class MethodSpec:
 
     def options_from(self, values: Mapping[str, object]) -> MethodOptions:
         """This method's options built from those of ``values`` that name one of its fields (a
-        config that holds every method's settings, e.g. ``steps``, hands each method its own)."""
+        config that holds every method's settings, e.g. ``steps``, hands each method its own);
+        a ``None`` value means the field's default."""
         names = {f.name for f in dataclasses.fields(self.options)}
-        return self.options(**{k: v for k, v in values.items() if k in names})  # pyright: ignore[reportArgumentType]
+        return self.options(**{k: v for k, v in values.items() if k in names and v is not None})  # pyright: ignore[reportArgumentType]
 
     def backward_lrp(self, lrp: LRPConfig | None = None) -> LRPConfig | None:
         """The LRP rules a backward of this method runs with: ``lrp`` (default ``LRPConfig()``) for

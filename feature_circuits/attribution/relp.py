@@ -28,7 +28,7 @@ def relp_node_effects(
     batch: Batch,
     *,
     metric: Metric,
-    options: MethodOptions = RelPOptions(),
+    options: MethodOptions | None = None,
     counterfactual: bool = True,
     sites: Sequence[str] | None = None,
 ) -> NodeEffects:

@@ -43,7 +43,8 @@ class NodeEffects:
     ``grads[site]``: dm/d(state) at clean (atp), IG-averaged (ig), LRP propagation coefficient (relp);
     None for exact.
     ``clean[site]``: clean state.
-    ``metric_clean`` / ``metric_patch``: (b,) metric on clean / patch inputs; ``total_effect`` = patch - clean.
+    ``metric_clean`` / ``metric_patch``: (b,) metric on clean / patch inputs;
+    ``total_effect`` = patch - clean.
     """
 
     method: Method

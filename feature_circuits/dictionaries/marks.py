@@ -151,7 +151,8 @@ def load_autoencoder(
             )
     if d_model is not None and d != d_model:
         raise DictionaryError(
-            f"site {site}: {path} is a dictionary for width {d}, but the model's activation there has width {d_model}"
+            f"site {site}: {path} is a dictionary for width {d}, but the model's activation there "
+            f"has width {d_model}"
         )
     ae = MarksAutoEncoder(d, n_feat)
     ae.load_state_dict({k: sd[k] for k in _KEYS})
@@ -176,7 +177,7 @@ def resolve_sae_source(saes: str | Path | SAESource | None, model_dir: str | Non
     root = Path(name)
     if not root.is_dir():
         raise DictionaryError(
-            f"SAE root {root} does not exist (known names: {sorted(KNOWN_SAES) + ['neurons']})"
+            f"SAE root {root} does not exist (known names: {[*sorted(KNOWN_SAES), 'neurons']})"
         )
     if (root / "embed").is_dir():
         return SAESource(root=root.parent, model_dir=root.name)
@@ -198,7 +199,9 @@ def load_dictionaries(
     """One dictionary per site name. ``saes="neurons"`` gives identity dictionaries."""
     source = resolve_sae_source(saes)
     if source is not None and source.missing_hint and not (source.root / source.model_dir).is_dir():
-        raise DictionaryError(f"the dictionaries are not under {source.root / source.model_dir}: {source.missing_hint}")
+        raise DictionaryError(
+            f"the dictionaries are not under {source.root / source.model_dir}: {source.missing_hint}"
+        )
     out: dict[str, Dictionary] = {}
     for site in sites:
         if source is None:

@@ -332,7 +332,9 @@ def get_lrp_controller(model: LoadedModel | nn.Module) -> LRPController:
     return ctrl
 
 
-def lrp_context(model: LoadedModel | nn.Module, config: LRPConfig | None) -> contextlib.AbstractContextManager[object]:
+def lrp_context(
+    model: LoadedModel | nn.Module, config: LRPConfig | None
+) -> contextlib.AbstractContextManager[object]:
     """``controller.use(config)`` if rules are needed, else a null context (works on unpatched models
     when ``config`` is None or all-off)."""
     if config is None or not config.any:

@@ -30,7 +30,9 @@ def test_cuda_matches_cpu(make, method, tmp_path):
         assert loaded.device.type == dev
         assert all(p.device.type == dev for ae in dicts.values() for p in ae.parameters())
         batch = _batch(loaded.device)
-        nodes = node_effects(loaded, dicts, batch, method, options=method_spec(method).options_from({"steps": 3}))
+        nodes = node_effects(
+            loaded, dicts, batch, method, options=method_spec(method).options_from({"steps": 3})
+        )
         assert all(v.device.type == dev for v in nodes.effects.values())
         edges = None if method == "exact" else edge_effects(loaded, dicts, batch, nodes, node_threshold=1e-3)
         results[dev] = (nodes, edges)

@@ -29,10 +29,8 @@ def _loop_edges(loaded, dicts, batch, nodes, pair, threshold, lrp):
     b, s = fd.shape[:2]
     out = torch.zeros(b, s, n_fd + 1, s, fu.shape[-1] + 1, dtype=fd.dtype)
     for ei, pi, ji in zip(e.tolist(), p.tolist(), j.tolist(), strict=True):
-        if ji < n_fd:
-            scalar = gd.f[ei, pi, ji] * fd[ei, pi, ji]
-        else:
-            scalar = (gd.err[ei, pi] * ed[ei, pi]).sum()
+        feature = ji < n_fd
+        scalar = gd.f[ei, pi, ji] * fd[ei, pi, ji] if feature else (gd.err[ei, pi] * ed[ei, pi]).sum()
         gf, ge = torch.autograd.grad(scalar, [fu, eu], retain_graph=True, allow_unused=True)
         gf = torch.zeros_like(fu) if gf is None else gf
         ge = torch.zeros_like(eu) if ge is None else ge

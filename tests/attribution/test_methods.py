@@ -124,7 +124,13 @@ def test_zero_ablation_mode(neox64):
     for name, d in res.deltas.items():
         assert torch.equal(d.f, -res.clean[name].f) and torch.equal(d.err, -res.clean[name].err)
     ex = node_effects(
-        loaded, dicts, batch, "exact", counterfactual=False, sites=["resid_1"], options=ExactOptions(max_nodes=20)
+        loaded,
+        dicts,
+        batch,
+        "exact",
+        counterfactual=False,
+        sites=["resid_1"],
+        options=ExactOptions(max_nodes=20),
     )
     eff = ex.effects["resid_1"]
     assert torch.isnan(eff).sum() > 0 and torch.isfinite(eff[..., -1]).all()
@@ -184,7 +190,11 @@ def test_registry_options_and_errors(neox64):
     assert not method_spec("exact").has_gradients and method_spec("relp").has_gradients
     assert method_spec("ig").options_from({"steps": 7, "unrelated": 1}) == IGOptions(steps=7)
     assert method_spec("relp").backward_lrp() == LRPConfig() and method_spec("atp").backward_lrp() is None
-    for bad in (lambda: IGOptions(steps=0), lambda: ExactOptions(chunk_size=0), lambda: ExactOptions(max_nodes=0)):
+    for bad in (
+        lambda: IGOptions(steps=0),
+        lambda: ExactOptions(chunk_size=0),
+        lambda: ExactOptions(max_nodes=0),
+    ):
         with pytest.raises(ConfigError, match="must be an integer >= 1"):
             bad()
     loaded, dicts = neox64

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import zipfile
 from pathlib import Path
 
@@ -133,25 +132,27 @@ def test_unsafe_member_rejected_before_writing(tmp_path, evil):
     assert not list(tmp_path.rglob("evil"))
 
 
+def _download_saes(*argv: str) -> int:
+    """``feature-circuits download-saes ARGV`` in-process (what scripts/download_saes.py runs)."""
+    from feature_circuits.cli import main
+
+    return main(["download-saes", *argv])
+
+
 def test_script_verify_only(tmp_path, capsys, monkeypatch):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-    try:
-        import download_saes
-    finally:
-        sys.path.pop(0)
     out = tmp_path / "out"
-    assert download_saes.main(["--verify-only", "--out", str(out)]) == 1
+    assert _download_saes("--verify-only", "--out", str(out)) == 1
     err = capsys.readouterr().err
     assert "19 dictionary file(s) missing" in err and "resid_out_layer5" in err
     unpack_zip(make_zip(tmp_path / "d.zip", marks_members()), out, progress=False)
-    assert download_saes.main(["--verify-only", "--out", str(out)]) == 0
+    assert _download_saes("--verify-only", "--out", str(out)) == 0
     assert "all 19 dictionaries present" in capsys.readouterr().out
 
     def boom(**kw):
         raise AssertionError("must not download")
 
     monkeypatch.setattr(dl, "hf_hub_download", boom)
-    assert download_saes.main(["--out", str(out), "--quiet"]) == 0
+    assert _download_saes("--out", str(out), "--quiet") == 0
 
 
 def test_network_failure_is_a_clear_error(tmp_path, monkeypatch, capsys):
@@ -162,16 +163,12 @@ def test_network_failure_is_a_clear_error(tmp_path, monkeypatch, capsys):
     with pytest.raises(dl.DownloadError, match="saprmarks/pythia-70m-deduped-saes"):
         download_marks_saes(tmp_path / "out", progress=False)
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-    try:
-        import download_saes
-    finally:
-        sys.path.pop(0)
-    assert download_saes.main(["--out", str(tmp_path / "out"), "--quiet"]) == 1
+    # a user-facing error: the CLI prints it once and exits with its error status (2)
+    assert _download_saes("--out", str(tmp_path / "out"), "--quiet") == 2
     assert "could not fetch" in capsys.readouterr().err
 
     corrupt = tmp_path / "corrupt.zip"
     corrupt.write_bytes(b"not a zip")
     monkeypatch.setattr(dl, "hf_hub_download", lambda **kw: str(corrupt))
-    assert download_saes.main(["--out", str(tmp_path / "out"), "--quiet"]) == 1
+    assert _download_saes("--out", str(tmp_path / "out"), "--quiet") == 2
     assert "corrupt" in capsys.readouterr().err

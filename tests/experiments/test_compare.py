@@ -20,8 +20,8 @@ from experiments.compare import (
     write_outputs,
 )
 from feature_circuits.attribution import load_for_attribution
-from feature_circuits.attribution.forward import logit_diff_metric
 from feature_circuits.data import make_batches, tokenize_pair
+from feature_circuits.metrics import logit_diff as logit_diff_metric
 from feature_circuits.model.sites import get_submodule, site_by_name
 from feature_circuits.toy import grammar
 from tests.helpers import WORDS, tiny_gpt_neox, tiny_llama, tiny_tokenizer

@@ -1,22 +1,16 @@
-"""Model loading, sites, dictionaries and the splice primitive."""
+"""Model loading (HF id, short name, local directory, device, dtype) and sites: reading and writing
+them inside a trace, ``LoadedModel``'s site lookups."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from feature_circuits.dictionaries.marks import (
-    DictionaryError,
-    IdentityDictionary,
-    load_autoencoder,
-    load_dictionaries,
-    save_autoencoder,
-    splice_with_grad_leaves,
-)
+from feature_circuits.errors import ConfigError
 from feature_circuits.model.loading import ModelLoadError, load_model
 from feature_circuits.model.sites import get_activation, set_activation
 from feature_circuits.types import Architecture, SiteKind
-from tests.helpers import make_tokenizer, save_model, save_random_saes, tiny_gpt_neox
+from tests.helpers import make_tokenizer, save_model, tiny_gpt_neox
 
 
 def _acts(loaded, text="the w1 w2 and w3 is"):
@@ -76,79 +70,6 @@ def test_before_wrap_hook_sees_hf_model(neox_dir):
     seen = []
     load_model(neox_dir, device="cpu", before_wrap=lambda m: seen.append(type(m).__name__))
     assert seen == ["GPTNeoXForCausalLM"]
-
-
-def test_marks_layout_roundtrip_and_errors(neox, neox_saes, tmp_path):
-    aes = load_dictionaries(neox.sites, neox_saes / "tiny", dtype=torch.float64)
-    assert set(aes) == {s.name for s in neox.sites}
-    assert aes["mlp_1"].encoder.weight.shape == (64, 32)
-    assert aes["mlp_1"].encoder.weight.dtype == torch.float64
-    # identical weights to what was saved
-    sd = torch.load(neox_saes / "tiny" / "mlp_out_layer1" / "10_64" / "ae.pt", weights_only=True)
-    assert torch.equal(aes["mlp_1"].decoder.weight.float(), sd["decoder.weight"])
-    # safetensors round trip
-    save_autoencoder(aes["mlp_1"], tmp_path / "x" / "ae.safetensors")
-    back = load_autoencoder(tmp_path / "x" / "ae.safetensors", d_model=32, dtype=torch.float64)
-    assert torch.equal(back.encoder.weight, aes["mlp_1"].encoder.weight)
-    # wrong width
-    wide = save_random_saes(tiny_gpt_neox(hidden_size=48), tmp_path / "wide")
-    with pytest.raises(DictionaryError, match=r"site embed: .*width 48.*width 32"):
-        load_dictionaries(neox.sites, wide / "tiny")
-    # missing file
-    (neox_saes / "tiny" / "resid_out_layer1" / "10_64" / "ae.pt").rename(tmp_path / "moved.pt")
-    try:
-        with pytest.raises(DictionaryError, match="resid_out_layer1"):
-            load_dictionaries(neox.sites, neox_saes / "tiny")
-    finally:
-        (tmp_path / "moved.pt").rename(neox_saes / "tiny" / "resid_out_layer1" / "10_64" / "ae.pt")
-    # mis-shaped tensor
-    bad = tmp_path / "bad.pt"
-    sd = dict(sd)
-    sd["encoder.bias"] = torch.zeros(3)
-    torch.save(sd, bad)
-    with pytest.raises(DictionaryError, match="encoder.bias has shape"):
-        load_autoencoder(bad, d_model=32, site="mlp_1")
-
-
-def test_splice_all_sites_leaves_logits_unchanged(neox, neox_saes):
-    aes = load_dictionaries(neox.sites, neox_saes / "tiny")
-    ids = neox.tokenizer(["the w1 w2 and w3", "a w4 w5 to w6"], return_tensors="pt").input_ids
-    with neox.lm.trace(ids):
-        base = neox.lm.output.logits.save()
-    leaves = {}
-    with neox.lm.trace(ids):
-        for site in neox.sites:
-            out, f, err = splice_with_grad_leaves(aes[site.name], get_activation(neox.lm, site))
-            set_activation(neox.lm, site, out)
-            leaves[site.name] = (f.save(), err.save())
-        spliced = neox.lm.output.logits.save()
-    assert (spliced - base).abs().max() <= 1e-5
-    # gradient routing: the error node gets the true gradient of the site output, features get it
-    # through the decoder
-    metric = spliced[:, -1, 5].sum()
-    f, err = leaves["resid_0"]
-    gf, gerr = torch.autograd.grad(metric, [f, err])
-    assert torch.allclose(gf, gerr @ aes["resid_0"].decoder.weight, atol=1e-6)
-    with neox.lm.trace(ids):  # parameters are frozen: make the embedding a leaf to get a graph
-        set_activation(
-            neox.lm, neox.sites[0], get_activation(neox.lm, neox.sites[0]).detach().requires_grad_()
-        )
-        r = neox.lm.gpt_neox.layers[0].output.save()
-        plain = neox.lm.output.logits.save()
-    (g_plain,) = torch.autograd.grad(plain[:, -1, 5].sum(), [r])
-    assert torch.allclose(gerr, g_plain, atol=1e-6)
-
-
-def test_identity_dictionary_is_exact():
-    ident = IdentityDictionary(8)
-    x = torch.randn(2, 3, 8)
-    x_hat, f = ident(x, output_features=True)
-    assert torch.equal(x_hat, x) and torch.equal(f, x) and ident.dict_size == 8
-
-
-def test_neurons_source(neox):
-    aes = load_dictionaries(neox.sites, "neurons")
-    assert all(isinstance(a, IdentityDictionary) for a in aes.values())
 
 
 def test_tokenizer_helper_roundtrip(tmp_path):
@@ -211,32 +132,12 @@ def test_local_path_vs_hub_id(tmp_path):
     assert not is_local_path("EleutherAI/pythia-70m-deduped") and not is_local_path("gpt2")
 
 
-def test_corrupt_safetensors_and_missing_marks_are_clear_errors(tmp_path, monkeypatch):
-    bad = tmp_path / "embed" / "1024" / "ae.safetensors"
-    bad.parent.mkdir(parents=True)
-    bad.write_bytes(b"garbage")
-    with pytest.raises(DictionaryError, match=r"site embed: .*ae.safetensors: cannot read safetensors"):
-        load_autoencoder(bad, site="embed")
-    import feature_circuits.dictionaries as dmod
-
-    monkeypatch.setitem(
-        dmod.KNOWN_SAES,
-        "marks",
-        dmod.SAESource(root=tmp_path / "absent", model_dir="pythia-70m-deduped", dict_id="10_32768"),
-    )
-    with pytest.raises(DictionaryError, match="download_saes.py"):
-        load_dictionaries([], "marks")
-
-
-def test_splice_leaves_llama_logits_unchanged(llama_dir, tmp_path):
+def test_loaded_model_site_lookups(neox, llama_dir):
+    """``last_resid`` is the residual site after the last layer; ``site(name)`` finds a site by its
+    name and names the known sites when there is none."""
+    assert neox.last_resid.name == "resid_1" and neox.last_resid is neox.sites[-1]
+    assert neox.site("mlp_0").kind is SiteKind.MLP and neox.site("mlp_0").layer == 0
+    with pytest.raises(ConfigError, match=r"unknown site 'mlp_7'; sites are \['embed', 'attn_0'"):
+        neox.site("mlp_7")
     llama = load_model(llama_dir, device="cpu")
-    aes = load_dictionaries(llama.sites, save_random_saes(llama.hf_model, tmp_path) / "tiny")
-    ids = llama.tokenizer(["the w1 w2 and w3"], return_tensors="pt").input_ids
-    with llama.lm.trace(ids):
-        base = llama.lm.output.logits.save()
-    with llama.lm.trace(ids):
-        for site in llama.sites:
-            out, _, _ = splice_with_grad_leaves(aes[site.name], get_activation(llama.lm, site))
-            set_activation(llama.lm, site, out)
-        spliced = llama.lm.output.logits.save()
-    assert (spliced - base).abs().max() <= 1e-5
+    assert llama.last_resid.module_path == "model.layers.1"

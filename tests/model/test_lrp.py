@@ -1,4 +1,4 @@
-"""LRP rules as patched submodules (spec section 5)."""
+"""LRP rules as patched submodules (docs/algorithms.md, "LRP rules")."""
 
 from __future__ import annotations
 

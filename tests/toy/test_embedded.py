@@ -79,6 +79,7 @@ def test_holdout_split_is_disjoint():
         assert not any(t.startswith(p["clean_prefix"]) for t in corpus)
 
 
+@pytest.mark.slow
 def test_shipped_saes_reconstruct(shipped):
     tok, model = shipped
     from feature_circuits.dictionaries.marks import load_autoencoder
