@@ -239,7 +239,8 @@ def edges_loop(
     lrp: LRPConfig | None,
     max_nodes_per_pair: int | None = None,
 ) -> dict[str, Any]:
-    """Reference edge algorithm: one backward per selected downstream node (docs/algorithms.md, "Edge effects").
+    """Reference edge algorithm: one backward per selected downstream node (docs/algorithms.md,
+    "Edge effects").
 
     Returns ``rows[(up, down)] = [((e, p, j), dense (s_u, F_u+1)), ...]`` and timings: ``forward_s`` per
     pair (the one clean forward a pair needs), ``backward_s`` (all per-node backwards), ``n_nodes``
@@ -266,10 +267,8 @@ def edges_loop(
         t0 = time.perf_counter()
         for k in range(e.numel()):
             ei, pi, ji = int(e[k]), int(p[k]), int(j[k])
-            if ji < n_fd:
-                target = fd[ei, pi, ji] * gd.f[ei, pi, ji]
-            else:
-                target = (ed[ei, pi] * gd.err[ei, pi]).sum()
+            feature = ji < n_fd
+            target = fd[ei, pi, ji] * gd.f[ei, pi, ji] if feature else (ed[ei, pi] * gd.err[ei, pi]).sum()
             gfu, geu = torch.autograd.grad(target, [fu, eu], retain_graph=True, allow_unused=True)
             with torch.no_grad():
                 vf = torch.zeros_like(fu[ei]) if gfu is None else gfu[ei] * du.f[ei]
@@ -540,7 +539,8 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         for m, x in r["nodes"].items():
             out.append(
-                f"| nodes {m} | {x['median_s']:.3f} | {x['ratio_to_floor']:.2f} | {_fmt_mb(x['peak_mem_mb'])} |"
+                f"| nodes {m} | {x['median_s']:.3f} | {x['ratio_to_floor']:.2f} | "
+                f"{_fmt_mb(x['peak_mem_mb'])} |"
             )
         for m, x in r["edges"].items():
             out.append(
@@ -559,7 +559,8 @@ def markdown(report: dict[str, Any]) -> str:
             (
                 f"Edges ({lp['method']}), batched VJPs vs one backward per downstream node "
                 f"({lp['n_backwards_full_loop']} backwards, {how}): loop {lp['loop_full_s']:.2f} s, batched "
-                f"{lp['batched_s']:.3f} s, speedup {lp['speedup']:.1f}x; max |loop - batched| = {lp['max_abs_diff']:.2e} "
+                f"{lp['batched_s']:.3f} s, speedup {lp['speedup']:.1f}x; "
+                f"max |loop - batched| = {lp['max_abs_diff']:.2e} "
                 f"(max |edge| {lp['max_abs_edge']:.2e})."
             ),
             "",

@@ -1,4 +1,5 @@
-"""Component-level faithfulness check of the attribution approximations (docs/algorithms.md, "Component-level check").
+"""Component-level faithfulness check of the attribution approximations (docs/algorithms.md,
+"Component-level check").
 
 For every layer's ``resid_l``, ``attn_l`` and ``mlp_l`` output (the whole vector at one position), the
 exact indirect effect of patching it clean -> patch (one forward per (site, position), stacked along
@@ -510,8 +511,9 @@ def write_outputs(result: CompareResult, out: str | Path) -> dict[str, Path]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="compare_methods.py",
-        description="Component-level (or --features: SAE-feature-level) check of atp / relp / ig against exact "
-        "activation patching: Pearson correlation per component kind (docs/algorithms.md, "Component-level check").",
+        description="Component-level (or --features: SAE-feature-level) check of atp / relp / ig against "
+        "exact activation patching: Pearson correlation per component kind (docs/algorithms.md, "
+        '"Component-level check").',
     )
     p.add_argument(
         "--model", default="embedded", help="'embedded' (default), an HF id or a local model directory"

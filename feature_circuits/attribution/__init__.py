@@ -31,6 +31,7 @@ from feature_circuits.attribution.registry import (
     IGOptions,
     MethodOptions,
     MethodSpec,
+    NodeRequest,
     RelPOptions,
     method_spec,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "MethodOptions",
     "MethodSpec",
     "NodeEffects",
+    "NodeRequest",
     "RelPOptions",
     "SitePair",
     "SiteState",
@@ -106,12 +108,12 @@ def node_effects(
     spec = method_spec(method)
     if metric is None:
         metric = logit_diff if counterfactual else answer_logit
-    return spec.node_effects(
-        loaded,
-        dictionaries,
-        batch,
+    req = NodeRequest(
+        loaded=loaded,
+        dictionaries=dictionaries,
+        batch=batch,
         metric=metric,
-        options=spec.check_options(options),
         counterfactual=counterfactual,
-        sites=sites,
+        sites=None if sites is None else tuple(sites),
     )
+    return spec.node_effects(req, spec.check_options(options))

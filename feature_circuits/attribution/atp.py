@@ -10,37 +10,30 @@ optional set of LRP rules in force during the clean forward; relevance patching
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
 
 import torch
 
-from feature_circuits.attribution.forward import attribution_sites, patch_states, spliced_clean_forward
-from feature_circuits.attribution.registry import AtpOptions, MethodOptions, MethodSpec, register
+from feature_circuits.attribution.forward import patch_states, spliced_clean_forward
+from feature_circuits.attribution.registry import (
+    AtpOptions,
+    MethodOptions,
+    MethodSpec,
+    NodeRequest,
+    options_as,
+    register,
+)
 from feature_circuits.attribution.results import NodeEffects, SiteState
-from feature_circuits.data import Batch
-from feature_circuits.dictionaries import Dictionary
-from feature_circuits.metrics import Metric
-from feature_circuits.model.loading import LoadedModel
 from feature_circuits.types import LRPConfig, Method
 
 __all__ = ["atp_node_effects", "gradient_node_effects"]
 
 
-def gradient_node_effects(
-    loaded: LoadedModel,
-    dictionaries: Mapping[str, Dictionary],
-    batch: Batch,
-    *,
-    metric: Metric,
-    lrp: LRPConfig | None,
-    method: Method,
-    counterfactual: bool = True,
-    sites: Sequence[str] | None = None,
-) -> NodeEffects:
+def gradient_node_effects(req: NodeRequest, *, lrp: LRPConfig | None, method: Method) -> NodeEffects:
     """delta . g per node, with g the gradient of the metric at clean (with ``lrp`` rules in force
     during the forward: their propagation coefficients)."""
     t0 = time.perf_counter()
-    site_list = attribution_sites(loaded, dictionaries, sites)
+    loaded, dictionaries, batch, metric = req.loaded, req.dictionaries, req.batch, req.metric
+    site_list = req.site_list()
     leaves, logits = spliced_clean_forward(loaded, dictionaries, batch.clean, site_list, lrp=lrp)
     m = metric(logits, batch)
     flat = [t for s in site_list for t in leaves[s.name]]
@@ -56,7 +49,9 @@ def gradient_node_effects(
             torch.zeros_like(err) if gerr is None else gerr.detach(),
         )
     metric_clean = m.detach()
-    patch, metric_patch = patch_states(loaded, dictionaries, batch, site_list, clean, metric, counterfactual)
+    patch, metric_patch = patch_states(
+        loaded, dictionaries, batch, site_list, clean, metric, req.counterfactual
+    )
     deltas = {k: patch[k] - clean[k] for k in clean}
     effects = {k: grads[k].node_product(deltas[k]) for k in clean}
     return NodeEffects(
@@ -71,28 +66,10 @@ def gradient_node_effects(
     )
 
 
-def atp_node_effects(
-    loaded: LoadedModel,
-    dictionaries: Mapping[str, Dictionary],
-    batch: Batch,
-    *,
-    metric: Metric,
-    options: MethodOptions | None = None,
-    counterfactual: bool = True,
-    sites: Sequence[str] | None = None,
-) -> NodeEffects:
+def atp_node_effects(req: NodeRequest, options: MethodOptions) -> NodeEffects:
     """atp node effects of one batch (plain gradients: every LRP rule off)."""
-    SPEC.check_options(options)
-    return gradient_node_effects(
-        loaded,
-        dictionaries,
-        batch,
-        metric=metric,
-        lrp=None,
-        method=Method.ATP,
-        counterfactual=counterfactual,
-        sites=sites,
-    )
+    options_as(AtpOptions, options, Method.ATP)
+    return gradient_node_effects(req, lrp=None, method=Method.ATP)
 
 
 SPEC = register(MethodSpec(method=Method.ATP, options=AtpOptions, node_effects=atp_node_effects))

@@ -12,42 +12,35 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
 
 import torch
 
-from feature_circuits.attribution.forward import attribution_sites, clean_and_patch
-from feature_circuits.attribution.registry import ExactOptions, MethodOptions, MethodSpec, register
+from feature_circuits.attribution.forward import clean_and_patch
+from feature_circuits.attribution.registry import (
+    ExactOptions,
+    MethodOptions,
+    MethodSpec,
+    NodeRequest,
+    options_as,
+    register,
+)
 from feature_circuits.attribution.results import NodeEffects, SiteState
-from feature_circuits.data import Batch
-from feature_circuits.dictionaries import Dictionary
-from feature_circuits.metrics import Metric
-from feature_circuits.model.loading import LoadedModel
 from feature_circuits.model.sites import get_activation, save, set_activation
 from feature_circuits.types import Method
 
 __all__ = ["exact_node_effects"]
 
 
-def exact_node_effects(
-    loaded: LoadedModel,
-    dictionaries: Mapping[str, Dictionary],
-    batch: Batch,
-    *,
-    metric: Metric,
-    options: MethodOptions | None = None,
-    counterfactual: bool = True,
-    sites: Sequence[str] | None = None,
-) -> NodeEffects:
+def exact_node_effects(req: NodeRequest, options: MethodOptions) -> NodeEffects:
     """Exact node effects of one batch. ``options.max_nodes``: per site, patch at most this many
     feature nodes (largest |delta| first; every error node is always patched); the skipped features
     get NaN. ``options.chunk_size``: single-node patches per forward."""
-    opts = SPEC.check_options(options)
-    assert isinstance(opts, ExactOptions)
+    opts = options_as(ExactOptions, options, Method.EXACT)
     max_nodes, chunk_size = opts.max_nodes, opts.chunk_size
     t0 = time.perf_counter()
-    site_list = attribution_sites(loaded, dictionaries, sites)
-    run = clean_and_patch(loaded, dictionaries, batch, site_list, metric, counterfactual)
+    loaded, dictionaries, batch, metric = req.loaded, req.dictionaries, req.batch, req.metric
+    site_list = req.site_list()
+    run = clean_and_patch(loaded, dictionaries, batch, site_list, metric, req.counterfactual)
     clean, patch, metric_clean = run.clean, run.patch, run.metric_clean
     lm = loaded.lm
     effects: dict[str, torch.Tensor] = {}

@@ -9,42 +9,36 @@ decode(z.f) + z.err; IE = mean_a(dm/dz) . delta. The steps are stacked along the
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from feature_circuits.attribution.forward import attribution_sites, clean_and_patch
-from feature_circuits.attribution.registry import IGOptions, MethodOptions, MethodSpec, register
+from feature_circuits.attribution.forward import clean_and_patch
+from feature_circuits.attribution.registry import (
+    IGOptions,
+    MethodOptions,
+    MethodSpec,
+    NodeRequest,
+    options_as,
+    register,
+)
 from feature_circuits.attribution.results import NodeEffects, SiteState
-from feature_circuits.data import Batch
-from feature_circuits.dictionaries import Dictionary, splice_patched
-from feature_circuits.metrics import Metric
-from feature_circuits.model.loading import LoadedModel
+from feature_circuits.dictionaries import splice_patched
 from feature_circuits.model.sites import get_activation, save, set_activation
 from feature_circuits.types import Method
 
 __all__ = ["ig_node_effects"]
 
 
-def ig_node_effects(
-    loaded: LoadedModel,
-    dictionaries: Mapping[str, Dictionary],
-    batch: Batch,
-    *,
-    metric: Metric,
-    options: MethodOptions | None = None,
-    counterfactual: bool = True,
-    sites: Sequence[str] | None = None,
-) -> NodeEffects:
+def ig_node_effects(req: NodeRequest, options: MethodOptions) -> NodeEffects:
     """IG node effects of one batch with ``options.steps`` steps, ``options.max_rows`` rows per
     forward."""
-    opts = SPEC.check_options(options)
-    assert isinstance(opts, IGOptions)
+    opts = options_as(IGOptions, options, Method.IG)
     steps = opts.steps
     t0 = time.perf_counter()
-    site_list = attribution_sites(loaded, dictionaries, sites)
-    run = clean_and_patch(loaded, dictionaries, batch, site_list, metric, counterfactual)
+    loaded, dictionaries, batch, metric = req.loaded, req.dictionaries, req.batch, req.metric
+    site_list = req.site_list()
+    run = clean_and_patch(loaded, dictionaries, batch, site_list, metric, req.counterfactual)
     clean, patch = run.clean, run.patch
     b = batch.clean.shape[0]
     lm = loaded.lm

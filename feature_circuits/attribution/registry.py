@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, TypeVar
 
 from feature_circuits.errors import ConfigError
 from feature_circuits.types import LRPConfig, Method
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from feature_circuits.dictionaries import Dictionary
     from feature_circuits.metrics import Metric
     from feature_circuits.model.loading import LoadedModel
+    from feature_circuits.types import Site
 
 __all__ = [
     "METHODS",
@@ -33,8 +34,10 @@ __all__ = [
     "MethodOptions",
     "MethodSpec",
     "NodeFunction",
+    "NodeRequest",
     "RelPOptions",
     "method_spec",
+    "options_as",
     "register",
 ]
 
@@ -94,22 +97,31 @@ class IGOptions:
 
 
 MethodOptions = ExactOptions | AtpOptions | RelPOptions | IGOptions
+_O = TypeVar("_O", bound=MethodOptions)
 
 
-class NodeFunction(Protocol):
-    """A method's node effects of one batch: ``(b, s, F+1)`` per site, error node last."""
+@dataclass(frozen=True, kw_only=True)
+class NodeRequest:
+    """What a method's node pass reads: the model, its dictionaries, one batch, the metric, whether
+    the patch state is the counterfactual input (else every node zero) and which sites (names;
+    ``None``: every site with a dictionary)."""
 
-    def __call__(
-        self,
-        loaded: LoadedModel,
-        dictionaries: Mapping[str, Dictionary],
-        batch: Batch,
-        *,
-        metric: Metric,
-        options: MethodOptions,
-        counterfactual: bool,
-        sites: Sequence[str] | None,
-    ) -> NodeEffects: ...
+    loaded: LoadedModel
+    dictionaries: Mapping[str, Dictionary]
+    batch: Batch
+    metric: Metric
+    counterfactual: bool = True
+    sites: tuple[str, ...] | None = None
+
+    def site_list(self) -> list[Site]:
+        """The requested sites that have a dictionary, in forward order."""
+        from feature_circuits.attribution.forward import attribution_sites
+
+        return attribution_sites(self.loaded, self.dictionaries, self.sites)
+
+
+#: A method's node effects of one batch: ``(b, s, F+1)`` per site, error node last.
+NodeFunction = Callable[[NodeRequest, MethodOptions], "NodeEffects"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,13 +136,7 @@ class MethodSpec:
 
     def check_options(self, options: MethodOptions | None) -> MethodOptions:
         """``options`` if they are this method's (``None``: the defaults), else a ConfigError."""
-        if options is None:
-            return self.options()
-        if not isinstance(options, self.options):
-            raise ConfigError(
-                f"method {self.method.value} takes {self.options.__name__}, got {type(options).__name__}"
-            )
-        return options
+        return options_as(self.options, options, self.method)
 
     def options_from(self, values: Mapping[str, object]) -> MethodOptions:
         """This method's options built from those of ``values`` that name one of its fields (a
@@ -145,6 +151,16 @@ class MethodSpec:
         if self.options is not RelPOptions:
             return None
         return RelPOptions().lrp if lrp is None else lrp
+
+
+def options_as(cls: type[_O], options: MethodOptions | None, method: Method) -> _O:
+    """``options`` as ``method``'s options class ``cls`` (``None``: its defaults); a ConfigError
+    naming both when they are another method's."""
+    if options is None:
+        return cls()
+    if not isinstance(options, cls):
+        raise ConfigError(f"method {method.value} takes {cls.__name__}, got {type(options).__name__}")
+    return options
 
 
 #: The registered methods.

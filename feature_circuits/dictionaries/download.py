@@ -1,4 +1,5 @@
-"""Fetch, unpack and verify the Marks et al. Pythia-70M-deduped dictionaries (docs/algorithms.md, "Dictionaries and the error node").
+"""Fetch, unpack and verify the Marks et al. Pythia-70M-deduped dictionaries (docs/algorithms.md,
+"Dictionaries and the error node").
 
 The zip (about 2.4 GB) is downloaded with :func:`huggingface_hub.hf_hub_download`, so it lands in
 the hub's cache (resumable, with the hub's own progress bar), and is then unpacked into

@@ -1,4 +1,5 @@
-"""Benchmark (feature_circuits.benchmark) in quick mode on a tiny Pythia-shaped config (not the 2.5 GB one)."""
+"""Benchmark (experiments.benchmark) in quick mode on a tiny Pythia-shaped config (not the 2.5 GB
+one)."""
 
 from __future__ import annotations
 
