@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from experiments.benchmark import PeakMemory, floor_node_effects, random_batch, run_benchmark
@@ -19,6 +20,7 @@ TINY = {
 }
 
 
+@pytest.mark.slow
 def test_quick_benchmark_tiny(tmp_path):
     report = run_benchmark(
         tmp_path,
