@@ -240,7 +240,7 @@ def edges_loop(
     max_nodes_per_pair: int | None = None,
 ) -> dict[str, Any]:
     """Reference edge algorithm: one backward per selected downstream node (docs/algorithms.md,
-    "Edge effects").
+    "Edges").
 
     Returns ``rows[(up, down)] = [((e, p, j), dense (s_u, F_u+1)), ...]`` and timings: ``forward_s`` per
     pair (the one clean forward a pair needs), ``backward_s`` (all per-node backwards), ``n_nodes``

@@ -512,8 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="compare_methods.py",
         description="Component-level (or --features: SAE-feature-level) check of atp / relp / ig against "
-        "exact activation patching: Pearson correlation per component kind (docs/algorithms.md, "
-        '"Component-level check").',
+        "exact activation patching: Pearson correlation per component kind (docs/algorithms.md: "
+        "Component-level check).",
     )
     p.add_argument(
         "--model", default="embedded", help="'embedded' (default), an HF id or a local model directory"

@@ -445,7 +445,7 @@ def make_batches(pairs: Iterable[Pair], tokenizer: PreTrainedTokenizerBase, batc
 
     No padding is ever used: with rotary position embeddings left padding shifts every position and
     right padding moves the answer position, and position-aligned aggregation (docs/algorithms.md,
-    "Aggregation") sums effects at the same position across examples, which is only meaningful when
+    "Aggregation and the circuit graph") sums effects at the same position across examples, which is only meaningful when
     every example in a batch has its tokens at the same positions. So each batch holds examples of a
     single length.
 

@@ -2,7 +2,7 @@
 
 :func:`discover` loads the model and its dictionaries, loads the dataset (tokenized once), computes
 node (and edge) effects batch by batch, aggregates them over examples, thresholds them into a circuit
-(docs/algorithms.md, "Aggregation") and writes ``circuit.json``, ``effects.safetensors`` (the
+(docs/algorithms.md, "Aggregation and the circuit graph") and writes ``circuit.json``, ``effects.safetensors`` (the
 aggregated effect of every node, which the evaluation sweeps) and ``circuit.html``.
 
 :func:`evaluate` loads one or more circuits, the model and dictionaries each names, and measures

@@ -1,4 +1,4 @@
-"""Node and edge attribution (docs/algorithms.md, "Node effects" and "Edge effects").
+"""Node and edge attribution (docs/algorithms.md, "Methods" and "Edge effects").
 
     loaded, dicts = load_for_attribution("embedded", "embedded")
     nodes = node_effects(loaded, dicts, batch, Method.RELP)

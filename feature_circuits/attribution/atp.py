@@ -1,4 +1,4 @@
-"""Attribution patching, atp (docs/algorithms.md, "Node effects").
+"""Attribution patching, atp (docs/algorithms.md, "Methods").
 
 IE(node) ~= (node(patch) - node(clean)) . dm/d(node) at clean: the first-order estimate of the
 exact patching effect, from one clean forward with every dictionary spliced in as gradient leaves,

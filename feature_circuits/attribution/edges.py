@@ -1,4 +1,4 @@
-"""Edge effects between direct-path site pairs (docs/algorithms.md, "Edge effects").
+"""Edge effects between direct-path site pairs (docs/algorithms.md, "Edges").
 
 edge(k -> j) = g_j . (d d_j / d u_k)|clean . delta u_k, with g_j the downstream node's gradient from
 the node pass (plain for atp, IG-averaged for ig, LRP propagation coefficient for relp: for relp the
@@ -64,7 +64,7 @@ class SitePair:
 
 
 def site_pairs(loaded: LoadedModel, available: Collection[str] | None = None) -> list[SitePair]:
-    """The direct-path pairs (docs/algorithms.md, "Edge effects"), in forward order of the
+    """The direct-path pairs (docs/algorithms.md, "Edges"), in forward order of the
     downstream site; with ``available``, only pairs whose ends are both in it."""
     pairs: list[SitePair] = []
     for layer in range(loaded.n_layers):
@@ -134,7 +134,7 @@ def leaf_forward(
     the earlier leaves) and then replaced by a gradient leaf with the same value (``leaves``).
 
     So d outs[d] / d leaves[u] is the derivative along the paths from u to d that cross no other
-    named site: the direct path (docs/algorithms.md, "Edge effects") when the named sites are all
+    named site: the direct path (docs/algorithms.md, "Edges") when the named sites are all
     the sites between."""
     lm = loaded.lm
     leaves: dict[str, Tensor] = {}

@@ -1,4 +1,4 @@
-"""Exact node effects by activation patching (docs/algorithms.md, "Node effects"): ground truth.
+"""Exact node effects by activation patching (docs/algorithms.md, "Methods"): ground truth.
 
 IE(node) = m(clean | do(node <- node(patch))) - m(clean). A patched node changes the site output by
 delta = decode(f with f_i <- f_i(patch)) - decode(f) for a feature, and by err(patch) - err(clean) for

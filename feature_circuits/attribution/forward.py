@@ -1,4 +1,4 @@
-"""The forwards every attribution method shares (docs/algorithms.md, "Node effects"): the sites to
+"""The forwards every attribution method shares (docs/algorithms.md, "Methods"): the sites to
 attribute, the clean and patch states of every site, and the clean forward with every dictionary
 spliced in as gradient leaves.
 

@@ -1,4 +1,4 @@
-"""Integrated gradients node effects (Marks et al.; docs/algorithms.md, "Node effects").
+"""Integrated gradients node effects (Marks et al.; docs/algorithms.md, "Methods").
 
 Per site separately (other sites not spliced): z_a = (1-a) clean + a patch for the features AND the
 error, a = k/steps, k = 0..steps-1; the clean input runs with the site output set to

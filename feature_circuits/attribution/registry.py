@@ -1,5 +1,5 @@
 """The attribution methods, one entry each: a :class:`MethodSpec` with the method's options
-dataclass and its node-effect function (docs/algorithms.md, "Node effects").
+dataclass and its node-effect function (docs/algorithms.md, "Methods").
 
 Each method lives in its own module (:mod:`.exact`, :mod:`.atp`, :mod:`.relp`, :mod:`.ig`) and
 registers itself with :func:`register` when imported; :func:`method_spec` imports the built-in

@@ -1,4 +1,4 @@
-"""Relevance patching, relp (docs/algorithms.md, "Node effects" and "LRP rules").
+"""Relevance patching, relp (docs/algorithms.md, "Methods" and "LRP rules").
 
 atp whose clean forward runs with the LRP rules in force (LN-rule, Identity-rule, Half-rule by
 default; AH-rule and epsilon-rule optional), so that the backward returns LRP propagation

@@ -1,4 +1,4 @@
-"""Typed results shared by every attribution method (docs/algorithms.md, "Node effects" and
+"""Typed results shared by every attribution method (docs/algorithms.md, "Methods" and
 "Edge effects").
 
 Node indexing at a site with F features follows :func:`feature_circuits.types.error_index`: flat

@@ -288,7 +288,7 @@ def make_sva_pair(
     other_verb: tuple[str, str] | None = None,
     preposition: str = "near",
 ) -> dict:
-    """One clean/patch SVA pair (the dataset schema of spec section 8).
+    """One clean/patch SVA pair (the dataset schema of docs/algorithms.md, "Datasets").
 
     ``noun``/``verb`` are (singular, plural) pairs. For simple/nounpp/rc the varied noun is the subject
     ``noun`` and ``verb`` agrees with it; ``attractor`` is the distractor noun (nounpp, rc) and, for rc,

@@ -1,4 +1,4 @@
-"""Edge effects (docs/algorithms.md, "Edge effects"): batched VJPs equal a plain
+"""Edge effects (docs/algorithms.md, "Edges"): batched VJPs equal a plain
 one-backward-per-node loop."""
 
 from __future__ import annotations

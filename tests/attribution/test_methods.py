@@ -1,4 +1,4 @@
-"""Node effects (docs/algorithms.md, "Node effects"): exact, atp, ig, relp, zero-ablation mode; the
+"""Node effects (docs/algorithms.md, "Methods"): exact, atp, ig, relp, zero-ablation mode; the
 method registry and its options."""
 
 from __future__ import annotations
