@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Literal
 
 from feature_circuits.errors import ConfigError
 from feature_circuits.metrics import MetricName
+from feature_circuits.outputs import check_out_dir, staged_outputs
+from feature_circuits.threads import apply_threads
 from feature_circuits.types import Aggregation, Method, Site, SiteKind
 
 if TYPE_CHECKING:
@@ -150,6 +152,12 @@ class DiscoverConfig:
     seed: int = field(default=0, metadata=_help("seed for torch, random and numpy"))
     device: str | None = field(default="cpu", metadata=_help("cpu, cuda, cuda:N or auto"))
     dtype: DType = field(default="float32", metadata=_help("model and dictionary dtype"))
+    threads: int | None = field(
+        default=None,
+        metadata=_help(
+            "torch CPU threads (default: OMP_NUM_THREADS when set, else half the logical CPUs, at least 1)"
+        ),
+    )
     labels: str | None = field(
         default=None,
         metadata=_help(
@@ -174,6 +182,7 @@ class DiscoverConfig:
         _check_min("num_examples", self.num_examples, 1)
         _check_min("batch_size", self.batch_size, 1)
         _check_min("steps", self.steps, 1)
+        _check_min("threads", self.threads, 1)
         _check_threshold("node_threshold", self.node_threshold)
         _check_threshold("edge_threshold", self.edge_threshold)
 
@@ -222,6 +231,12 @@ class EvaluateConfig:
         default=None, metadata=_help("layers < this (and embed) are always kept (default: n_layers // 3)")
     )
     device: str | None = field(default=None, metadata=_help("cpu, cuda, ... (default: cuda if available)"))
+    threads: int | None = field(
+        default=None,
+        metadata=_help(
+            "torch CPU threads (default: OMP_NUM_THREADS when set, else half the logical CPUs, at least 1)"
+        ),
+    )
     allow_discovery_split: bool = field(
         default=False, metadata=_help("allow evaluating on the circuit's own discovery dataset and split")
     )
@@ -241,6 +256,7 @@ class EvaluateConfig:
         _check_min("num_examples", self.num_examples, 1)
         _check_min("batch_size", self.batch_size, 1)
         _check_min("free_layers", self.free_layers, 0)
+        _check_min("threads", self.threads, 1)
         if self.thresholds is not None:
             object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
             if not self.thresholds or any(not math.isfinite(t) or t < 0 for t in self.thresholds):
@@ -296,11 +312,18 @@ def discover(cfg: DiscoverConfig, *, log: Log = _quiet) -> Circuit:
     )
     from feature_circuits.data import load_pairs, make_batches, resolve_dataset
     from feature_circuits.metrics import get_metric
+    from feature_circuits.render import load_labels
 
+    # everything the user gave is checked before the first forward (labels, output directory,
+    # dataset, dictionaries; then the labels against the model's sites)
     if cfg.labels is not None and not Path(cfg.labels).is_file():
         raise ConfigError(f"--labels: labels file not found: {cfg.labels}")
+    if cfg.labels is not None:
+        load_labels(cfg.labels)
+    out = None if cfg.out is None else check_out_dir(cfg.out, "--out")
     if cfg.method is Method.EXACT and not cfg.nodes_only:
         log("method exact has no gradients: computing nodes only (no edges)")
+    log(f"torch threads: {apply_threads(cfg.threads)}")
     seed_everything(cfg.seed)
     timing: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -308,6 +331,11 @@ def discover(cfg: DiscoverConfig, *, log: Log = _quiet) -> Circuit:
     data_path = resolve_dataset(cfg.dataset, cfg.split)
     loaded, dicts = load_for_attribution(cfg.model, cfg.saes, device=cfg.device, dtype=cfg.dtype)
     timing["load"] = time.perf_counter() - t_start
+    labels = (
+        None
+        if cfg.labels is None
+        else load_labels(cfg.labels, {s.name: int(dicts[s.name].dict_size) for s in loaded.sites})
+    )
 
     t = time.perf_counter()
     pairs = load_pairs(data_path, loaded.tokenizer, limit=cfg.num_examples)
@@ -375,15 +403,17 @@ def discover(cfg: DiscoverConfig, *, log: Log = _quiet) -> Circuit:
         tokens=tokens,
         timing_s={k: round(v, 4) for k, v in timing.items()},
     )
-    if cfg.out is not None:
-        out = Path(cfg.out)
-        save_effects(agg_nodes.effects, out / EFFECTS_FILE, cfg.aggregation)
+    if not circuit.nodes:
+        log(f"note: {circuit.empty_note()}")
+    if out is not None:
         circuit = circuit.model_copy(update={"effects_file": EFFECTS_FILE})
-        save_circuit(circuit, out / "circuit.json")
-        if cfg.html:
-            from feature_circuits.render import render_circuit_html
+        with staged_outputs() as stage:  # all renamed into place together, or none
+            save_effects(agg_nodes.effects, stage.path(out / EFFECTS_FILE), cfg.aggregation)
+            save_circuit(circuit, stage.path(out / "circuit.json"))
+            if cfg.html:
+                from feature_circuits.render import render_circuit_html
 
-            render_circuit_html(circuit, out / "circuit.html", labels=cfg.labels)
+                render_circuit_html(circuit, stage.path(out / "circuit.html"), labels=labels)
     return circuit
 
 
@@ -490,11 +520,15 @@ def evaluate(cfg: EvaluateConfig, *, log: Log = _quiet, echo: Log = _quiet) -> l
     from feature_circuits.model import load_model
 
     jobs = _load_jobs(cfg)
+    html = (Path(cfg.out) if cfg.out is not None else jobs[0].path.parent) / "eval.html"
+    json_paths = [_eval_json_path(cfg, job, len(jobs)) for job in jobs]
+    for where in dict.fromkeys(p.parent for p in [*json_paths, html]):  # before any model is loaded
+        check_out_dir(where, "--out" if cfg.out is not None else f"--circuit (its directory {where})")
+    log(f"torch threads: {apply_threads(cfg.threads)}")
     models: dict[str, LoadedModel] = {}
     dicts: dict[tuple[str, str], Mapping[str, Dictionary]] = {}
     means_cache: dict[tuple[str, str, str, int, int], Mapping[str, SiteMean]] = {}
     results: list[tuple[str, EvalResult]] = []
-    outs: list[Path] = []
     for job in jobs:
         circ = job.circuit
         if circ.model not in models:
@@ -527,14 +561,14 @@ def evaluate(cfg: EvaluateConfig, *, log: Log = _quiet, echo: Log = _quiet) -> l
             means=means_cache[key],
             progress=cfg.progress,
         ).with_meta(eval_dataset=str(data_path), eval_split=cfg.split, circuit=str(job.path))
-        out_json = _eval_json_path(cfg, job, len(jobs))
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(json.dumps(eval_json(res), indent=1) + "\n")
+        for warning in res.warnings:
+            log(f"warning: {job.path}: {warning}")
         results.append((job.label, res))
-        outs.append(out_json)
         echo(summary_table(job.label, res))
-    html = (Path(cfg.out) if cfg.out is not None else jobs[0].path.parent) / "eval.html"
-    plot_html(results, html)
-    for p in [*outs, html]:
+    with staged_outputs() as stage:  # every eval.json and eval.html renamed into place together, or none
+        for out_json, (_, res) in zip(json_paths, results, strict=True):
+            stage.path(out_json).write_text(json.dumps(eval_json(res), indent=1) + "\n")
+        plot_html(results, stage.path(html))
+    for p in [*json_paths, html]:
         echo(f"wrote {p}")
     return [res for _, res in results]

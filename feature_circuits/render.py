@@ -53,10 +53,14 @@ MAX_TABLE_ROWS = 3000
 Labels = Mapping[tuple[str, "int | None"], str]
 
 
-def load_labels(path: str | Path) -> dict[tuple[str, int | None], str]:
+def load_labels(
+    path: str | Path, sizes: Mapping[str, int] | None = None
+) -> dict[tuple[str, int | None], str]:
     """Read a labels file: JSON Lines ``{"site": "resid_3", "feature": 123, "label": "plural nouns"}``
     (``feature`` null labels the site's error node). Blank lines are skipped; anything else that is
-    not such an object raises :class:`LabelsError` with ``path:line:``."""
+    not such an object raises :class:`LabelsError` with ``path:line:``. With ``sizes`` (site name ->
+    dictionary size: the model's sites), a site not among them or a feature index past its
+    dictionary is such an error too."""
     path = Path(path)
     if not path.is_file():
         raise LabelsError(f"labels file not found: {path}")
@@ -86,6 +90,12 @@ def load_labels(path: str | Path) -> dict[tuple[str, int | None], str]:
             raise LabelsError(f"{where}: 'feature' must be a non-negative integer or null, got {feat!r}")
         if not isinstance(label, str):
             raise LabelsError(f"{where}: 'label' must be a string, got {type(label).__name__}")
+        if sizes is not None and site not in sizes:
+            raise LabelsError(f"{where}: unknown site {site!r}; the model's sites are {', '.join(sizes)}")
+        if sizes is not None and feat is not None and feat >= sizes[site]:
+            raise LabelsError(
+                f"{where}: feature {feat} is out of range for site {site} (dictionary size {sizes[site]})"
+            )
         out[(site, feat)] = label
     return out
 
@@ -287,13 +297,14 @@ def _figure(circuit: Circuit, labels: Labels):
         x_range = [-0.8, 3 * n_pos - 0.2]
     else:
         tickvals, ticktext, x_range = [0, 1, 2], ["attn", "mlp", "resid"], [-0.8, 2.8]
+    title = _ptext(
+        f"{circuit.method.value} circuit: {circuit.model} / {circuit.saes} on "
+        f"{circuit.dataset} ({circuit.split}, {circuit.num_examples} examples)"
+    )
+    if not circuit.nodes:
+        title += "<br>" + _ptext(circuit.empty_note())
     fig.update_layout(
-        title={
-            "text": _ptext(
-                f"{circuit.method.value} circuit: {circuit.model} / {circuit.saes} on "
-                f"{circuit.dataset} ({circuit.split}, {circuit.num_examples} examples)"
-            )
-        },
+        title={"text": title},
         xaxis={
             "tickvals": tickvals,
             "ticktext": ticktext,
@@ -455,6 +466,7 @@ def render_circuit_html(
 <div class="key meta"><span style="color:{POS_COLOR}">&#9679; positive effect</span>
 <span style="color:{NEG_COLOR}">&#9679; negative effect</span><span>&#9632; error node</span>
 <span>&#9679; feature</span><span>size: |effect|; edge width: |weight|</span></div>
+{f'<p id="fc-empty"><b>{e(circuit.empty_note())}</b></p>' if not circuit.nodes else ""}
 <div id="fc-errors"></div>
 <div id="fc-status" data-expected-nodes="{expected}" data-rendered-points="" data-done="0"></div>
 {plot_html}

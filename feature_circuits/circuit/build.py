@@ -112,7 +112,8 @@ def build_circuit(
     """Threshold aggregated effects into a :class:`Circuit` (see the module docstring).
 
     ``edges`` may be None or empty (``--nodes-only``): the circuit then has only the logit edges.
-    ``last_resid`` (default: the resid site with the highest layer) feeds the logit sink; ``metric``
+    The circuit records the largest |effect| of any node (``max_abs_effect``), which an empty circuit
+    reports. ``last_resid`` (default: the resid site with the highest layer) feeds the logit sink; ``metric``
     is the metric the effects were computed with (recorded in the circuit); ``n_layers`` defaults
     to one more than the highest layer among the sites.
     """
@@ -137,6 +138,8 @@ def build_circuit(
     ]
     order = {nd.id: i for i, nd in enumerate(all_nodes)}
     out_edges.sort(key=lambda e: (order.get(e.target, len(order)), order.get(e.source, 0)))
+    finite = [e[torch.isfinite(e)].abs() for e in nodes.effects.values()]
+    largest = max((float(e.max()) for e in finite if e.numel()), default=None)
     if n_layers is None and kept:
         n_layers = 1 + max(Site.parse(s)[1] for s in kept)
     try:
@@ -157,6 +160,7 @@ def build_circuit(
             timing_s=dict(timing_s if timing_s is not None else nodes.timing_s),
             tokens=None if tokens is None else tuple(str(t) for t in tokens),
             n_layers=n_layers,
+            max_abs_effect=largest,
         )
     except ValidationError as err:
         raise CircuitError(f"build_circuit: invalid circuit:\n{err}") from None

@@ -73,7 +73,7 @@ SCHEMA_PATH = Path(__file__).with_name("circuit.schema.json")
 _SCHEMA_URI = "https://json-schema.org/draft/2020-12/schema"
 _SCHEMA_ID = "https://feature-circuits.local/circuit.schema.json"
 #: Optional fields, left out of the file when None (the readers before this module rejected null there).
-_OMIT_IF_NONE = frozenset({"tokens", "n_layers", "effects_file"})
+_OMIT_IF_NONE = frozenset({"tokens", "n_layers", "effects_file", "max_abs_effect"})
 _MAX_LISTED = 10
 
 
@@ -249,6 +249,8 @@ class Circuit(BaseModel):
     effects_file: str | None = None
     """Safetensors file, relative to this file's directory, with the aggregated effect of every node:
     one float32 tensor per site, (F+1,) under ``sum`` or (s, F+1) under ``none``, error node last."""
+    max_abs_effect: Annotated[Finite, Field(ge=0)] | None = None
+    """The largest |effect| of any node, kept or not (what an empty circuit reports)."""
 
     @field_validator("schema_version")
     @classmethod
@@ -299,6 +301,9 @@ class Circuit(BaseModel):
 
     def summary(self) -> str:
         """Nodes and edges per site, total effect and time, as a short text."""
+        time = ["time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timing_s.items())] if self.timing_s else []
+        if not self.nodes:
+            return "\n".join([self.empty_note(), *time])
         by_site = self.nodes_by_site()
         edges_in: dict[str, int] = {}
         site_of = {nd.id: nd.site for nd in self.nodes}
@@ -314,9 +319,16 @@ class Circuit(BaseModel):
             f"total: {len(self.nodes)} nodes, {len(self.edges)} edges; total effect {self.total_effect:+.4f} "
             f"over {self.num_examples} examples"
         )
-        if self.timing_s:
-            lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timing_s.items()))
-        return "\n".join(lines)
+        return "\n".join([*lines, *time])
+
+
+    def empty_note(self) -> str:
+        """What an empty circuit says: no node above its threshold, and the largest |effect|."""
+        largest = "" if self.max_abs_effect is None else f" (largest |effect| is {self.max_abs_effect:.4g})"
+        return (
+            f"no node above threshold {self.node_threshold:g}{largest}; total effect "
+            f"{self.total_effect:+.4f} over {self.num_examples} examples"
+        )
 
 
 def _version_problem(value: object) -> str:

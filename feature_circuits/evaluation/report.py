@@ -1,7 +1,10 @@
 """What an evaluation reports: ``eval.json``, the ``eval.html`` plot, the summary table; and the
 held-out rule (the evaluation data must not be the discovery data).
 
-``eval.json`` (:func:`eval_json`) holds the standard variant's curves at the top level
+``eval.json`` (:func:`eval_json`) holds first ``circuit``: the circuit exactly as stored in
+circuit.json (its own nodes at its ``threshold``: ``n_nodes``, ``faithfulness``, ``completeness``,
+standard variant; each variant's under ``variants.<v>.stored``) and ``warnings`` (e.g. the effects
+file disagrees with circuit.json: nodes removed or added by hand), then the standard variant's curves at the top level
 (``thresholds``, ``n_nodes``, ``faithfulness``, ``completeness``; faithfulness ``null`` where it is
 undefined), every variant under ``variants`` (the same curves plus the raw metric values
 ``m_circuit``, ``m_complement``, ``m_full``, ``m_empty``), then how the sweep was made:
@@ -20,7 +23,7 @@ Faithfulness and completeness are ratios of metric differences and are unchanged
 
 ``eval.html`` (:func:`plot_html`) is one self-contained plotly page (plotly.js inlined):
 faithfulness and completeness against the number of nodes (log x axis; points with 0 nodes are not
-drawn), one line per circuit and variant.
+drawn), one line per circuit and variant, the circuit as stored marked on each (a star).
 
 Held-out protocol (docs/algorithms.md, "Evaluation"): :func:`check_held_out` refuses the circuit's
 own dataset and split by name or file, :func:`check_disjoint` refuses evaluation examples that are
@@ -37,7 +40,7 @@ from typing import TYPE_CHECKING
 
 from feature_circuits.errors import EvaluationError, FeatureCircuitsError
 from feature_circuits.evaluation.masks import Variant
-from feature_circuits.evaluation.sweep import EvalResult, VariantCurve
+from feature_circuits.evaluation.sweep import CircuitPoint, EvalResult, VariantCurve
 from feature_circuits.types import Aggregation
 
 if TYPE_CHECKING:
@@ -144,6 +147,20 @@ def _json_floats(xs: Sequence[float]) -> list[JsonValue]:
     return [None if math.isnan(x) else x for x in xs]
 
 
+def _point_json(point: CircuitPoint | None, threshold: float | None) -> EvalJson | None:
+    if point is None:
+        return None
+    f, c = _json_floats([point.faithfulness, point.completeness])
+    return {
+        "threshold": threshold,
+        "n_nodes": point.n_nodes,
+        "faithfulness": f,
+        "completeness": c,
+        "m_circuit": point.m_circuit,
+        "m_complement": point.m_complement,
+    }
+
+
 def _curve_json(curve: VariantCurve) -> EvalJson:
     return {
         "n_nodes": list(curve.n_nodes),
@@ -153,6 +170,7 @@ def _curve_json(curve: VariantCurve) -> EvalJson:
         "m_complement": list(curve.m_complement),
         "m_full": curve.m_full,
         "m_empty": curve.m_empty,
+        "stored": _point_json(curve.stored, None),
     }
 
 
@@ -179,6 +197,8 @@ def eval_json(result: EvalResult) -> EvalJson:
     std = _curve_json(result.standard)
     per_position = result.aggregation is Aggregation.NONE
     out: EvalJson = {
+        "circuit": _point_json(result.standard.stored, result.discovery_node_threshold),
+        "warnings": list(result.warnings),
         "thresholds": list(result.thresholds),
         "n_nodes": std["n_nodes"],
         "faithfulness": std["faithfulness"],
@@ -234,7 +254,20 @@ def summary_table(label: str, result: EvalResult) -> str:
         f"free layers embed + <{result.free_layers}, {result.n_nodes_total} ablatable nodes, thresholds over "
         + ("every node's effect (effects file)" if result.all_nodes else "the circuit's stored nodes only")
     )
-    lines = [title, head]
+    lines = [title, *(f"warning: {w}" for w in result.warnings)]
+    if result.standard.stored is not None:
+        stored = " ".join(
+            f"{_fmt(p.faithfulness):>11} {_fmt(p.completeness):>11}"
+            for p in (result.variants[v].stored for v in names)
+            if p is not None
+        )
+        lines += [
+            f"the circuit as stored (threshold {result.discovery_node_threshold:g}):",
+            head,
+            f"{'stored':>10} {result.standard.stored.n_nodes:>7} {stored}",
+            "the sweep:",
+        ]
+    lines.append(head)
     for i, t in enumerate(result.thresholds):
         mark = "*" if result.below_discovery_threshold[i] else " "
         cells = " ".join(
@@ -284,6 +317,25 @@ def plot_html(results: Sequence[tuple[str, EvalResult]], path: Path) -> Path:
                         showlegend=col == 1,
                         line={"color": color, "dash": _DASH[variant]},
                         hovertemplate="%{text}<br>nodes %{x}<br>%{y:.3f}<extra>" + name + "</extra>",
+                    ),
+                    row=1,
+                    col=col,
+                )
+            point = curve.stored
+            if point is None or point.n_nodes <= 0:
+                continue
+            for col, value in ((1, point.faithfulness), (2, point.completeness)):
+                fig.add_trace(
+                    go.Scatter(
+                        x=[point.n_nodes],
+                        y=[None if math.isnan(value) else value],
+                        mode="markers",
+                        name=f"{name}: the circuit as stored",
+                        legendgroup=name,
+                        showlegend=False,
+                        marker={"color": color, "symbol": "star", "size": 14, "line": {"width": 1}},
+                        hovertemplate=f"the circuit as stored (threshold {res.discovery_node_threshold:g})"
+                        "<br>nodes %{x}<br>%{y:.3f}<extra>" + name + "</extra>",
                     ),
                     row=1,
                     col=col,

@@ -16,6 +16,12 @@ Definitions (docs/algorithms.md, "Evaluation"):
   (those above the discovery threshold; every other node counts as effect 0): thresholds at or
   below the discovery threshold all give the whole stored circuit and are flagged
   (:attr:`EvalResult.below_discovery_threshold`).
+* **The circuit as stored.** Before the sweep, the circuit exactly as circuit.json holds it: its
+  own node set (at its own threshold), scored like every point of the sweep
+  (:attr:`VariantCurve.stored`). When the effects file disagrees with circuit.json (nodes above the
+  threshold in the file but not in the circuit: removed by hand; stored nodes at or below it:
+  added by hand) the result says so (:attr:`EvalResult.warnings`) and the sweep, too, runs over the
+  stored nodes only.
 * **Plan.** For each threshold t the circuit C_t is every node with |effect| > t (a comparison per
   site tensor; the selections grow as t falls). For each variant and each distinct C_t (plus the
   empty selection) the keep masks of C_t and of its complement (:func:`.masks.keep_masks`, free
@@ -74,12 +80,14 @@ if TYPE_CHECKING:
     from feature_circuits.model import LoadedModel
 
 __all__ = [
+    "CircuitPoint",
     "EvalResult",
     "SweepSource",
     "VariantCurve",
     "check_effects_agree",
     "circuit_effects",
     "default_thresholds",
+    "effects_disagreement",
     "evaluate_circuit",
     "sweep_source",
 ]
@@ -105,6 +113,7 @@ class SweepSource:
     node_threshold: float | None = None
     tokens: tuple[str, ...] | None = None
     provenance: Mapping[str, str] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()  # e.g. the effects file and the stored nodes disagree
 
     @property
     def all_nodes(self) -> bool:
@@ -128,10 +137,15 @@ def sweep_source(
             "per site as circuit.AggregatedNodes)"
         )
     aggregation = Aggregation(circuit.aggregation)
+    notes: tuple[str, ...] = ()
     if effects is not None:
         check_effects_agree(circuit, effects, source="effects")
+        note = effects_disagreement(circuit, effects)
+        if note is not None:
+            notes, effects = (f"{note}; evaluating the stored nodes only, the sweep included",), None
     return SweepSource(
         aggregation=aggregation,
+        warnings=notes,
         metric=MetricName(circuit.metric),
         effects=effects,
         nodes=tuple(circuit.nodes),
@@ -175,6 +189,39 @@ def check_effects_agree(circuit: Circuit, effects: Mapping[str, Tensor], *, sour
             )
 
 
+def effects_disagreement(circuit: Circuit, effects: Mapping[str, Tensor]) -> str | None:
+    """How the dense ``effects`` disagree with the circuit's node set, or None: nodes above the
+    circuit's threshold in the effects but not in the circuit (removed by hand), stored nodes at or
+    below it (added by hand). A float32 rounding margin keeps nodes at the threshold out of it."""
+    t = float(circuit.node_threshold)
+    margin = t * (1 + 1e-5) + 1e-7
+    stored: set[tuple[str, int | None, int]] = set()
+    for n in circuit.nodes:
+        eff = effects[n.site]  # present: check_effects_agree
+        stored.add((n.site, n.position, error_index(eff.shape[-1] - 1) if n.feature is None else n.feature))
+    removed: list[str] = []
+    for site, eff in effects.items():
+        grid = eff.detach().abs().reshape(-1, eff.shape[-1]) if eff.dim() == 2 else eff.detach().abs()[None]
+        for pos, idx in torch.nonzero(grid > margin).tolist():
+            key = (site, pos if eff.dim() == 2 else None, idx)
+            if key not in stored:
+                feature = None if idx == error_index(eff.shape[-1] - 1) else idx
+                removed.append(Node.make_id(site, feature, key[1]))
+    added = [n.id for n in circuit.nodes if abs(n.effect) < t * (1 - 1e-5) - 1e-7]
+    problems = []
+    if removed:
+        problems.append(
+            f"{len(removed)} node(s) with |effect| > {t:g} in the effects file are not in circuit.json "
+            f"(removed by hand?), e.g. {', '.join(removed[:3])}"
+        )
+    if added:
+        problems.append(
+            f"{len(added)} node(s) of circuit.json have |effect| at or below its threshold {t:g} "
+            f"(added by hand?), e.g. {', '.join(added[:3])}"
+        )
+    return "; ".join(problems) or None
+
+
 def circuit_effects(circuit: Circuit, circuit_path: str | Path) -> dict[str, Tensor] | None:
     """The dense effects of every node named by the circuit's ``effects_file`` (relative to the
     directory of ``circuit_path``, its circuit.json), checked against the stored nodes; None when the
@@ -206,10 +253,11 @@ def default_thresholds(max_effect: float) -> list[float]:
     return [float(t) for t in grid]
 
 
-def _stored_effects(
-    src: SweepSource, sites: Sequence[Site], sizes: Mapping[str, int], n_positions: int
-) -> dict[str, Tensor]:
-    """The stored nodes scattered into dense ``(P, F + 1)`` float64 tensors (0 where absent)."""
+_Index = dict[str, tuple[list[int], list[int], list[float]]]
+
+
+def _stored_index(src: SweepSource, sites: Sequence[Site], sizes: Mapping[str, int], n_positions: int) -> _Index:
+    """Per site the (row, column, effect) of each stored node in a ``(P, F + 1)`` grid."""
     per_position = src.aggregation is Aggregation.NONE
     index: dict[str, tuple[list[int], list[int], list[float]]] = {s.name: ([], [], []) for s in sites}
     for n in src.nodes:
@@ -237,13 +285,18 @@ def _stored_effects(
         rows.append(pos)
         cols.append(error_index(n_feat) if n.feature is None else n.feature)
         vals.append(float(n.effect))
+    return index
+
+
+def _scatter(index: _Index, sites: Sequence[Site], sizes: Mapping[str, int], n_positions: int, *, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The stored nodes as dense ``(P, F + 1)`` tensors: their effects (float64, 0 where absent) or,
+    with ``dtype=torch.bool``, the selection of exactly those nodes."""
     out = {}
     for s in sites:
-        dense = torch.zeros(n_positions, sizes[s.name] + 1, dtype=torch.float64)
+        dense = torch.zeros(n_positions, sizes[s.name] + 1, dtype=dtype)
         rows, cols, vals = index[s.name]
-        dense[torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)] = torch.tensor(
-            vals, dtype=torch.float64
-        )
+        values = torch.ones(len(vals), dtype=torch.bool) if dtype == torch.bool else torch.tensor(vals, dtype=dtype)
+        dense[torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)] = values
         out[s.name] = dense
     return out
 
@@ -320,6 +373,11 @@ class _Plan:
     n_nodes: tuple[int, ...]
     configs: dict[str, MaskConfig]
     digest_of: dict[tuple[Variant, bool, int], str]
+    stored_n_nodes: int | None = None  # the stored circuit's node count, its masks under key _STORED
+
+
+#: The key of the stored circuit's selection in :attr:`_Plan.digest_of` (sizes are >= 0).
+_STORED = -1
 
 
 def _plan(
@@ -329,9 +387,12 @@ def _plan(
     sites: Sequence[Site],
     dictionaries: Mapping[str, Dictionary],
     free_layers: int,
+    stored: Mapping[str, Tensor] | None = None,
 ) -> _Plan:
     empty = {name: torch.zeros_like(eff, dtype=torch.bool) for name, eff in dense.items()}
-    by_size: dict[int, dict[str, Tensor]] = {0: empty}
+    by_size: dict[int, Mapping[str, Tensor]] = {0: empty}
+    if stored is not None:
+        by_size[_STORED] = stored
     sizes, counts = [], []
     for t in thresholds:
         sel = select(dense, t)
@@ -351,11 +412,29 @@ def _plan(
                 digest = _mask_digest(masks)
                 digest_of[(variant, complement, size)] = digest
                 configs.setdefault(digest, masks)
-    return _Plan(sizes=tuple(sizes), n_nodes=tuple(counts), configs=configs, digest_of=digest_of)
+    return _Plan(
+        sizes=tuple(sizes),
+        n_nodes=tuple(counts),
+        configs=configs,
+        digest_of=digest_of,
+        stored_n_nodes=None if stored is None else node_count(stored, sites, free_layers),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # Result
+
+
+@dataclass(frozen=True, kw_only=True)
+class CircuitPoint:
+    """The circuit exactly as stored (its own nodes, at its own threshold), scored like a point of
+    the sweep: node count outside the free layers, faithfulness, completeness, m(C), m(M minus C)."""
+
+    n_nodes: int
+    faithfulness: float
+    completeness: float
+    m_circuit: float
+    m_complement: float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -370,6 +449,7 @@ class VariantCurve:
     m_complement: tuple[float, ...]
     m_full: float
     m_empty: float
+    stored: CircuitPoint | None = None  # the circuit as stored (None for bare aggregated effects)
 
     def __post_init__(self) -> None:
         lengths = {len(self.n_nodes), len(self.faithfulness), len(self.completeness)}
@@ -396,6 +476,7 @@ class EvalResult:
     num_examples: int
     means_per_position: bool
     meta: Mapping[str, str] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()  # e.g. the effects file disagrees with the stored nodes
 
     def __post_init__(self) -> None:
         if not self.variants:
@@ -456,7 +537,19 @@ def _score(
                 f"variant {variant.value}: m(M) == m(empty) = {m_full}; faithfulness is undefined (nan)",
                 stacklevel=3,
             )
+        point = None
+        if plan.stored_n_nodes is not None:
+            sc = value_of[plan.digest_of[(variant, False, _STORED)]]
+            sk = value_of[plan.digest_of[(variant, True, _STORED)]]
+            point = CircuitPoint(
+                n_nodes=plan.stored_n_nodes,
+                faithfulness=_faith(sc, m_full, m_empty),
+                completeness=_faith(sk, m_full, m_empty),
+                m_circuit=sc,
+                m_complement=sk,
+            )
         curves[variant] = VariantCurve(
+            stored=point,
             n_nodes=plan.n_nodes,
             faithfulness=tuple(_faith(x, m_full, m_empty) for x in mc),
             completeness=tuple(_faith(x, m_full, m_empty) for x in mk),
@@ -558,10 +651,12 @@ def evaluate_circuit(
     free = default_free_layers(loaded.n_layers) if free_layers is None else int(free_layers)
     batches = _as_batches(data, loaded, batch_size)
     n_positions = _positions(src, batches)
+    index = _stored_index(src, sites, sizes, n_positions)
     if src.effects is not None:
         dense = _given_effects(src.effects, src.aggregation, sites, sizes, n_positions)
     else:
-        dense = _stored_effects(src, sites, sizes, n_positions)
+        dense = _scatter(index, sites, sizes, n_positions, dtype=torch.float64)
+    stored = None if src.node_threshold is None else _scatter(index, sites, sizes, n_positions, dtype=torch.bool)
     top = max((float(d.abs().max()) for d in dense.values()), default=0.0)
     thr = _check_thresholds(default_thresholds(top) if thresholds is None else thresholds)
     aligned = positions_aligned(batches)
@@ -571,7 +666,7 @@ def evaluate_circuit(
         if got != {want}:
             raise EvaluationError(f"means over {sorted(got)} position(s) given; these examples need {want}")
 
-    plan = _plan(dense, thr, variant_list, sites, dictionaries, free)
+    plan = _plan(dense, thr, variant_list, sites, dictionaries, free, stored)
     value_of = _run(
         loaded, dictionaries, batches, plan, means, metric_name, aligned, stack, max_rows, progress
     )
@@ -591,6 +686,7 @@ def evaluate_circuit(
         num_examples=sum(len(b) for b in batches),
         means_per_position=aligned,
         meta=dict(src.provenance),
+        warnings=src.warnings,
     )
 
 

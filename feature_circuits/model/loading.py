@@ -4,12 +4,19 @@
     loaded = load_model("EleutherAI/pythia-70m-deduped")  # the paper setup (needs the HF hub)
     loaded = load_model("/path/to/dir", before_wrap=patch_fn)
 
+What cannot be loaded is one :class:`~feature_circuits.errors.ModelLoadError` line, checked before
+transformers is asked: a local directory that is empty, lacks config.json or weights, or whose
+config.json is not valid JSON or names no ``model_type``; a hub id that is not in the hub cache
+while ``HF_HUB_OFFLINE`` is set (at once, with no network retries); and whatever transformers
+itself refuses (its first line).
+
 ``before_wrap`` receives the HF model before nnsight wraps it: nnsight fixes each module's forward
 when it wraps, so submodule rewrites (the LRP rules) must happen there (see PITFALLS.md).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Callable
@@ -112,6 +119,88 @@ def is_local_path(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or source.count("/") > 1 or windows_path
 
 
+#: Weight files of a saved HF model (one of them, or a sharded index, must be in its directory).
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set to a true value."""
+    return any(os.environ.get(k, "").upper() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def check_model_dir(directory: str | os.PathLike[str]) -> None:
+    """A local model directory must hold a config.json that is a JSON object with ``model_type``,
+    and weights (:data:`WEIGHT_FILES`); :class:`ModelLoadError` naming the file otherwise."""
+    d = Path(directory)
+    config = d / "config.json"
+    if not any(d.iterdir()):
+        raise ModelLoadError(f"model directory {d} is empty (expected a saved HF model: config.json, weights)")
+    if not config.is_file():
+        raise ModelLoadError(f"model directory {d} has no config.json (not a saved HF model?)")
+    try:
+        raw = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"{config}: not readable ({err})") from None
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{config}:{err.lineno}: not valid JSON ({err.msg}; truncated?)") from None
+    if not isinstance(raw, dict) or not raw.get("model_type"):
+        raise ModelLoadError(f"{config}: no 'model_type' (an incomplete config.json?)")
+    if not any((d / w).is_file() for w in WEIGHT_FILES):
+        raise ModelLoadError(f"model directory {d} has no weights (one of {', '.join(WEIGHT_FILES)})")
+
+
+#: Seconds to wait for a TCP connection to the hub before calling it unreachable.
+HUB_CONNECT_TIMEOUT_S = 3.0
+
+
+def hub_reachable(timeout: float = HUB_CONNECT_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the hub endpoint (``HF_ENDPOINT``) opens within ``timeout``."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def check_hub_cache(repo_id: str) -> None:
+    """A hub id when the hub cannot be asked (``HF_HUB_OFFLINE`` set, or no connection within
+    :data:`HUB_CONNECT_TIMEOUT_S`) must be in the hub cache: :class:`ModelLoadError` at once
+    otherwise, rather than after a minute of retries. Unreachable but cached: loaded offline."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except HFValidationError as err:
+        raise ModelLoadError(f"--model {repo_id!r} is neither a directory nor a valid hub id ({err})") from None
+    if hub_offline() or constants.HF_HUB_OFFLINE:
+        reason = "HF_HUB_OFFLINE is set"
+    elif hub_reachable():
+        return
+    else:
+        reason = f"the hub ({constants.ENDPOINT}) is unreachable"
+        if cached:  # load from the cache, without the retries
+            constants.HF_HUB_OFFLINE = True
+    if not cached:
+        raise ModelLoadError(
+            f"--model {repo_id!r}: no such directory, and not in the hub cache ({reason}); check the "
+            "name, or pass a local model directory"
+        )
+
+
 def resolve_model_name(name_or_path: str | os.PathLike | None) -> str:
     name = "embedded" if name_or_path is None else str(name_or_path)
     return KNOWN_MODELS.get(name, name)
@@ -136,13 +225,16 @@ def load_model(
         if not Path(source).is_dir():
             hint = " (train it with `feature-circuits train-toy`)" if source == str(toy.MODEL_DIR) else ""
             raise ModelLoadError(f"model directory {source} does not exist{hint}")
+        check_model_dir(source)
+    else:
+        check_hub_cache(source)
     try:
         tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(source)
         hf_model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(source, dtype=dt)
-    except OSError as err:
-        raise ModelLoadError(
-            f"could not load model {source!r}: {err}\n(no network? pass a local directory with --model)"
-        ) from err
+    except (OSError, ValueError, KeyError) as err:
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        hint = "" if is_local_path(source) else " (no network? set HF_HUB_OFFLINE=1 to fail at once)"
+        raise ModelLoadError(f"could not load model {source!r}: {first}{hint}") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     nn.Module.to(hf_model, dev).eval()
