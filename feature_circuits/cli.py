@@ -18,6 +18,11 @@ when it defaults to True; a tuple -> a comma-separated list, or a repeated flag;
 field's metadata); the defaults stay in the dataclasses. Printing help imports no torch: every heavy
 module is imported by the command that needs it.
 
+Threads: every command takes ``--threads N`` (torch CPU threads; :mod:`feature_circuits.threads`
+has the default). ``discover`` and ``evaluate`` have it as a config field; for the commands that
+parse their own options and have no ``--threads`` of their own it is taken off their arguments here
+and applied before they run.
+
 Errors: every user-facing error is a :class:`~feature_circuits.errors.FeatureCircuitsError` (bad
 options included); :func:`main` catches it once, prints ``error: <message>`` on one line and returns 2.
 Ctrl-C prints one line and returns 130.
@@ -326,6 +331,46 @@ def _train_toy(argv: list[str]) -> int:
     return 2
 
 
+#: Own-parser commands (and ``train-toy`` parts) whose parsers take ``--threads`` themselves.
+_OWN_THREADS = frozenset({"bench", "train-toy model"})
+
+
+def _take_threads(args: list[str]) -> tuple[list[str], int | None]:
+    """``args`` without ``--threads N`` / ``--threads=N``, and N (None when not given)."""
+    rest: list[str] = []
+    threads: str | None = None
+    it = iter(args)
+    for a in it:
+        if a == "--threads":
+            threads = next(it, None)
+            if threads is None:
+                raise ConfigError("--threads: expected a number of threads")
+        elif a.startswith("--threads="):
+            threads = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+    if threads is None:
+        return rest, None
+    if not threads.isdigit() or int(threads) < 1:
+        raise ConfigError(f"--threads must be an integer >= 1, got {threads!r}")
+    return rest, int(threads)
+
+
+def _run_own(args: list[str]) -> int:
+    """Run an own-parser command, applying ``--threads`` for it when its parser has none (compare
+    gets the default thread count when none is given: it runs the model)."""
+    name, rest = args[0], args[1:]
+    part = f"{name} {rest[0]}" if rest else name
+    if name not in _OWN_THREADS and part not in _OWN_THREADS:
+        rest, threads = _take_threads(rest)
+        wants_help = "-h" in rest or "--help" in rest
+        if not wants_help and (threads is not None or name == "compare"):
+            from feature_circuits.threads import apply_threads
+
+            apply_threads(threads)
+    return _OWN_PARSER[name][0](rest)
+
+
 #: Subcommands that parse their own arguments: name -> (run(argv), one-line help).
 _OWN_PARSER: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "compare": (
@@ -385,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG,
         description="Sparse feature circuits in language models: discover a circuit of SAE features and "
-        "error nodes, evaluate it by mean ablation. Each subcommand takes --help.",
+        "error nodes, evaluate it by mean ablation. Each subcommand takes --help and --threads N (torch CPU "
+        "threads).",
     )
     sub = p.add_subparsers(dest="command", metavar="command", required=True)
     for name, cmd in _CONFIG_COMMANDS.items():
@@ -405,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if args and args[0] in _OWN_PARSER:
-            return _OWN_PARSER[args[0]][0](args[1:])
+            return _run_own(args)
         ns = build_parser().parse_args(args)
         run: Callable[[argparse.Namespace], int] = ns.run
         return run(ns)

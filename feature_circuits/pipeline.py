@@ -2,12 +2,16 @@
 
 :func:`discover` loads the model and its dictionaries, loads the dataset (tokenized once), computes
 node (and edge) effects batch by batch, aggregates them over examples, thresholds them into a circuit
-(docs/algorithms.md, "Aggregation and the circuit graph") and writes ``circuit.json``, ``effects.safetensors`` (the
-aggregated effect of every node, which the evaluation sweeps) and ``circuit.html``.
+(docs/algorithms.md, "Aggregation and the circuit graph") and writes ``circuit.json``,
+``effects.safetensors`` (the aggregated effect of every node, which the evaluation sweeps) and
+``circuit.html``, all renamed into place together at the end (:mod:`feature_circuits.outputs`). Every
+input is checked before the first forward: the labels file, the output directory, the dataset, the
+dictionaries (their files, sizes and sites), then the labels against the model's sites.
 
 :func:`evaluate` loads one or more circuits, the model and dictionaries each names, and measures
-faithfulness and completeness by mean ablation on held-out data (docs/algorithms.md, "Evaluation"),
-writing ``eval.json`` per circuit and one ``eval.html`` plot.
+faithfulness and completeness by mean ablation on held-out data (docs/algorithms.md, "Evaluation"):
+first the circuit exactly as stored, then the threshold sweep; it writes ``eval.json`` per circuit
+and one ``eval.html`` plot, renamed into place together once every circuit is evaluated.
 
     cfg = DiscoverConfig(method=Method.RELP, num_examples=64, out="out")
     circuit = discover(cfg)      # out/circuit.json, out/effects.safetensors, out/circuit.html

@@ -84,8 +84,8 @@ class Method(str, enum.Enum):
 
 class Aggregation(str, enum.Enum):
     """How node/edge effects are combined over positions and examples (docs/algorithms.md,
-    "Aggregation and the circuit graph"): ``sum`` sums over positions and averages over examples; ``none`` keeps
-    positions (examples of one token length)."""
+    "Aggregation and the circuit graph"): ``sum`` sums over positions and averages over examples;
+    ``none`` keeps positions (examples of one token length)."""
 
     SUM = "sum"
     NONE = "none"

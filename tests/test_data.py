@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import pytest
 import torch
@@ -24,13 +25,19 @@ from feature_circuits.data import (
 )
 from tests.helpers import tiny_tokenizer
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 @pytest.fixture(scope="module")
 def tok():
     return tiny_tokenizer()
 
 
-def rec(clean="The keys", patch="The key", ca=" are", pa=" is", **extra):
+def rec(
+    clean: object = "The keys", patch: object = "The key", ca: object = " are", pa: object = " is", **extra: object
+) -> dict[str, object]:
+    """A dataset record; values are ``object`` so that tests can build invalid ones."""
     return {"clean_prefix": clean, "patch_prefix": patch, "clean_answer": ca, "patch_answer": pa, **extra}
 
 
@@ -308,12 +315,14 @@ def test_pairs_are_tokenized_once(tmp_path, tok):
         rec("The cat near the men", "The cats near the men"),
     ]
     counting = CountingTokenizer(tok)
-    pairs = load_pairs(write(tmp_path, recs), counting)
+    # a duck-typed stand-in: every attribute but the call count is the real tokenizer's
+    as_tokenizer = cast("PreTrainedTokenizerBase", counting)
+    pairs = load_pairs(write(tmp_path, recs), as_tokenizer)
     per_pair = counting.calls // len(recs)
     assert counting.calls == per_pair * len(recs) and per_pair > 0
     assert all(p.tokens == tokenize_pair(p, tok) for p in pairs)
     counting.calls = 0
-    batches = make_batches(pairs, counting, batch_size=2)
+    batches = make_batches(pairs, as_tokenizer, batch_size=2)
     assert counting.calls == 0
     fresh = make_batches([Pair(**{k: getattr(p, k) for k in rec()}) for p in pairs], tok, batch_size=2)
     for a, b in zip(batches, fresh, strict=True):

@@ -301,7 +301,9 @@ class Circuit(BaseModel):
 
     def summary(self) -> str:
         """Nodes and edges per site, total effect and time, as a short text."""
-        time = ["time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timing_s.items())] if self.timing_s else []
+        time = (
+            ["time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timing_s.items())] if self.timing_s else []
+        )
         if not self.nodes:
             return "\n".join([self.empty_note(), *time])
         by_site = self.nodes_by_site()
@@ -320,7 +322,6 @@ class Circuit(BaseModel):
             f"over {self.num_examples} examples"
         )
         return "\n".join([*lines, *time])
-
 
     def empty_note(self) -> str:
         """What an empty circuit says: no node above its threshold, and the largest |effect|."""

@@ -3,8 +3,9 @@ held-out rule (the evaluation data must not be the discovery data).
 
 ``eval.json`` (:func:`eval_json`) holds first ``circuit``: the circuit exactly as stored in
 circuit.json (its own nodes at its ``threshold``: ``n_nodes``, ``faithfulness``, ``completeness``,
-standard variant; each variant's under ``variants.<v>.stored``) and ``warnings`` (e.g. the effects
-file disagrees with circuit.json: nodes removed or added by hand), then the standard variant's curves at the top level
+standard variant; each variant's under ``variants.<v>.stored``; absent for bare aggregated
+effects) and, when any, ``warnings`` (e.g. the effects file disagrees with circuit.json: nodes
+removed or added by hand), then the standard variant's curves at the top level
 (``thresholds``, ``n_nodes``, ``faithfulness``, ``completeness``; faithfulness ``null`` where it is
 undefined), every variant under ``variants`` (the same curves plus the raw metric values
 ``m_circuit``, ``m_complement``, ``m_full``, ``m_empty``), then how the sweep was made:
@@ -147,9 +148,7 @@ def _json_floats(xs: Sequence[float]) -> list[JsonValue]:
     return [None if math.isnan(x) else x for x in xs]
 
 
-def _point_json(point: CircuitPoint | None, threshold: float | None) -> EvalJson | None:
-    if point is None:
-        return None
+def _point_json(point: CircuitPoint, threshold: float | None) -> EvalJson:
     f, c = _json_floats([point.faithfulness, point.completeness])
     return {
         "threshold": threshold,
@@ -162,6 +161,7 @@ def _point_json(point: CircuitPoint | None, threshold: float | None) -> EvalJson
 
 
 def _curve_json(curve: VariantCurve) -> EvalJson:
+    stored: EvalJson = {} if curve.stored is None else {"stored": _point_json(curve.stored, None)}
     return {
         "n_nodes": list(curve.n_nodes),
         "faithfulness": _json_floats(curve.faithfulness),
@@ -170,7 +170,7 @@ def _curve_json(curve: VariantCurve) -> EvalJson:
         "m_complement": list(curve.m_complement),
         "m_full": curve.m_full,
         "m_empty": curve.m_empty,
-        "stored": _point_json(curve.stored, None),
+        **stored,
     }
 
 
@@ -196,9 +196,13 @@ def eval_json(result: EvalResult) -> EvalJson:
     """The ``eval.json`` document of ``result`` (keys: see the module docstring)."""
     std = _curve_json(result.standard)
     per_position = result.aggregation is Aggregation.NONE
+    first: EvalJson = {}
+    if result.standard.stored is not None:
+        first["circuit"] = _point_json(result.standard.stored, result.discovery_node_threshold)
+    if result.warnings:
+        first["warnings"] = list(result.warnings)
     out: EvalJson = {
-        "circuit": _point_json(result.standard.stored, result.discovery_node_threshold),
-        "warnings": list(result.warnings),
+        **first,
         "thresholds": list(result.thresholds),
         "n_nodes": std["n_nodes"],
         "faithfulness": std["faithfulness"],

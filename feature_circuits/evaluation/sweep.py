@@ -256,7 +256,9 @@ def default_thresholds(max_effect: float) -> list[float]:
 _Index = dict[str, tuple[list[int], list[int], list[float]]]
 
 
-def _stored_index(src: SweepSource, sites: Sequence[Site], sizes: Mapping[str, int], n_positions: int) -> _Index:
+def _stored_index(
+    src: SweepSource, sites: Sequence[Site], sizes: Mapping[str, int], n_positions: int
+) -> _Index:
     """Per site the (row, column, effect) of each stored node in a ``(P, F + 1)`` grid."""
     per_position = src.aggregation is Aggregation.NONE
     index: dict[str, tuple[list[int], list[int], list[float]]] = {s.name: ([], [], []) for s in sites}
@@ -288,14 +290,20 @@ def _stored_index(src: SweepSource, sites: Sequence[Site], sizes: Mapping[str, i
     return index
 
 
-def _scatter(index: _Index, sites: Sequence[Site], sizes: Mapping[str, int], n_positions: int, *, dtype: torch.dtype) -> dict[str, Tensor]:
+def _scatter(
+    index: _Index, sites: Sequence[Site], sizes: Mapping[str, int], n_positions: int, *, dtype: torch.dtype
+) -> dict[str, Tensor]:
     """The stored nodes as dense ``(P, F + 1)`` tensors: their effects (float64, 0 where absent) or,
     with ``dtype=torch.bool``, the selection of exactly those nodes."""
     out = {}
     for s in sites:
         dense = torch.zeros(n_positions, sizes[s.name] + 1, dtype=dtype)
         rows, cols, vals = index[s.name]
-        values = torch.ones(len(vals), dtype=torch.bool) if dtype == torch.bool else torch.tensor(vals, dtype=dtype)
+        values = (
+            torch.ones(len(vals), dtype=torch.bool)
+            if dtype == torch.bool
+            else torch.tensor(vals, dtype=dtype)
+        )
         dense[torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)] = values
         out[s.name] = dense
     return out
@@ -449,7 +457,8 @@ class VariantCurve:
     m_complement: tuple[float, ...]
     m_full: float
     m_empty: float
-    stored: CircuitPoint | None = None  # the circuit as stored (None for bare aggregated effects)
+    #: the circuit as stored (None for bare aggregated effects); not part of the curve's equality
+    stored: CircuitPoint | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         lengths = {len(self.n_nodes), len(self.faithfulness), len(self.completeness)}
@@ -656,7 +665,9 @@ def evaluate_circuit(
         dense = _given_effects(src.effects, src.aggregation, sites, sizes, n_positions)
     else:
         dense = _scatter(index, sites, sizes, n_positions, dtype=torch.float64)
-    stored = None if src.node_threshold is None else _scatter(index, sites, sizes, n_positions, dtype=torch.bool)
+    stored = (
+        None if src.node_threshold is None else _scatter(index, sites, sizes, n_positions, dtype=torch.bool)
+    )
     top = max((float(d.abs().max()) for d in dense.values()), default=0.0)
     thr = _check_thresholds(default_thresholds(top) if thresholds is None else thresholds)
     aligned = positions_aligned(batches)

@@ -140,7 +140,9 @@ def check_model_dir(directory: str | os.PathLike[str]) -> None:
     d = Path(directory)
     config = d / "config.json"
     if not any(d.iterdir()):
-        raise ModelLoadError(f"model directory {d} is empty (expected a saved HF model: config.json, weights)")
+        raise ModelLoadError(
+            f"model directory {d} is empty (expected a saved HF model: config.json, weights)"
+        )
     if not config.is_file():
         raise ModelLoadError(f"model directory {d} has no config.json (not a saved HF model?)")
     try:
@@ -185,7 +187,9 @@ def check_hub_cache(repo_id: str) -> None:
     try:
         cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
     except HFValidationError as err:
-        raise ModelLoadError(f"--model {repo_id!r} is neither a directory nor a valid hub id ({err})") from None
+        raise ModelLoadError(
+            f"could not load model {repo_id!r}: neither a directory nor a valid hub id ({err})"
+        ) from None
     if hub_offline() or constants.HF_HUB_OFFLINE:
         reason = "HF_HUB_OFFLINE is set"
     elif hub_reachable():
@@ -196,8 +200,8 @@ def check_hub_cache(repo_id: str) -> None:
             constants.HF_HUB_OFFLINE = True
     if not cached:
         raise ModelLoadError(
-            f"--model {repo_id!r}: no such directory, and not in the hub cache ({reason}); check the "
-            "name, or pass a local model directory"
+            f"could not load model {repo_id!r}: no such directory, and not in the hub cache ({reason}); "
+            "check the name, or pass a local model directory with --model"
         )
 
 

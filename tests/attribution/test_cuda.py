@@ -39,16 +39,16 @@ def test_cuda_matches_cpu(make, method, tmp_path):
     (n_cpu, e_cpu), (n_gpu, e_gpu) = results["cpu"], results["cuda"]
     # float64 throughout, except that transformers' Llama computes its rotary cos/sin in float32, whose
     # CPU and CUDA kernels differ in the last bits (measured: |diff| <= 4e-8 on effects of ~1e-2).
-    tol = {"rtol": 1e-7, "atol": 1e-9} if make is tiny_gpt_neox else {"rtol": 1e-5, "atol": 1e-6}
+    rtol, atol = (1e-7, 1e-9) if make is tiny_gpt_neox else (1e-5, 1e-6)
     assert set(n_cpu.effects) == set(n_gpu.effects)
     for k in n_cpu.effects:
-        torch.testing.assert_close(n_gpu.effects[k].cpu(), n_cpu.effects[k], **tol)
+        torch.testing.assert_close(n_gpu.effects[k].cpu(), n_cpu.effects[k], rtol=rtol, atol=atol)
     if e_cpu is not None:
         assert set(e_cpu.edges) == set(e_gpu.edges)
         for k in e_cpu.edges:
             a, b = e_cpu.edges[k], e_gpu.edges[k].cpu()
             a, b = (a.to_dense(), b.to_dense()) if a.is_sparse else (a, b)
-            torch.testing.assert_close(b, a, **tol)
+            torch.testing.assert_close(b, a, rtol=rtol, atol=atol)
         assert any(t._nnz() for k, t in e_cpu.edges.items() if k[1] != "logit")  # the test compared something
 
 

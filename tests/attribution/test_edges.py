@@ -85,6 +85,7 @@ def test_identity_dictionaries_mlp_to_resid_is_diagonal(tmp_path):
     nodes = node_effects(loaded, dicts, batch, "atp")
     res = edge_effects(loaded, dicts, batch, nodes, node_threshold=0.0)
     dense = res.edges[("mlp_1", "resid_1")].to_dense()
+    assert nodes.grads is not None  # atp records gradients
     g, dm = nodes.grads["resid_1"].f, nodes.deltas["mlp_1"].f
     expect = torch.zeros_like(dense)
     for e in range(2):

@@ -104,6 +104,7 @@ def test_json_round_trip(tmp_path):
             "timing_s",
             *(["tokens"] if agg == "none" else []),  # optional fields: left out when None
             "n_layers",
+            "max_abs_effect",
         ]
         assert d["metric"] == "logit_diff" and d["method"] == "relp" and d["aggregation"] == agg
         assert set(d["nodes"][0]) == {

@@ -22,15 +22,17 @@ from tests.helpers import save_random_saes, tiny_gpt_neox
 def test_marks_layout_roundtrip_and_errors(neox, neox_saes, tmp_path):
     aes = load_dictionaries(neox.sites, neox_saes / "tiny", dtype=torch.float64)
     assert set(aes) == {s.name for s in neox.sites}
-    assert aes["mlp_1"].encoder.weight.shape == (64, 32)
-    assert aes["mlp_1"].encoder.weight.dtype == torch.float64
+    mlp_1 = aes["mlp_1"]
+    assert isinstance(mlp_1, MarksAutoEncoder)
+    assert mlp_1.encoder.weight.shape == (64, 32)
+    assert mlp_1.encoder.weight.dtype == torch.float64
     # identical weights to what was saved
     sd = torch.load(neox_saes / "tiny" / "mlp_out_layer1" / "10_64" / "ae.pt", weights_only=True)
-    assert torch.equal(aes["mlp_1"].decoder.weight.float(), sd["decoder.weight"])
+    assert torch.equal(mlp_1.decoder.weight.float(), sd["decoder.weight"])
     # safetensors round trip
-    save_autoencoder(aes["mlp_1"], tmp_path / "x" / "ae.safetensors")
+    save_autoencoder(mlp_1, tmp_path / "x" / "ae.safetensors")
     back = load_autoencoder(tmp_path / "x" / "ae.safetensors", d_model=32, dtype=torch.float64)
-    assert torch.equal(back.encoder.weight, aes["mlp_1"].encoder.weight)
+    assert torch.equal(back.encoder.weight, mlp_1.encoder.weight)
     # wrong width
     wide = save_random_saes(tiny_gpt_neox(hidden_size=48), tmp_path / "wide")
     with pytest.raises(DictionaryError, match=r"site embed: .*width 48.*width 32"):

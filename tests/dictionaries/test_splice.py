@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from feature_circuits.dictionaries import IdentityDictionary, load_dictionaries, splice_with_grad_leaves
+from feature_circuits.dictionaries import (
+    IdentityDictionary,
+    MarksAutoEncoder,
+    load_dictionaries,
+    splice_with_grad_leaves,
+)
 from feature_circuits.model.loading import load_model
-from feature_circuits.model.sites import get_activation, set_activation
+from feature_circuits.model.sites import get_activation, save, set_activation
 from tests.helpers import save_random_saes
 
 
@@ -15,27 +20,29 @@ def test_splice_all_sites_leaves_logits_unchanged(neox, neox_saes):
     aes = load_dictionaries(neox.sites, neox_saes / "tiny")
     ids = neox.tokenizer(["the w1 w2 and w3", "a w4 w5 to w6"], return_tensors="pt").input_ids
     with neox.lm.trace(ids):
-        base = neox.lm.output.logits.save()
+        base = save(neox.lm.output.logits)
     leaves = {}
     with neox.lm.trace(ids):
         for site in neox.sites:
             out, f, err = splice_with_grad_leaves(aes[site.name], get_activation(neox.lm, site))
             set_activation(neox.lm, site, out)
-            leaves[site.name] = (f.save(), err.save())
-        spliced = neox.lm.output.logits.save()
+            leaves[site.name] = (save(f), save(err))
+        spliced = save(neox.lm.output.logits)
     assert (spliced - base).abs().max() <= 1e-5
     # gradient routing: the error node gets the true gradient of the site output, features get it
     # through the decoder
     metric = spliced[:, -1, 5].sum()
     f, err = leaves["resid_0"]
     gf, gerr = torch.autograd.grad(metric, [f, err])
-    assert torch.allclose(gf, gerr @ aes["resid_0"].decoder.weight, atol=1e-6)
+    resid_0 = aes["resid_0"]
+    assert isinstance(resid_0, MarksAutoEncoder)
+    assert torch.allclose(gf, gerr @ resid_0.decoder.weight, atol=1e-6)
     with neox.lm.trace(ids):  # parameters are frozen: make the embedding a leaf to get a graph
         set_activation(
             neox.lm, neox.sites[0], get_activation(neox.lm, neox.sites[0]).detach().requires_grad_()
         )
-        r = neox.lm.gpt_neox.layers[0].output.save()
-        plain = neox.lm.output.logits.save()
+        r = save(neox.lm.gpt_neox.layers[0].output)
+        plain = save(neox.lm.output.logits)
     (g_plain,) = torch.autograd.grad(plain[:, -1, 5].sum(), [r])
     assert torch.allclose(gerr, g_plain, atol=1e-6)
 
@@ -52,10 +59,10 @@ def test_splice_leaves_llama_logits_unchanged(llama_dir, tmp_path):
     aes = load_dictionaries(llama.sites, save_random_saes(llama.hf_model, tmp_path) / "tiny")
     ids = llama.tokenizer(["the w1 w2 and w3"], return_tensors="pt").input_ids
     with llama.lm.trace(ids):
-        base = llama.lm.output.logits.save()
+        base = save(llama.lm.output.logits)
     with llama.lm.trace(ids):
         for site in llama.sites:
             out, _, _ = splice_with_grad_leaves(aes[site.name], get_activation(llama.lm, site))
             set_activation(llama.lm, site, out)
-        spliced = llama.lm.output.logits.save()
+        spliced = save(llama.lm.output.logits)
     assert (spliced - base).abs().max() <= 1e-5

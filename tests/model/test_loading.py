@@ -8,7 +8,7 @@ import torch
 
 from feature_circuits.errors import ConfigError
 from feature_circuits.model.loading import ModelLoadError, load_model
-from feature_circuits.model.sites import get_activation, set_activation
+from feature_circuits.model.sites import get_activation, save, set_activation
 from feature_circuits.types import Architecture, SiteKind
 from tests.helpers import make_tokenizer, save_model, tiny_gpt_neox
 
@@ -18,7 +18,7 @@ def _acts(loaded, text="the w1 w2 and w3 is"):
     acts = {}
     with loaded.lm.trace(ids):
         for site in loaded.sites:
-            acts[site.name] = get_activation(loaded.lm, site).save()
+            acts[site.name] = save(get_activation(loaded.lm, site))
     return ids, acts
 
 
@@ -42,11 +42,11 @@ def test_every_site_is_b_s_d(which, request):
 def test_set_activation_changes_logits_and_resid_matches_model(neox):
     ids = neox.tokenizer(["the w1 w2"], return_tensors="pt").input_ids
     with neox.lm.trace(ids):
-        base = neox.lm.output.logits.save()
+        base = save(neox.lm.output.logits)
     with neox.lm.trace(ids):
         a = get_activation(neox.lm, neox.sites[1])
         set_activation(neox.lm, neox.sites[1], a * 0)
-        ablated = neox.lm.output.logits.save()
+        ablated = save(neox.lm.output.logits)
     assert (base - ablated).abs().max() > 1e-4
     # the last residual site is the input of the final layer norm
     hf = neox.hf_model

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from feature_circuits.model.loading import load_model
 from feature_circuits.model.lrp import get_lrp_controller, half_product, identity_rule, install_lrp
-from feature_circuits.model.sites import get_activation, set_activation
+from feature_circuits.model.sites import get_activation, save, set_activation
 from feature_circuits.types import LRPConfig
 from tests.helpers import save_model, tiny_gpt_neox
 
@@ -22,8 +22,8 @@ def _embed_grad(loaded, ids, token, config):
         emb = get_activation(loaded.lm, loaded.sites[0])
         leaf = emb.detach().requires_grad_()
         set_activation(loaded.lm, loaded.sites[0], leaf)
-        saved["leaf"] = leaf.save()
-        saved["logits"] = loaded.lm.output.logits.save()
+        saved["leaf"] = save(leaf)
+        saved["logits"] = save(loaded.lm.output.logits)
     (g,) = torch.autograd.grad(saved["logits"][:, -1, token].sum(), saved["leaf"])
     return saved["logits"].detach(), saved["leaf"].detach(), g
 
