@@ -18,8 +18,8 @@ graphs, nnsight bookkeeping) but is coarse: allocations that live < 2 ms can be 
 the allocator keeps from a previous repeat can hide part of a later one (the maximum over the
 repeats is reported).
 
-    python scripts/benchmark.py --out bench/            # embedded default + Pythia-70M-shaped
-    python scripts/benchmark.py --out bench/ --quick --skip-pythia
+    feature-circuits bench --out bench/            # embedded default + Pythia-70M-shaped
+    feature-circuits bench --out bench/ --quick --skip-pythia
 """
 
 from __future__ import annotations
@@ -722,7 +722,7 @@ def run_benchmark(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="benchmark.py",
+        prog="feature-circuits bench",
         description="Time and memory of node/edge attribution "
         "(atp, relp, ig) relative to the 2-forward-1-backward floor.",
     )

@@ -510,7 +510,7 @@ def write_outputs(result: CompareResult, out: str | Path) -> dict[str, Path]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="compare_methods.py",
+        prog="feature-circuits compare",
         description="Component-level (or --features: SAE-feature-level) check of atp / relp / ig against "
         "exact activation patching: Pearson correlation per component kind (docs/algorithms.md: "
         "Component-level check).",

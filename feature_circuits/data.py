@@ -445,9 +445,9 @@ def make_batches(pairs: Iterable[Pair], tokenizer: PreTrainedTokenizerBase, batc
 
     No padding is ever used: with rotary position embeddings left padding shifts every position and
     right padding moves the answer position, and position-aligned aggregation (docs/algorithms.md,
-    "Aggregation and the circuit graph") sums effects at the same position across examples, which is only meaningful when
-    every example in a batch has its tokens at the same positions. So each batch holds examples of a
-    single length.
+    "Aggregation and the circuit graph") sums effects at the same position across examples, which is
+    only meaningful when every example in a batch has its tokens at the same positions. So each batch
+    holds examples of a single length.
 
     Token ids come from the pairs (:meth:`Pair.tokens_for`): pairs loaded by :func:`load_pairs`
     with this tokenizer are not tokenized again.

@@ -35,7 +35,11 @@ def tok():
 
 
 def rec(
-    clean: object = "The keys", patch: object = "The key", ca: object = " are", pa: object = " is", **extra: object
+    clean: object = "The keys",
+    patch: object = "The key",
+    ca: object = " are",
+    pa: object = " is",
+    **extra: object,
 ) -> dict[str, object]:
     """A dataset record; values are ``object`` so that tests can build invalid ones."""
     return {"clean_prefix": clean, "patch_prefix": patch, "clean_answer": ca, "patch_answer": pa, **extra}

@@ -26,6 +26,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from feature_circuits.toy import MODEL_DIR as EMBEDDED_MODEL_DIR
 from feature_circuits.toy import grammar
+from feature_circuits.toy._common import start_run
 from feature_circuits.toy.datasets import build_tokenizer, encode_words, evaluate_pairs
 
 
@@ -100,9 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
+    start_run(args.seed, args.threads)
     tok = build_tokenizer()
     model = GPTNeoXForCausalLM(make_config(tok, args))
     model.train()

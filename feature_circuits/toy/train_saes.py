@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from feature_circuits.toy import MODEL_DIR as EMBEDDED_MODEL_DIR
 from feature_circuits.toy import MODEL_NAME as EMBEDDED_MODEL_NAME
 from feature_circuits.toy import SAE_ROOT as EMBEDDED_SAE_ROOT
 from feature_circuits.toy import grammar
+from feature_circuits.toy._common import start_run
 from feature_circuits.toy.datasets import encode_words, heldout_eval_texts
 
 
@@ -114,9 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
+    start_run(args.seed, args.threads)
     tok = AutoTokenizer.from_pretrained(args.model)
     model = GPTNeoXForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     sites = build_sites(model)

@@ -28,7 +28,9 @@ def test_cuda_matches_cpu(make, method, tmp_path):
     for dev in ("cpu", "cuda"):
         loaded, dicts = load_for_attribution(d, saes, dev, torch.float64)
         assert loaded.device.type == dev
-        assert all(p.device.type == dev for ae in dicts.values() for p in ae.parameters())
+        modules = [ae for ae in dicts.values() if isinstance(ae, torch.nn.Module)]
+        assert len(modules) == len(dicts)  # every dictionary is a module, so has parameters to check
+        assert all(p.device.type == dev for ae in modules for p in ae.parameters())
         batch = _batch(loaded.device)
         nodes = node_effects(
             loaded, dicts, batch, method, options=method_spec(method).options_from({"steps": 3})

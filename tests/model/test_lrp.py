@@ -101,6 +101,7 @@ def test_ln_rule_formulas_and_half_rule():
     g = torch.randn(3, 8, dtype=torch.float64)
     ln = torch.nn.LayerNorm(8, eps=1e-5).double()
     from transformers.models.llama.modeling_llama import LlamaRMSNorm as rms_cls
+
     rms = rms_cls(8, eps=1e-6).double()
     with torch.no_grad():
         ln.weight.copy_(w)
