@@ -18,7 +18,7 @@ when it defaults to True; a tuple -> a comma-separated list, or a repeated flag;
 field's metadata); the defaults stay in the dataclasses. Printing help imports no torch: every heavy
 module is imported by the command that needs it.
 
-Threads: every command takes ``--threads N`` (torch CPU threads; :mod:`feature_circuits.threads`
+Threads: every command takes ``--threads N`` (torch CPU threads; :mod:`feature_circuits.runtime`
 has the default). ``discover`` and ``evaluate`` have it as a config field; for the commands that
 parse their own options and have no ``--threads`` of their own it is taken off their arguments here
 and applied before they run.
@@ -365,7 +365,7 @@ def _run_own(args: list[str]) -> int:
         rest, threads = _take_threads(rest)
         wants_help = "-h" in rest or "--help" in rest
         if not wants_help and (threads is not None or name == "compare"):
-            from feature_circuits.threads import apply_threads
+            from feature_circuits.runtime import apply_threads
 
             apply_threads(threads)
     return _OWN_PARSER[name][0](rest)

@@ -27,7 +27,6 @@ torch: the heavy modules are imported by the stage functions.
 from __future__ import annotations
 
 import math
-import random
 import re
 import sys
 import time
@@ -39,7 +38,7 @@ from typing import TYPE_CHECKING, Literal
 from feature_circuits.errors import ConfigError
 from feature_circuits.metrics import MetricName
 from feature_circuits.outputs import check_out_dir, staged_outputs
-from feature_circuits.threads import apply_threads
+from feature_circuits.runtime import apply_threads, seed_everything
 from feature_circuits.types import Aggregation, Method, Site, SiteKind
 
 if TYPE_CHECKING:
@@ -57,7 +56,6 @@ __all__ = [
     "Log",
     "discover",
     "evaluate",
-    "seed_everything",
 ]
 
 #: A sink for progress lines (the CLI prints them to stderr); the default drops them.
@@ -273,16 +271,6 @@ class EvaluateConfig:
             bad = [v for v in self.variants if v not in choices]
             if bad or not self.variants:
                 raise ConfigError(f"--variants: unknown variant(s) {bad}; choose from {', '.join(choices)}")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python's, torch's and numpy's generators."""
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    torch.manual_seed(seed)
-    np.random.seed(seed)
 
 
 def _quiet(_msg: str) -> None:

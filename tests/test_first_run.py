@@ -224,7 +224,7 @@ def test_offline_unknown_hub_id_fails_fast(monkeypatch, tmp_path):
 
 
 def test_threads_option(argv, tmp_path, capsys):
-    from feature_circuits.threads import apply_threads, default_threads
+    from feature_circuits.runtime import apply_threads, default_threads
 
     before = torch.get_num_threads()
     try:

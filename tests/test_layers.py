@@ -14,7 +14,7 @@ LAYERS = {
     "feature_circuits.errors": 0,
     "feature_circuits.metrics": 0,
     "feature_circuits.outputs": 0,  # output directories, atomic writes
-    "feature_circuits.threads": 0,  # torch's thread count
+    "feature_circuits.runtime": 0,  # threads and seeds
     "feature_circuits.toy": 0,  # the shipped files' paths (toy/__init__.py)
     "feature_circuits.model": 1,
     "feature_circuits.dictionaries": 1,

@@ -24,9 +24,9 @@ import torch
 from tqdm import tqdm
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
+from feature_circuits.runtime import apply_threads, seed_everything
 from feature_circuits.toy import MODEL_DIR as EMBEDDED_MODEL_DIR
 from feature_circuits.toy import grammar
-from feature_circuits.toy._common import start_run
 from feature_circuits.toy.datasets import build_tokenizer, encode_words, evaluate_pairs
 
 
@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
 
-    start_run(args.seed, args.threads)
+    apply_threads(args.threads)
+    seed_everything(args.seed)
     tok = build_tokenizer()
     model = GPTNeoXForCausalLM(make_config(tok, args))
     model.train()

@@ -26,12 +26,12 @@ from transformers import AutoTokenizer, GPTNeoXForCausalLM
 
 from feature_circuits.dictionaries.marks import save_autoencoder
 from feature_circuits.model.sites import build_sites, get_submodule
+from feature_circuits.runtime import apply_threads, seed_everything
 from feature_circuits.toy import METRICS_PATH as EMBEDDED_METRICS_PATH
 from feature_circuits.toy import MODEL_DIR as EMBEDDED_MODEL_DIR
 from feature_circuits.toy import MODEL_NAME as EMBEDDED_MODEL_NAME
 from feature_circuits.toy import SAE_ROOT as EMBEDDED_SAE_ROOT
 from feature_circuits.toy import grammar
-from feature_circuits.toy._common import start_run
 from feature_circuits.toy.datasets import encode_words, heldout_eval_texts
 
 
@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
 
-    start_run(args.seed, args.threads)
+    apply_threads(args.threads)
+    seed_everything(args.seed)
     tok = AutoTokenizer.from_pretrained(args.model)
     model = GPTNeoXForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     sites = build_sites(model)

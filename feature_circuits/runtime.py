@@ -1,7 +1,9 @@
-"""The number of torch CPU threads: ``--threads N`` on every command, and its default.
+"""How a run starts: the number of torch CPU threads (``--threads N`` on every command, and its
+default) and the seeds (a fixed seed gives the same circuit).
 
     apply_threads(None)   # the default (below)
     apply_threads(1)
+    seed_everything(0)
 
 Default: ``OMP_NUM_THREADS`` when it is set (torch then already uses it); otherwise half the
 logical CPUs, at least 1, at most torch's own default (its physical core count). On a shared
@@ -13,8 +15,9 @@ quotes timings with the thread count used). Importing this module imports no tor
 from __future__ import annotations
 
 import os
+import random
 
-__all__ = ["apply_threads", "default_threads"]
+__all__ = ["apply_threads", "default_threads", "seed_everything"]
 
 
 def default_threads() -> int | None:
@@ -35,3 +38,13 @@ def apply_threads(threads: int | None) -> int:
     if n is not None and n != torch.get_num_threads():
         torch.set_num_threads(n)
     return torch.get_num_threads()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, torch's and numpy's global generators."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
