@@ -39,7 +39,7 @@ from feature_circuits.errors import ConfigError
 from feature_circuits.metrics import MetricName
 from feature_circuits.outputs import check_out_dir, staged_outputs
 from feature_circuits.runtime import apply_threads, seed_everything
-from feature_circuits.types import Aggregation, Method, Site, SiteKind
+from feature_circuits.types import Aggregation, Method
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -390,7 +390,7 @@ def discover(cfg: DiscoverConfig, *, log: Log = _quiet) -> Circuit:
         metric=cfg.metric,
         dataset=_portable(cfg.dataset),
         split=cfg.split,
-        last_resid=Site.format(SiteKind.RESID, loaded.n_layers - 1),
+        last_resid=loaded.last_resid.name,
         n_layers=loaded.n_layers,
         tokens=tokens,
         timing_s={k: round(v, 4) for k, v in timing.items()},
