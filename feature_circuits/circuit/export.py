@@ -34,7 +34,9 @@ __all__ = ["LOGIT_KIND", "export_graphml", "to_networkx"]
 
 #: ``kind`` of the sink node in the networkx graph.
 LOGIT_KIND = "logit"
-_NOT_METADATA = frozenset({"nodes", "edges", "timing_s", "tokens"})
+_NOT_METADATA = frozenset(
+    {"nodes", "edges", "timing_s", "tokens", "dictionaries", "sites_without_dictionary"}
+)
 
 Scalar = str | int | float | bool | None
 
@@ -54,8 +56,15 @@ def to_networkx(circuit: Circuit) -> nx.DiGraph:
     g = nx.DiGraph()
     g.graph.update({k: _plain(getattr(circuit, k)) for k in Circuit.model_fields if k not in _NOT_METADATA})
     g.graph["timing_s"] = dict(circuit.timing_s)
+    g.graph["sites_without_dictionary"] = ",".join(circuit.sites_without_dictionary)
     for n in circuit.nodes:
-        g.add_node(n.id, **{k: _plain(getattr(n, k)) for k in Node.model_fields if k != "id"})
+        attrs = {k: _plain(getattr(n, k)) for k in Node.model_fields if k not in ("id", "activation")}
+        if url := circuit.neuronpedia_url(n):
+            attrs["neuronpedia"] = url
+        if n.activation is not None:  # the contexts stay in circuit.json (GraphML holds scalars)
+            attrs["mean_clean"] = n.activation.mean_clean
+            attrs["mean_patch"] = n.activation.mean_patch
+        g.add_node(n.id, **attrs)
     g.add_node(
         LOGIT_ID,
         site=LOGIT_ID,

@@ -57,8 +57,12 @@ __all__ = [
     "SCHEMA_PATH",
     "SCHEMA_VERSION",
     "Circuit",
+    "READABLE_VERSIONS",
+    "Context",
+    "DictionaryInfo",
     "Edge",
     "Node",
+    "NodeActivation",
     "circuit_from_dict",
     "circuit_to_dict",
     "load_circuit",
@@ -66,14 +70,19 @@ __all__ = [
     "schema_text",
 ]
 
-#: Version of the circuit.json format this code reads and writes.
-SCHEMA_VERSION = 1
+#: Version of the circuit.json format this code writes. Version 2 added ``dictionaries`` (what was
+#: spliced at each site), ``sites_without_dictionary`` and a node's ``activation`` (where it fires).
+SCHEMA_VERSION = 2
+#: Versions this code reads (every field added since version 1 is optional).
+READABLE_VERSIONS = (1, 2)
 #: The committed JSON Schema, generated from :class:`Circuit` (package data).
 SCHEMA_PATH = Path(__file__).with_name("circuit.schema.json")
 _SCHEMA_URI = "https://json-schema.org/draft/2020-12/schema"
 _SCHEMA_ID = "https://feature-circuits.local/circuit.schema.json"
 #: Optional fields, left out of the file when None (the readers before this module rejected null there).
 _OMIT_IF_NONE = frozenset({"tokens", "n_layers", "effects_file", "max_abs_effect"})
+#: Neuronpedia's address; a node's page is ``{NEURONPEDIA}/{DictionaryInfo.neuronpedia}/{feature}``.
+NEURONPEDIA = "https://www.neuronpedia.org"
 _MAX_LISTED = 10
 
 
@@ -95,6 +104,64 @@ FloatOrNull = Annotated[
 #: A finite float (NaN cannot be written to JSON).
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 _BASE = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+class Context(BaseModel):
+    """One token context where a feature fires: a window of tokens around the firing token."""
+
+    model_config = _BASE
+
+    tokens: tuple[str, ...]
+    """The window's tokens, as the tokenizer decodes each one."""
+    index: Annotated[int, Field(ge=0)]
+    """Position of the firing token within ``tokens``."""
+    activation: Finite
+    """The feature's activation at the firing token."""
+    source: str
+    """Where the text came from: ``discovery`` (the discovery data's clean or patch prompts) or
+    ``contexts`` (the ``--contexts`` file)."""
+
+    @model_validator(mode="after")
+    def _index_in_window(self) -> Context:
+        if self.index >= len(self.tokens):
+            raise ValueError(f"index {self.index} is outside the {len(self.tokens)} tokens of the context")
+        return self
+
+
+class NodeActivation(BaseModel):
+    """Where a node fires: its mean activation on the clean and on the patch inputs (over examples and
+    positions) and its top activating contexts, strongest first. For the error node the activation is
+    the norm of the error vector."""
+
+    model_config = _BASE
+
+    mean_clean: Finite
+    """Mean activation on the clean inputs."""
+    mean_patch: Finite
+    """Mean activation on the patch (counterfactual) inputs."""
+    contexts: tuple[Context, ...] = ()
+    """Top activating contexts, strongest first."""
+
+
+class DictionaryInfo(BaseModel):
+    """What was spliced at one site: the dictionary's family, where it came from, its size, and its
+    Neuronpedia id when it has one."""
+
+    model_config = _BASE
+
+    kind: str
+    """Dictionary family: ``marks`` (dictionary_learning layout), ``saelens`` or ``identity``."""
+    source: str
+    """Where it was loaded from: a directory, or ``RELEASE/SAE_ID`` for a SAELens registry SAE."""
+    n_features: Annotated[int, Field(ge=0)]
+    """Number of features ``F``."""
+    architecture: str | None = None
+    """SAE architecture (``standard``, ``jumprelu``, ``topk``, ``gated``, ...) when known."""
+    hook_name: str | None = None
+    """The TransformerLens hook the SAE was trained on (SAELens SAEs)."""
+    neuronpedia: str | None = None
+    """Neuronpedia id of the SAE (``MODEL/SAE``, e.g. ``gemma-2-2b/20-gemmascope-res-16k``); a feature's
+    page is ``https://www.neuronpedia.org/{neuronpedia}/{feature}``."""
 
 
 class Node(BaseModel):
@@ -119,6 +186,8 @@ class Node(BaseModel):
     """True exactly when ``feature`` is null."""
     effect: Finite
     """Aggregated effect of patching the node (clean -> counterfactual) on the metric."""
+    activation: NodeActivation | None = None
+    """Where the node fires (mean activations and top contexts), when recorded at discovery."""
 
     # -- ids and constructors (the only place node ids are built)
 
@@ -251,11 +320,16 @@ class Circuit(BaseModel):
     one float32 tensor per site, (F+1,) under ``sum`` or (s, F+1) under ``none``, error node last."""
     max_abs_effect: Annotated[Finite, Field(ge=0)] | None = None
     """The largest |effect| of any node, kept or not (what an empty circuit reports)."""
+    dictionaries: dict[str, DictionaryInfo] = Field(default_factory=dict)
+    """What was spliced at each site that has a dictionary, by site name (empty in version 1 files)."""
+    sites_without_dictionary: tuple[str, ...] = ()
+    """The model's sites that had no dictionary (not spliced: their effect flows through them, and
+    edges run between the spliced sites around them)."""
 
     @field_validator("schema_version")
     @classmethod
     def _known_version(cls, value: int) -> int:
-        if value != SCHEMA_VERSION:
+        if value not in READABLE_VERSIONS:
             raise ValueError(_version_problem(value))
         return value
 
@@ -281,6 +355,14 @@ class Circuit(BaseModel):
         return self
 
     # -- views
+
+    def neuronpedia_url(self, node: Node) -> str | None:
+        """The node's Neuronpedia page, when its site's dictionary has a Neuronpedia id (never for the
+        error node)."""
+        info = self.dictionaries.get(node.site)
+        if node.feature is None or info is None or not info.neuronpedia:
+            return None
+        return f"{NEURONPEDIA}/{info.neuronpedia}/{int(node.feature)}"
 
     def replace(self, **changes: object) -> Circuit:
         """A copy with ``changes`` applied, validated like a new circuit."""
@@ -333,7 +415,8 @@ class Circuit(BaseModel):
 
 
 def _version_problem(value: object) -> str:
-    return f"unsupported schema_version {value!r} (this version of feature_circuits reads {SCHEMA_VERSION})"
+    readable = ", ".join(str(v) for v in READABLE_VERSIONS)
+    return f"unsupported schema_version {value!r} (this version of feature_circuits reads {readable})"
 
 
 def _schema_extra(schema: dict[str, Any]) -> None:
@@ -342,7 +425,7 @@ def _schema_extra(schema: dict[str, Any]) -> None:
     schema["$schema"] = _SCHEMA_URI
     schema["$id"] = _SCHEMA_ID
     schema["required"] = ["schema_version", *schema.get("required", [])]
-    schema["properties"]["schema_version"]["const"] = SCHEMA_VERSION
+    schema["properties"]["schema_version"]["enum"] = list(READABLE_VERSIONS)
 
 
 def schema_text() -> str:
@@ -394,7 +477,7 @@ def _parse(text: str, source: str) -> Circuit:
         raise CircuitError(f"{source}: expected a JSON object, got {type(raw).__name__}")
     if "schema_version" not in raw:
         raise CircuitError(f"{source}: missing 'schema_version' (not a feature_circuits circuit.json?)")
-    if raw["schema_version"] != SCHEMA_VERSION:
+    if raw["schema_version"] not in READABLE_VERSIONS:
         raise CircuitError(f"{source}: {_version_problem(raw['schema_version'])}")
     try:
         return Circuit.model_validate_json(text, strict=True)
@@ -404,8 +487,11 @@ def _parse(text: str, source: str) -> Circuit:
 
 def circuit_to_dict(circuit: Circuit) -> dict[str, Any]:
     """The circuit.json document (optional fields left out when None)."""
-    omit = {k for k in _OMIT_IF_NONE if getattr(circuit, k) is None}
-    return circuit.model_dump(mode="json", exclude=omit)
+    omit: dict[str, Any] = {k: True for k in _OMIT_IF_NONE if getattr(circuit, k) is None}
+    no_activation = {i: {"activation"} for i, nd in enumerate(circuit.nodes) if nd.activation is None}
+    if no_activation:  # a node's activation is left out when it was not recorded
+        omit["nodes"] = no_activation
+    return circuit.model_dump(mode="json", exclude=omit)  # pyright: ignore[reportArgumentType]
 
 
 def circuit_from_dict(data: Mapping[str, Any], source: str = "circuit") -> Circuit:

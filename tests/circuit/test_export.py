@@ -51,3 +51,22 @@ def test_graphml_export(tmp_path):
             assert err["position"] == 1 and "position" not in g.nodes[LOGIT_ID]
         assert g.graph["model"] == "tiny <b>model</b>"
         assert g.graph["timing_nodes"] == 1.0 and g.graph["effects_file"] == ""
+
+
+def test_dictionary_info_and_activation_reach_the_graph():
+    from feature_circuits.circuit import Circuit
+    from feature_circuits.circuit.schema import Context, DictionaryInfo, NodeActivation
+
+    c = small_circuit("sum")
+    act = NodeActivation(
+        mean_clean=2.0,
+        mean_patch=0.5,
+        contexts=(Context(tokens=("a", "b"), index=1, activation=3.0, source="discovery"),),
+    )
+    nodes = tuple(n.model_copy(update={"activation": act}) if n.id == "resid_1/0" else n for n in c.nodes)
+    info = DictionaryInfo(kind="saelens", source="rel/sae", n_features=8, neuronpedia="m/1-res")
+    c = Circuit.model_validate({**dict(c), "nodes": nodes, "dictionaries": {"resid_1": info}})
+    g = to_networkx(c)
+    assert g.nodes["resid_1/0"]["neuronpedia"] == "https://www.neuronpedia.org/m/1-res/0"
+    assert g.nodes["resid_1/0"]["mean_clean"] == 2.0 and g.nodes["resid_1/0"]["mean_patch"] == 0.5
+    assert "neuronpedia" not in g.nodes["resid_0/err"]  # no dictionary info for resid_0, and an error node

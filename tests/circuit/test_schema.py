@@ -85,7 +85,7 @@ def test_json_round_trip(tmp_path):
         back = load_circuit(p)
         assert back == c
         d = json.loads(p.read_text())
-        assert d["schema_version"] == SCHEMA_VERSION == 1
+        assert d["schema_version"] == SCHEMA_VERSION == 2
         assert list(d) == [
             "schema_version",
             "model",
@@ -105,7 +105,10 @@ def test_json_round_trip(tmp_path):
             *(["tokens"] if agg == "none" else []),  # optional fields: left out when None
             "n_layers",
             "max_abs_effect",
+            "dictionaries",
+            "sites_without_dictionary",
         ]
+        assert all("activation" not in nd for nd in d["nodes"])  # not recorded: left out
         assert d["metric"] == "logit_diff" and d["method"] == "relp" and d["aggregation"] == agg
         assert set(d["nodes"][0]) == {
             "id",
@@ -152,7 +155,7 @@ def test_committed_schema_is_the_generated_one():
     assert Circuit.model_json_schema() | {"$defs": SCHEMA["$defs"]} == SCHEMA
     jsonschema.Draft202012Validator.check_schema(SCHEMA)
     assert SCHEMA["required"][0] == "schema_version"
-    assert SCHEMA["properties"]["schema_version"]["const"] == SCHEMA_VERSION
+    assert SCHEMA["properties"]["schema_version"]["enum"] == [1, 2] and SCHEMA_VERSION == 2
 
 
 def test_saved_circuits_pass_jsonschema(tmp_path):
@@ -200,7 +203,7 @@ def test_invalid_documents_rejected_by_pydantic_and_jsonschema(tmp_path, mutate,
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda d: d.update(schema_version=99), "unsupported schema_version 99 .*reads 1"),
+        (lambda d: d.update(schema_version=99), "unsupported schema_version 99 .*reads 1, 2"),
         (lambda d: d.pop("schema_version"), "missing 'schema_version'"),
         (lambda d: d["edges"][0].update(source="nope/1"), r"edges\[0\]\.source: unknown node 'nope/1'"),
         (lambda d: d["edges"][0].update(target="resid_1/3"), r"edges\[0\]\.target: unknown node 'resid_1/3'"),
@@ -226,16 +229,24 @@ def test_graph_rules_and_version(tmp_path, mutate, message):
     assert str(p) in str(info.value)
 
 
+def test_version_1_files_still_read(tmp_path):
+    d = circuit_to_dict(small_circuit("sum"))
+    d["schema_version"] = 1
+    del d["dictionaries"], d["sites_without_dictionary"]
+    c = circuit_from_dict(d, "old.json")
+    assert c.schema_version == 1 and c.dictionaries == {} and c.sites_without_dictionary == ()
+
+
 def test_write_is_checked(tmp_path):
     c = small_circuit("sum")
-    with pytest.raises(ValidationError, match="unsupported schema_version 2"):
-        c.replace(schema_version=2)
+    with pytest.raises(ValidationError, match="unsupported schema_version 3"):
+        c.replace(schema_version=3)
     with pytest.raises(ValidationError, match="unknown node"):
         c.replace(nodes=c.nodes[1:])
     with pytest.raises(ValidationError, match="Instance is frozen"):
         setattr(c, "model", "other")  # noqa: B010 (pyright does not see pydantic's frozen)
-    bad = Circuit.model_construct(**{**dict(c), "schema_version": 2})  # bypasses validation
-    with pytest.raises(CircuitError, match="unsupported schema_version 2") as info:
+    bad = Circuit.model_construct(**{**dict(c), "schema_version": 3})  # bypasses validation
+    with pytest.raises(CircuitError, match="unsupported schema_version 3") as info:
         save_circuit(bad, tmp_path / "circuit.json")
     assert str(tmp_path / "circuit.json") in str(info.value)
     assert not (tmp_path / "circuit.json").exists()
