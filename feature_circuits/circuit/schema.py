@@ -54,10 +54,10 @@ from feature_circuits.metrics import MetricName
 from feature_circuits.types import ERROR_TOKEN, LOGIT_ID, Aggregation, Method, Site, SiteKind, error_index
 
 __all__ = [
+    "READABLE_VERSIONS",
     "SCHEMA_PATH",
     "SCHEMA_VERSION",
     "Circuit",
-    "READABLE_VERSIONS",
     "Context",
     "DictionaryInfo",
     "Edge",
