@@ -5,6 +5,8 @@
                    (:func:`feature_circuits.pipeline.discover`)
 ``evaluate``       held-out faithfulness / completeness by mean ablation: ``eval.json``, ``eval.html``
                    (:func:`feature_circuits.pipeline.evaluate`)
+``render``         the explorer page of a ``circuit.json`` (or ``--compare A B``: two circuits overlaid)
+                   (:func:`feature_circuits.render.render_circuit_html`)
 ``compare``        atp / relp / ig against exact patching (``experiments/compare.py``, source checkout)
 ``bench``          time and memory of each method (``experiments/benchmark.py``, source checkout)
 ``download-saes``  fetch and unpack the Marks et al. Pythia-70M dictionaries
@@ -93,7 +95,9 @@ def _shown(value: object) -> str | None:
 def _field_kwargs(f: dataclasses.Field[object], tp: object) -> dict[str, object]:
     """argparse keywords of one non-bool config field."""
     kw: dict[str, object] = {}
-    if typing.get_origin(tp) is tuple:
+    if "parse" in f.metadata:  # a field with its own parser (e.g. --batch-size N|auto)
+        kw["type"] = f.metadata["parse"]
+    elif typing.get_origin(tp) is tuple:
         elem = typing.get_args(tp)[0]
         if f.metadata.get("repeat"):
             kw.update(action="append", type=elem)
@@ -162,11 +166,12 @@ def _silent(_msg: str) -> None:
 
 def _discover(ns: argparse.Namespace) -> int:
     from feature_circuits.circuit import EFFECTS_FILE
+    from feature_circuits.distributed import is_main_process
     from feature_circuits.pipeline import discover
 
     cfg = config_from_args(DiscoverConfig, ns, **({"progress": False} if ns.quiet else {}))
     circuit = discover(cfg, log=_silent if ns.quiet else _stderr)
-    if not ns.quiet and cfg.out is not None:
+    if not ns.quiet and cfg.out is not None and is_main_process():  # torchrun: rank 0 reports
         out = Path(cfg.out)
         print(circuit.summary())
         html = f" and {out / 'circuit.html'}" if cfg.html else ""
@@ -207,6 +212,62 @@ def _compare(argv: list[str]) -> int:
 
 def _bench(argv: list[str]) -> int:
     return int(_experiment("experiments.benchmark", "bench").main(argv))
+
+
+_RENDER_HELP = """Write the circuit explorer page (one self-contained offline HTML file) of a circuit.json.
+
+  feature-circuits render out/circuit.json --labels labels.jsonl --out out/circuit.html
+  feature-circuits render --compare out/relp out/ig --out compare.html
+
+The labels/groups file is what the page's "download labels/groups" button saves (JSON Lines of
+{"site", "feature", "label"} and {"group", "nodes"}); it is checked against the circuit's
+dictionaries when circuit.json lists them. With --compare the two circuits are overlaid on one layout:
+nodes and edges in both, only in A (dashed orange) or only in B (dashed green). What the page does:
+docs/explorer.md.
+"""
+
+
+def _render(argv: list[str]) -> int:
+    from feature_circuits.circuit import load_circuit
+    from feature_circuits.render import load_labels, render_circuit_html, render_compare_html
+
+    ap = _Parser(
+        prog=f"{PROG} render", description=_RENDER_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("circuit", nargs="?", help="circuit.json (or its directory)")
+    ap.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two circuits (files or directories) to overlay")
+    ap.add_argument("--labels", help="labels/groups file (JSON Lines) shown and edited in the page")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="page to write (default: circuit.html beside the circuit; with --compare: compare.html beside A)",
+    )
+    args = ap.parse_args(argv)
+    if (args.circuit is None) == (args.compare is None):
+        raise ConfigError(f"{PROG} render: give one CIRCUIT or --compare A B")
+
+    def path_of(p: str) -> Path:
+        path = Path(p)
+        return path / "circuit.json" if path.is_dir() else path
+
+    paths = [path_of(p) for p in (args.compare or [args.circuit])]
+    circuits = [load_circuit(p) for p in paths]
+    sizes: dict[str, int] = {}
+    for c in circuits:
+        sizes.update({site: info.n_features for site, info in c.dictionaries.items()})
+    labels = None if args.labels is None else load_labels(args.labels, sizes or None)
+    if args.compare is None:
+        out = args.out or paths[0].with_name("circuit.html")
+        render_circuit_html(circuits[0], out, labels=labels)
+    else:
+        names = tuple(str(p.parent) if p.name == "circuit.json" else str(p) for p in paths)
+        if names[0] == names[1]:
+            names = (str(paths[0]), str(paths[1]))
+        out = args.out or paths[0].with_name("compare.html")
+        render_compare_html(circuits[0], circuits[1], out, labels=labels, names=(names[0], names[1]))
+    print(f"wrote {out}")
+    return 0
 
 
 _DOWNLOAD_HELP = """Download and unpack the Marks et al. (2024) Pythia-70M-deduped sparse autoencoders.
@@ -373,6 +434,7 @@ def _run_own(args: list[str]) -> int:
 
 #: Subcommands that parse their own arguments: name -> (run(argv), one-line help).
 _OWN_PARSER: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "render": (_render, "the explorer page of a circuit.json, or --compare A B (two circuits overlaid)"),
     "compare": (
         _compare,
         "atp / relp / ig against exact activation patching (source checkout: experiments/)",

@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -49,10 +49,13 @@ if TYPE_CHECKING:  # pragma: no cover
     import datasets
     from transformers import PreTrainedTokenizerBase
 
+    from feature_circuits.tasks import TaskBuild
+
 __all__ = [
     "Batch",
     "DatasetError",
     "Pair",
+    "PairList",
     "TokenizedPair",
     "UnknownDatasetError",
     "as_hf_dataset",
@@ -60,8 +63,10 @@ __all__ = [
     "load_pairs",
     "make_batches",
     "resolve_dataset",
+    "token_ids",
     "tokenize_pair",
     "tokenizer_key",
+    "unknown_token_id",
 ]
 
 REQUIRED_KEYS = ("clean_prefix", "patch_prefix", "clean_answer", "patch_answer")
@@ -128,12 +133,13 @@ def tokenizer_key(tokenizer: PreTrainedTokenizerBase) -> str:
 # Tokenization checks
 
 
-def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+def token_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens (how every prefix and answer is tokenized)."""
     out = tokenizer(text, add_special_tokens=False)["input_ids"]
     return [int(i) for i in out]
 
 
-def _unk_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+def unknown_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     """The unknown-token id, unless it doubles as BOS/EOS/PAD (GPT-NeoX uses <|endoftext|> for all)."""
     unk = getattr(tokenizer, "unk_token_id", None)
     if unk is None:
@@ -142,16 +148,58 @@ def _unk_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     return None if unk in shared else int(unk)
 
 
+_ids = token_ids
+_unk_id = unknown_token_id
+
+
 def _tok_str(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
     return repr(tokenizer.convert_ids_to_tokens(list(ids)))
 
 
-def tokenize_pair(pair: Pair, tokenizer: PreTrainedTokenizerBase, *, key: str | None = None) -> TokenizedPair:
+class _Encoder:
+    """:func:`token_ids` with a cache that :meth:`prime` fills with one batched tokenizer call (a
+    fast tokenizer encodes a list far quicker than the same texts one call each)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.cache: dict[str, list[int]] = {}
+
+    def prime(self, texts: Iterable[str]) -> None:
+        missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        if missing:
+            out = self.tokenizer(missing, add_special_tokens=False)["input_ids"]
+            self.cache.update((t, [int(i) for i in ids]) for t, ids in zip(missing, out, strict=True))
+
+    def __call__(self, text: str) -> list[int]:
+        if text not in self.cache:
+            self.cache[text] = token_ids(self.tokenizer, text)
+        return self.cache[text]
+
+
+def _pair_texts(pair: Pair) -> list[str]:
+    """Every text :func:`tokenize_pair` encodes for ``pair`` (and for its leading-space reading)."""
+    prefixes = (pair.clean_prefix, pair.patch_prefix)
+    answers = {pair.clean_answer, pair.patch_answer}
+    answers |= {" " + a for a in answers if not a[:1].isspace()}
+    return [*prefixes, *answers, *(p + a for p in prefixes for a in answers)]
+
+
+def tokenize_pair(
+    pair: Pair,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    key: str | None = None,
+    encode: Callable[[str], list[int]] | None = None,
+) -> TokenizedPair:
     """Tokenize and validate one pair; raises :class:`DatasetError` naming ``pair.source:pair.line``.
-    ``key``: :func:`tokenizer_key` of ``tokenizer`` if the caller has it (recorded on the result)."""
+    ``key``: :func:`tokenizer_key` of ``tokenizer`` if the caller has it (recorded on the result);
+    ``encode``: a :func:`token_ids` of ``tokenizer`` to use (e.g. a cached one)."""
 
     def fail(problem: str) -> DatasetError:
         return DatasetError(pair.source, pair.line, problem)
+
+    def _ids(_tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+        return token_ids(tokenizer, text) if encode is None else encode(text)
 
     unk = _unk_id(tokenizer)
     prefixes: dict[str, list[int]] = {}
@@ -273,9 +321,60 @@ def _content_lines(path: Path) -> list[tuple[int, bytes]]:
     return numbered
 
 
+class PairList(list[Pair]):
+    """The pairs :func:`load_pairs` returns (a plain list of :class:`Pair`), with ``report``: a line
+    for the run's log when the loader did more than read the file (a shipped task built for another
+    tokenizer, answers read with a leading space), else None; ``build``: the
+    :class:`~feature_circuits.tasks.TaskBuild` when the pairs were built for the tokenizer."""
+
+    report: str | None = None
+    build: TaskBuild | None = None
+
+
+def _without_leading_space(pair: Pair) -> Pair | None:
+    """The pair with a leading space added to every answer that has none, when that is how the
+    answer follows its prefix in the sentence (the Marks et al. files write ``"clean_answer": "is"``
+    after ``"The keys"``); None when no answer changes."""
+    if any(p[-1:].isspace() for p in (pair.clean_prefix, pair.patch_prefix)):
+        return None
+    clean, patch = pair.clean_answer, pair.patch_answer
+    new_clean = clean if clean[:1].isspace() else " " + clean
+    new_patch = patch if patch[:1].isspace() else " " + patch
+    if (new_clean, new_patch) == (clean, patch):
+        return None
+    return replace(pair, clean_answer=new_clean, patch_answer=new_patch)
+
+
+def _tokenized(
+    pair: Pair, tokenizer: PreTrainedTokenizerBase, key: str, encode: _Encoder
+) -> tuple[Pair, bool]:
+    """The pair with its tokens, and whether its answers were read with a leading space (only when
+    they fail as written and pass that way; the original error otherwise)."""
+    try:
+        return replace(pair, tokens=tokenize_pair(pair, tokenizer, key=key, encode=encode)), False
+    except DatasetError:
+        spaced = _without_leading_space(pair)
+        if spaced is None:
+            raise
+        try:
+            return replace(spaced, tokens=tokenize_pair(spaced, tokenizer, key=key, encode=encode)), True
+        except DatasetError:
+            pass
+        raise
+
+
+#: Lines whose texts one batched tokenizer call encodes.
+_PRIME_LINES = 512
+
+
 def _load(
-    path: str | Path, tokenizer: PreTrainedTokenizerBase | None, *, skip_invalid: bool, limit: int | None
-) -> list[Pair]:
+    path: str | Path,
+    tokenizer: PreTrainedTokenizerBase | None,
+    *,
+    skip_invalid: bool,
+    limit: int | None,
+    build: bool = True,
+) -> PairList:
     path = Path(path)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
@@ -284,22 +383,46 @@ def _load(
     lines = _content_lines(path)
     if not lines:
         raise DatasetError(path, 1, "dataset file is empty (no examples)")
+    from feature_circuits.tasks import shipped_task
+
+    # a shipped task file is checked whole: used as it is when every line is valid for this
+    # tokenizer (the embedded one), else the task is built for the tokenizer (feature_circuits.tasks)
+    shipped = None if tokenizer is None or not build else shipped_task(path)
     pairs: list[Pair] = []
     skipped: list[DatasetError] = []
-    key = None if tokenizer is None else tokenizer_key(tokenizer)
-    for lineno, raw in lines:
+    respaced = 0
+    key = "" if tokenizer is None else tokenizer_key(tokenizer)
+    encode = None if tokenizer is None else _Encoder(tokenizer)
+    parsed: dict[int, Pair | DatasetError] = {}
+    for index, (lineno, raw) in enumerate(lines):
+        if index % _PRIME_LINES == 0:  # parse the next chunk, encode its texts in one call
+            for ln, rw in lines[index : index + _PRIME_LINES]:
+                try:
+                    parsed[ln] = _parse_line(path, ln, rw)
+                except DatasetError as err:
+                    parsed[ln] = err
+            if encode is not None:
+                chunk = [parsed[ln] for ln, _ in lines[index : index + _PRIME_LINES]]
+                encode.prime(t for p in chunk if isinstance(p, Pair) for t in _pair_texts(p))
         try:
-            pair = _parse_line(path, lineno, raw)
-            if tokenizer is not None:
-                pair = replace(pair, tokens=tokenize_pair(pair, tokenizer, key=key))
+            pair = parsed.pop(lineno)
+            if isinstance(pair, DatasetError):
+                raise pair
+            if tokenizer is not None and encode is not None:
+                pair, added_space = _tokenized(pair, tokenizer, key, encode)
+                respaced += added_space
         except DatasetError as err:
-            if not skip_invalid:
+            if not skip_invalid and shipped is None:
                 raise
             skipped.append(err)
             continue
         pairs.append(pair)
-        if limit is not None and len(pairs) >= limit:
+        if shipped is None and limit is not None and len(pairs) >= limit:
             break
+    if shipped is not None and tokenizer is not None:
+        if skipped:
+            return _built(shipped, tokenizer, limit, valid=len(pairs), total=len(lines))
+        pairs = pairs[:limit]
     if skipped:
         listing = "\n".join(f"  {err}" for err in skipped)
         warnings.warn(
@@ -308,7 +431,25 @@ def _load(
         )
     if not pairs:
         raise DatasetError(path, lines[-1][0], f"no valid examples (all {len(skipped)} lines were invalid)")
-    return pairs
+    out = PairList(pairs)
+    if respaced:
+        out.report = (
+            f"{path}: {respaced} of {len(pairs)} examples have answers without a leading space (the Marks "
+            "et al. files' format); read as ' ' + answer, the token that follows the prefix in the sentence"
+        )
+    return out
+
+
+def _built(
+    shipped: tuple[str, str], tokenizer: PreTrainedTokenizerBase, limit: int | None, *, valid: int, total: int
+) -> PairList:
+    from feature_circuits.tasks import build_task
+
+    task, split = shipped
+    build = build_task(task, split, tokenizer, limit, shipped_valid=valid, shipped_total=total)
+    out = PairList(build.pairs)
+    out.report, out.build = build.summary(), build
+    return out
 
 
 def load_pairs(
@@ -317,7 +458,7 @@ def load_pairs(
     *,
     skip_invalid: bool = False,
     limit: int | None = None,
-) -> list[Pair]:
+) -> PairList:
     """Load and validate a JSON Lines dataset of contrastive pairs (docs/algorithms.md, "Datasets");
     each returned pair carries its token ids (:attr:`Pair.tokens`).
 
@@ -325,6 +466,13 @@ def load_pairs(
     ``skip_invalid=True``, skips invalid lines and emits one :class:`UserWarning` listing each skipped
     ``path:line: reason`` and their count. ``limit`` keeps the first ``limit`` valid examples (lines
     after that are not read). A file with no examples is an error either way.
+
+    Answers written without a leading space after a prefix that does not end in one (the Marks et
+    al. files: ``"clean_answer": "is"``) are read as ``" " + answer`` when only that reading is
+    valid. A shipped task file (:func:`resolve_dataset` of ``sva_rc``, ``ioi``, ...) is used as it is
+    when all its lines are valid for ``tokenizer``; otherwise the task is built for ``tokenizer``
+    from the templates (:func:`feature_circuits.tasks.build_task`, ``limit`` pairs or as many as the
+    shipped split has). Either is said in the result's :attr:`PairList.report`.
     """
     return _load(path, tokenizer, skip_invalid=skip_invalid, limit=limit)
 
@@ -358,7 +506,7 @@ def resolve_dataset(
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     name = str(name_or_path)
-    looks_like_path = candidate.suffix == ".jsonl" or "/" in name or "\\" in name
+    looks_like_path = candidate.suffix in (".jsonl", ".json") or "/" in name or "\\" in name
     if looks_like_path:
         raise DatasetNotFoundError(f"dataset file not found: {candidate}")
     data_dir = Path(DATA_DIR if data_dir is None else data_dir)
@@ -481,5 +629,5 @@ def as_hf_dataset(path: str | Path, tokenizer: PreTrainedTokenizerBase | None = 
     import datasets
 
     path = Path(path)
-    _load(path, tokenizer, skip_invalid=False, limit=None)
+    _load(path, tokenizer, skip_invalid=False, limit=None, build=False)
     return datasets.load_dataset("json", data_files=str(path), split="train")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -90,6 +89,16 @@ def _check_threshold(name: str, value: float) -> None:
         raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
 
 
+def parse_batch_size(text: str) -> int | Literal["auto"]:
+    """``--batch-size``: an integer, or ``auto``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--batch-size must be an integer >= 1 or auto, got {text!r}") from None
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"--{name.replace('_', '-')} must be one of {list(choices)}, got {value!r}")
@@ -124,7 +133,15 @@ class DiscoverConfig:
         default="train", metadata=_help("split of a shipped dataset (ignored for a JSONL path)")
     )
     num_examples: int = field(default=64, metadata=_help("use the first N examples"))
-    batch_size: int = field(default=16, metadata=_help("examples per batch"))
+    batch_size: int | Literal["auto"] = field(
+        default=16,
+        metadata=_help(
+            "examples per batch, or auto: the largest batch whose estimated memory fits the device "
+            "(feature_circuits/memory.py)",
+            parse=parse_batch_size,
+            metavar="N|auto",
+        ),
+    )
     node_threshold: float = field(
         default=0.1,
         metadata=_help(
@@ -182,7 +199,10 @@ class DiscoverConfig:
         _check_choice("split", self.split, ("train", "test"))
         _check_choice("dtype", self.dtype, ("float32", "float64", "bfloat16", "float16"))
         _check_min("num_examples", self.num_examples, 1)
-        _check_min("batch_size", self.batch_size, 1)
+        if self.batch_size != "auto":
+            if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
+                raise ConfigError(f"--batch-size must be an integer >= 1 or auto, got {self.batch_size!r}")
+            _check_min("batch_size", self.batch_size, 1)
         _check_min("steps", self.steps, 1)
         _check_min("threads", self.threads, 1)
         _check_threshold("node_threshold", self.node_threshold)
@@ -290,20 +310,28 @@ def _portable(name: str) -> str:
 def discover(cfg: DiscoverConfig, *, log: Log = _quiet) -> Circuit:
     """Run discovery as ``cfg`` says; when ``cfg.out`` is set write ``circuit.json``,
     ``effects.safetensors`` (every node's aggregated effect) and ``circuit.html`` (unless
-    ``cfg.html`` is False) there. Returns the :class:`~feature_circuits.circuit.Circuit`."""
-    from tqdm import tqdm
+    ``cfg.html`` is False) there. Returns the :class:`~feature_circuits.circuit.Circuit`.
 
+    Batches stream: each batch's node (and edge) effects are added to a
+    :class:`~feature_circuits.circuit.NodeAccumulator` (:class:`~feature_circuits.circuit.EdgeAccumulator`)
+    and dropped, so memory does not grow with the number of examples. Under ``torchrun`` (more than
+    one process, :mod:`feature_circuits.distributed`) every rank runs its share of the examples, the
+    accumulated sums are merged across ranks, and rank 0 writes the outputs."""
+    from feature_circuits import distributed
     from feature_circuits.attribution import edge_effects, load_for_attribution, method_spec, node_effects
     from feature_circuits.circuit import (
         EFFECTS_FILE,
-        aggregate_edges,
-        aggregate_nodes,
+        EdgeAccumulator,
+        NodeAccumulator,
         build_circuit,
         save_circuit,
         save_effects,
     )
     from feature_circuits.data import load_pairs, make_batches, resolve_dataset
+    from feature_circuits.dictionaries import dictionary_infos
+    from feature_circuits.memory import choose_batch_size, estimate_memory
     from feature_circuits.metrics import get_metric
+    from feature_circuits.progress import progress
     from feature_circuits.render import load_labels
 
     # everything the user gave is checked before the first forward (labels, output directory,
@@ -313,15 +341,22 @@ def discover(cfg: DiscoverConfig, *, log: Log = _quiet) -> Circuit:
     if cfg.labels is not None:
         load_labels(cfg.labels)
     out = None if cfg.out is None else check_out_dir(cfg.out, "--out")
+    dist = distributed.init_from_env(cfg.device)
+    main_rank = dist is None or dist.is_main
+    if not main_rank:
+        log = _quiet
     if cfg.method is Method.EXACT and not cfg.nodes_only:
         log("method exact has no gradients: computing nodes only (no edges)")
     log(f"torch threads: {apply_threads(cfg.threads)}")
+    if dist is not None:
+        log(f"data parallel: {dist.describe()}")
     seed_everything(cfg.seed)
     timing: dict[str, float] = {}
     t_start = time.perf_counter()
 
     data_path = resolve_dataset(cfg.dataset, cfg.split)
-    loaded, dicts = load_for_attribution(cfg.model, cfg.saes, device=cfg.device, dtype=cfg.dtype)
+    device = cfg.device if dist is None else dist.device_for(cfg.device)
+    loaded, dicts = load_for_attribution(cfg.model, cfg.saes, device=device, dtype=cfg.dtype)
     timing["load"] = time.perf_counter() - t_start
     labels = (
         None
@@ -331,8 +366,7 @@ def discover(cfg: DiscoverConfig, *, log: Log = _quiet) -> Circuit:
 
     t = time.perf_counter()
     pairs = load_pairs(data_path, loaded.tokenizer, limit=cfg.num_examples)
-    batches = make_batches(pairs, loaded.tokenizer, cfg.batch_size)
-    lengths = sorted({b.seq_len for b in batches})
+    lengths = sorted({len(p.tokens_for(loaded.tokenizer).clean) for p in pairs})
     if cfg.aggregation is Aggregation.NONE and len(lengths) > 1:
         raise ConfigError(
             f"--aggregation none keeps token positions and needs examples of one length, but the first "
@@ -341,39 +375,54 @@ def discover(cfg: DiscoverConfig, *, log: Log = _quiet) -> Circuit:
         )
     if len(pairs) < cfg.num_examples:
         log(f"note: {data_path} has only {len(pairs)} examples (asked for {cfg.num_examples})")
+    mine = pairs if dist is None else dist.shard(pairs)
+    if cfg.batch_size == "auto":
+        batch_size = choose_batch_size(
+            loaded, dicts, seq_len=lengths[-1], edges=cfg.computes_edges, limit=max(1, len(mine))
+        )
+        log(f"--batch-size auto: {batch_size}")
+    else:
+        batch_size = int(cfg.batch_size)
+    log(
+        estimate_memory(
+            loaded, dicts, batch_size=batch_size, seq_len=lengths[-1], edges=cfg.computes_edges
+        ).describe()
+    )
+    batches = make_batches(mine, loaded.tokenizer, batch_size)
+    first_tokens = pairs[0].tokens_for(loaded.tokenizer).clean
+    del pairs, mine  # the batches hold what the loop needs
     timing["data"] = time.perf_counter() - t
 
     metric = get_metric(cfg.metric)
     options = method_spec(cfg.method).options_from({"steps": cfg.steps})
-    node_batches, edge_batches = [], []
+    node_acc = NodeAccumulator(cfg.aggregation)
+    edge_acc = EdgeAccumulator(cfg.aggregation) if cfg.computes_edges else None
     t_nodes = t_edges = 0.0
-    bar = tqdm(
-        batches,
-        desc=f"{cfg.method.value} attribution",
-        unit="batch",
-        disable=not cfg.progress,
-        file=sys.stderr,
-    )
-    for batch in bar:
+    desc = f"{cfg.method.value} attribution"
+    for batch in progress(batches, desc=desc, unit="batch", enabled=cfg.progress and main_rank):
         t = time.perf_counter()
         ne = node_effects(loaded, dicts, batch, cfg.method, metric=metric, options=options)
         t_nodes += time.perf_counter() - t
-        node_batches.append(ne)
-        if cfg.computes_edges:
+        node_acc.add(ne)
+        if edge_acc is not None:
             t = time.perf_counter()
-            edge_batches.append(
+            edge_acc.add(
                 edge_effects(loaded, dicts, batch, ne, node_threshold=cfg.node_threshold, method=cfg.method)
             )
             t_edges += time.perf_counter() - t
+        del ne
     timing["nodes"] = t_nodes
-    if cfg.computes_edges:
+    if edge_acc is not None:
         timing["edges"] = t_edges
 
     t = time.perf_counter()
-    agg_nodes = aggregate_nodes(node_batches, cfg.aggregation)
-    agg_edges = aggregate_edges(edge_batches, cfg.aggregation) if edge_batches else None
+    if dist is not None:
+        node_acc = dist.merge(node_acc)
+        edge_acc = None if edge_acc is None else dist.merge(edge_acc)
+    agg_nodes = node_acc.result()
+    agg_edges = edge_acc.result() if edge_acc is not None else None
     tokens = (
-        [str(loaded.tokenizer.decode([int(i)])) for i in batches[0].clean[0]]
+        [str(loaded.tokenizer.decode([int(i)])) for i in first_tokens]
         if cfg.aggregation is Aggregation.NONE
         else None
     )
@@ -395,9 +444,16 @@ def discover(cfg: DiscoverConfig, *, log: Log = _quiet) -> Circuit:
         tokens=tokens,
         timing_s={k: round(v, 4) for k, v in timing.items()},
     )
+    # what was spliced at each site (Neuronpedia ids included), and the sites left unspliced
+    circuit = circuit.model_copy(
+        update={
+            "dictionaries": dictionary_infos(dicts),
+            "sites_without_dictionary": tuple(s.name for s in loaded.sites if s.name not in dicts),
+        }
+    )
     if not circuit.nodes:
         log(f"note: {circuit.empty_note()}")
-    if out is not None:
+    if out is not None and main_rank:
         circuit = circuit.model_copy(update={"effects_file": EFFECTS_FILE})
         with staged_outputs() as stage:  # all renamed into place together, or none
             save_effects(agg_nodes.effects, stage.path(out / EFFECTS_FILE), cfg.aggregation)
@@ -406,6 +462,11 @@ def discover(cfg: DiscoverConfig, *, log: Log = _quiet) -> Circuit:
                 from feature_circuits.render import render_circuit_html
 
                 render_circuit_html(circuit, stage.path(out / "circuit.html"), labels=labels)
+    elif out is not None:
+        circuit = circuit.model_copy(update={"effects_file": EFFECTS_FILE})
+    if dist is not None:
+        dist.barrier()  # the other ranks return once rank 0 has written
+        dist.close()
     return circuit
 
 
@@ -528,7 +589,7 @@ def evaluate(cfg: EvaluateConfig, *, log: Log = _quiet, echo: Log = _quiet) -> l
         loaded = models[circ.model]
         if (circ.model, circ.saes) not in dicts:
             dicts[(circ.model, circ.saes)] = load_dictionaries(
-                loaded.sites, circ.saes, device=loaded.device, dtype=loaded.dtype
+                loaded.sites, circ.saes, device=loaded.device, dtype=loaded.dtype, model=loaded
             )
         aes = dicts[(circ.model, circ.saes)]
         data_path = Path(resolve_dataset(job.dataset, cfg.split))

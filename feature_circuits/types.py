@@ -8,10 +8,12 @@ Sites and their names
 ---------------------
 A *site* is a place where a dictionary (SAE) is spliced into the model: the embedding output
 (``embed``) and, for every layer ``L``, the attention output (``attn_L``), the MLP output
-(``mlp_L``) and the residual stream after the layer (``resid_L``). :class:`Site` owns these names:
-:meth:`Site.format` builds one, :meth:`Site.parse` reads one back, :meth:`Site.rank_of` orders
-them in execution order (embed, then per layer attn, mlp, resid). Nobody else formats or parses a
-site name.
+(``mlp_L``) and the residual stream after the layer (``resid_L``); plus, spliced only where a
+dictionary is given for it, the per-head attention outputs before the output projection
+(``attn_z_L``, flattened to ``n_heads * d_head``; TransformerLens's ``hook_z``). :class:`Site` owns
+these names: :meth:`Site.format` builds one, :meth:`Site.parse` reads one back,
+:meth:`Site.rank_of` orders them in execution order (embed, then per layer attn_z, attn, mlp,
+resid). Nobody else formats or parses a site name.
 
 The error node
 --------------
@@ -58,13 +60,14 @@ class SiteKind(str, enum.Enum):
     """The kinds of place a dictionary is spliced into, in execution order within a layer."""
 
     EMBED = "embed"
+    ATTN_Z = "attn_z"
     ATTN = "attn"
     MLP = "mlp"
     RESID = "resid"
 
 
-_KIND_RANK = {SiteKind.EMBED: 0, SiteKind.ATTN: 1, SiteKind.MLP: 2, SiteKind.RESID: 3}
-_SITE_RE = re.compile(r"^(?:(embed)|(attn|mlp|resid)_(\d+))$")
+_KIND_RANK = {SiteKind.EMBED: 0, SiteKind.ATTN_Z: 1, SiteKind.ATTN: 2, SiteKind.MLP: 3, SiteKind.RESID: 4}
+_SITE_RE = re.compile(r"^(?:(embed)|(attn_z|attn|mlp|resid)_(\d+))$")
 #: Directory name of each site kind in the Marks et al. dictionary layout (``resid_out_layer3``).
 _MARKS_DIR = {
     SiteKind.ATTN: "attn_out_layer",
@@ -92,10 +95,19 @@ class Aggregation(str, enum.Enum):
 
 
 class Architecture(str, enum.Enum):
-    """Model families whose sites and LRP rules are known."""
+    """Model families whose sites and LRP rules are known (docs/hooks.md): GPT-NeoX (Pythia);
+    Llama family (Llama, Qwen2, Qwen3, Mistral: ``model.layers[l]`` with pre-norms only); Gemma 2
+    and Gemma 3 (post-norms on the attention and MLP outputs before the residual add)."""
 
     GPT_NEOX = "gpt_neox"
     LLAMA = "llama"
+    GEMMA2 = "gemma2"
+    GEMMA3 = "gemma3"
+
+    @property
+    def post_norms(self) -> bool:
+        """Whether attention and MLP outputs pass through a norm before the residual add."""
+        return self in (Architecture.GEMMA2, Architecture.GEMMA3)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,13 +117,16 @@ class Site:
     ``kind`` and ``layer`` (``-1`` for the embedding) identify it; :attr:`name` is derived from them.
     ``module_path`` is the dotted path of the module whose output is the activation (e.g.
     ``gpt_neox.layers.3``); ``output_is_tuple`` says whether the activation is ``output[0]``
-    (detected at run time, never assumed); ``d_model`` is the activation width.
+    (detected at run time, never assumed); ``reads_input``: the activation is the module's first
+    INPUT instead (``attn_z``: the input of the attention output projection); ``d_model`` is the
+    activation width.
     """
 
     kind: SiteKind
     layer: int
     module_path: str = ""
     output_is_tuple: bool = False
+    reads_input: bool = False
     d_model: int = 0
 
     def __post_init__(self) -> None:
@@ -132,7 +147,9 @@ class Site:
         ``ValueError`` for anything else."""
         m = _SITE_RE.match(name) if isinstance(name, str) else None
         if m is None:
-            raise ValueError(f"not a site name: {name!r} (expected embed, attn_L, mlp_L or resid_L)")
+            raise ValueError(
+                f"not a site name: {name!r} (expected embed, attn_z_L, attn_L, mlp_L or resid_L)"
+            )
         if m.group(1):
             return SiteKind.EMBED, -1
         return SiteKind(m.group(2)), int(m.group(3))
@@ -143,7 +160,7 @@ class Site:
 
     @staticmethod
     def rank_of(name: str) -> tuple[int, int]:
-        """Execution-order sort key of a site name: embed, then per layer attn, mlp, resid."""
+        """Execution-order sort key of a site name: embed, then per layer attn_z, attn, mlp, resid."""
         kind, layer = Site.parse(name)
         return (layer, _KIND_RANK[kind])
 
@@ -158,8 +175,15 @@ class Site:
 
     @property
     def marks_dir(self) -> str:
-        """Directory name of this site in the Marks et al. dictionary layout."""
-        return "embed" if self.kind is SiteKind.EMBED else f"{_MARKS_DIR[self.kind]}{self.layer}"
+        """Directory name of this site in the Marks et al. dictionary layout (which has no
+        ``attn_z`` sites: ``ValueError`` for those)."""
+        if self.kind is SiteKind.EMBED:
+            return "embed"
+        if self.kind not in _MARKS_DIR:
+            raise ValueError(
+                f"site {self.name}: the Marks et al. dictionary layout has no {self.kind.value} sites"
+            )
+        return f"{_MARKS_DIR[self.kind]}{self.layer}"
 
 
 @dataclass(frozen=True, kw_only=True)

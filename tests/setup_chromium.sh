@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Install headless Chromium (Debian package) for tests/test_render.py, if it is missing.
+# Install headless Chromium and its WebDriver (Debian packages chromium + chromium-driver) for the
+# browser tests (tests/test_render.py, tests/test_explorer_browser.py) and scripts/screenshots.py,
+# if they are missing. Selenium drives /usr/bin/chromium through /usr/bin/chromedriver (no driver is
+# downloaded at run time).
 # Usage: bash tests/setup_chromium.sh   (needs root or sudo; idempotent)
 set -euo pipefail
-if [ -x /usr/bin/chromium ]; then
-  echo "chromium already installed: $(/usr/bin/chromium --version 2>/dev/null || echo /usr/bin/chromium)"
+if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then
+  echo "chromium already installed: $(/usr/bin/chromium --version 2>/dev/null || echo /usr/bin/chromium);" \
+       "$(/usr/bin/chromedriver --version 2>/dev/null | cut -d' ' -f1-2)"
   exit 0
 fi
 SUDO=""
@@ -12,5 +16,6 @@ if [ "$(id -u)" != "0" ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update
-$SUDO apt-get install -y --no-install-recommends chromium fonts-dejavu-core
+$SUDO apt-get install -y --no-install-recommends chromium chromium-driver fonts-dejavu-core
 /usr/bin/chromium --version
+/usr/bin/chromedriver --version

@@ -23,7 +23,7 @@ from feature_circuits.pipeline import DiscoverConfig, EvaluateConfig
 from feature_circuits.types import ERROR_TOKEN, Site
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ("discover", "evaluate", "compare", "bench", "download-saes", "train-toy")
+SUBCOMMANDS = ("discover", "evaluate", "render", "compare", "bench", "download-saes", "train-toy")
 
 
 def _err_line(capsys: pytest.CaptureFixture[str]) -> str:

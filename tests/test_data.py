@@ -97,7 +97,7 @@ def test_limit(tmp_path, tok):
         (rec(ca=" are is"), "clean_answer ' are is' is 2 tokens"),
         (rec(pa=" zebra"), "patch_answer ' zebra' is the unknown token"),
         (rec(clean="The cat that", patch="The cats"), "different token lengths (3 vs 2)"),
-        (rec(ca="are"), "does not tokenize as a separate token"),
+        (rec(ca="is"), "does not tokenize as a separate token"),  # " is" would equal patch
         (rec(ca=" is"), "same token"),
         (rec(clean="The giraffes"), "contains the unknown token"),
         ('{"clean_prefix": "a", "clean_prefix": "b"}', "duplicate key"),
@@ -310,9 +310,9 @@ class CountingTokenizer:
 
 
 def test_pairs_are_tokenized_once(tmp_path, tok):
-    """load_pairs tokenizes (and validates) each pair once and keeps its token ids; make_batches
-    reuses them: batching loaded pairs costs no tokenizer call, and gives the same batches as
-    tokenizing afresh."""
+    """load_pairs tokenizes (and validates) each pair once -- all the file's texts in one batched
+    tokenizer call -- and keeps its token ids; make_batches reuses them: batching loaded pairs costs
+    no tokenizer call, and gives the same batches as tokenizing afresh."""
     recs = [
         rec(),
         rec("The cat", "The cats", " was", " were"),
@@ -322,8 +322,7 @@ def test_pairs_are_tokenized_once(tmp_path, tok):
     # a duck-typed stand-in: every attribute but the call count is the real tokenizer's
     as_tokenizer = cast("PreTrainedTokenizerBase", counting)
     pairs = load_pairs(write(tmp_path, recs), as_tokenizer)
-    per_pair = counting.calls // len(recs)
-    assert counting.calls == per_pair * len(recs) and per_pair > 0
+    assert counting.calls == 1  # one batched call encodes every text of the file
     assert all(p.tokens == tokenize_pair(p, tok) for p in pairs)
     counting.calls = 0
     batches = make_batches(pairs, as_tokenizer, batch_size=2)

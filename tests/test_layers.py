@@ -19,6 +19,7 @@ LAYERS = {
     "feature_circuits.model": 1,
     "feature_circuits.dictionaries": 1,
     "feature_circuits.data": 1,
+    "feature_circuits.tasks": 1,  # the shipped tasks built for any tokenizer (beside data)
     "feature_circuits.attribution": 2,
     "feature_circuits.toy.datasets": 2,  # how the toy was made uses the loaders
     "feature_circuits.toy.grammar": 0,

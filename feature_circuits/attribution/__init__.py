@@ -35,7 +35,7 @@ from feature_circuits.attribution.registry import (
     RelPOptions,
     method_spec,
 )
-from feature_circuits.attribution.results import EdgeEffects, NodeEffects, SiteState
+from feature_circuits.attribution.results import EdgeEffects, NodeEffects, SiteState, SparseSiteState
 from feature_circuits.data import Batch
 from feature_circuits.dictionaries import Dictionary
 from feature_circuits.metrics import Metric, answer_logit, logit_diff
@@ -62,6 +62,7 @@ __all__ = [
     "RelPOptions",
     "SitePair",
     "SiteState",
+    "SparseSiteState",
     "edge_effects",
     "get_lrp_controller",
     "install_lrp",
@@ -82,7 +83,7 @@ def load_for_attribution(
     from feature_circuits.model.loading import load_model
 
     loaded = load_model(model, device=device, dtype=dtype, before_wrap=install_lrp)
-    dicts = load_dictionaries(loaded.sites, saes, device=loaded.device, dtype=loaded.dtype)
+    dicts = load_dictionaries(loaded.sites, saes, device=loaded.device, dtype=loaded.dtype, model=loaded)
     return loaded, dicts
 
 
@@ -96,6 +97,7 @@ def node_effects(
     options: MethodOptions | None = None,
     counterfactual: bool = True,
     sites: Sequence[str] | None = None,
+    feature_path: str = "auto",
 ) -> NodeEffects:
     """Node effects (b, s, F+1) per site of one batch, error node last, by ``method``.
 
@@ -103,7 +105,10 @@ def node_effects(
     or :func:`~feature_circuits.metrics.answer_logit` when ``counterfactual=False`` (zero-ablation
     mode: the patch state is zero features and zero error). ``options``: the method's options
     dataclass (:class:`ExactOptions`, :class:`AtpOptions`, :class:`RelPOptions`, :class:`IGOptions`;
-    default its defaults). ``sites``: restrict to these site names.
+    default its defaults). ``sites``: restrict to these site names. ``feature_path``: ``auto``
+    (sparse for large dictionaries, :func:`~feature_circuits.attribution.forward.use_sparse`),
+    ``dense`` or ``sparse`` (on the sparse path ``effects`` are sparse COO tensors and the states
+    :class:`SparseSiteState`; ``NodeEffects.dense()`` converts); exact is always dense.
     """
     spec = method_spec(method)
     if metric is None:
@@ -115,5 +120,6 @@ def node_effects(
         metric=metric,
         counterfactual=counterfactual,
         sites=None if sites is None else tuple(sites),
+        feature_path=feature_path,
     )
     return spec.node_effects(req, spec.check_options(options))

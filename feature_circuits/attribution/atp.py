@@ -4,7 +4,10 @@ IE(node) ~= (node(patch) - node(clean)) . dm/d(node) at clean: the first-order e
 exact patching effect, from one clean forward with every dictionary spliced in as gradient leaves,
 one backward, and one patch forward. :func:`gradient_node_effects` is that computation with an
 optional set of LRP rules in force during the clean forward; relevance patching
-(:mod:`.relp`) is the same computation with the rules on.
+(:mod:`.relp`) is the same computation with the rules on. On the sparse feature path
+(:func:`~feature_circuits.attribution.forward.use_sparse`) the clean forward carries one d-wide
+gradient leaf per site and the feature gradients are decoder-row gathers (docs/algorithms.md,
+"Sparse feature path").
 """
 
 from __future__ import annotations
@@ -13,7 +16,17 @@ import time
 
 import torch
 
-from feature_circuits.attribution.forward import patch_states, spliced_clean_forward
+from feature_circuits.attribution.forward import (
+    SparseDecoder,
+    collect_activations,
+    gather_dot,
+    patch_states,
+    site_output_grads,
+    sparse_site_states,
+    spliced_clean_forward,
+    use_sparse,
+    zero_last_resid_logits,
+)
 from feature_circuits.attribution.registry import (
     AtpOptions,
     MethodOptions,
@@ -22,7 +35,7 @@ from feature_circuits.attribution.registry import (
     options_as,
     register,
 )
-from feature_circuits.attribution.results import NodeEffects, SiteState
+from feature_circuits.attribution.results import NodeEffects, SiteState, SparseSiteState, State
 from feature_circuits.types import LRPConfig, Method
 
 __all__ = ["atp_node_effects", "gradient_node_effects"]
@@ -34,12 +47,14 @@ def gradient_node_effects(req: NodeRequest, *, lrp: LRPConfig | None, method: Me
     t0 = time.perf_counter()
     loaded, dictionaries, batch, metric = req.loaded, req.dictionaries, req.batch, req.metric
     site_list = req.site_list()
+    if use_sparse(dictionaries, site_list, req.feature_path):
+        return _sparse_gradient_node_effects(req, lrp=lrp, method=method, t0=t0)
     leaves, logits = spliced_clean_forward(loaded, dictionaries, batch.clean, site_list, lrp=lrp)
     m = metric(logits, batch)
     flat = [t for s in site_list for t in leaves[s.name]]
     grads_flat = torch.autograd.grad(m.sum(), flat, allow_unused=True)
-    clean: dict[str, SiteState] = {}
-    grads: dict[str, SiteState] = {}
+    clean: dict[str, State] = {}
+    grads: dict[str, State] = {}
     for i, s in enumerate(site_list):
         f, err = leaves[s.name]
         gf, gerr = grads_flat[2 * i], grads_flat[2 * i + 1]
@@ -52,8 +67,53 @@ def gradient_node_effects(req: NodeRequest, *, lrp: LRPConfig | None, method: Me
     patch, metric_patch = patch_states(
         loaded, dictionaries, batch, site_list, clean, metric, req.counterfactual
     )
-    deltas = {k: patch[k] - clean[k] for k in clean}
-    effects = {k: grads[k].node_product(deltas[k]) for k in clean}
+    deltas: dict[str, State] = {k: patch[k] - clean[k] for k in clean}  # pyright: ignore[reportOperatorIssue]
+    effects = {k: grads[k].node_product(deltas[k]) for k in clean}  # pyright: ignore[reportArgumentType]
+    return NodeEffects(
+        method=method,
+        effects=effects,
+        deltas=deltas,
+        grads=grads,
+        clean=clean,
+        metric_clean=metric_clean,
+        metric_patch=metric_patch,
+        timing_s={"total": time.perf_counter() - t0},
+    )
+
+
+def _sparse_gradient_node_effects(
+    req: NodeRequest, *, lrp: LRPConfig | None, method: Method, t0: float
+) -> NodeEffects:
+    """:func:`gradient_node_effects` on the sparse feature path: one clean forward with a d-wide
+    gradient leaf per site, one patch forward, then per site (one at a time) the dense encoder on
+    both activations, the union of their active features, and the gathered feature gradients."""
+    loaded, dictionaries, batch, metric = req.loaded, req.dictionaries, req.batch, req.metric
+    site_list = req.site_list()
+    acts, g_out, metric_clean = site_output_grads(
+        loaded, batch.clean, site_list, lambda logits: metric(logits, batch), lrp
+    )
+    if req.counterfactual:
+        acts_p, logits_p = collect_activations(loaded, batch.patch, site_list)
+    else:
+        acts_p, logits_p = {}, zero_last_resid_logits(loaded, batch.clean)
+    with torch.no_grad():
+        metric_patch = metric(logits_p, batch).detach()
+    clean: dict[str, State] = {}
+    grads: dict[str, State] = {}
+    deltas: dict[str, State] = {}
+    effects = {}
+    for s in site_list:
+        ae = dictionaries[s.name]
+        x = acts.pop(s.name)
+        dec = SparseDecoder.of(ae, x)
+        c, p = sparse_site_states(ae, x, acts_p.pop(s.name, None), dec)
+        g = g_out.pop(s.name)
+        with torch.no_grad():
+            gv = gather_dot(dec.w, c.index, g).to(c.values.dtype) * c.mask
+        gs = SparseSiteState(c.index, c.mask, gv, g.to(c.err.dtype), c.n_features)
+        d = p - c
+        clean[s.name], grads[s.name], deltas[s.name] = c, gs, d
+        effects[s.name] = gs.node_product(d)
     return NodeEffects(
         method=method,
         effects=effects,

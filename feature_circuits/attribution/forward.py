@@ -6,19 +6,32 @@ A site's *state* is its features ``f`` and error node ``err`` (:class:`SiteState
 is the state on the counterfactual input, or -- without a counterfactual -- every node set to zero,
 whose model output is the one with the last residual site zeroed (every later quantity is a
 function of it).
+
+The sparse feature path (:func:`use_sparse` chooses it; docs/algorithms.md, "Sparse feature
+path"): the dense encoder pass stays, but only the features active in the clean or the patch input
+of each (example, position) are kept (:class:`SparseSiteState`), decoded, and get gradients. Since
+``decode`` is affine, a feature's gradient is its decoder row times the gradient of the site output,
+``d m / d f_k = W_dec[k] . d m / d x`` (and the error node's gradient is ``d m / d x`` itself), so the
+clean forward only needs one d-wide gradient leaf per site (:func:`site_output_grads`) and the
+feature gradients are gathered rows (:func:`gather_dot`), never an F-wide matmul.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from feature_circuits.attribution.results import SiteState
+from feature_circuits.attribution.results import SiteState, SparseSiteState
 from feature_circuits.data import Batch
-from feature_circuits.dictionaries import Dictionary, encode_with_error, splice_with_grad_leaves
+from feature_circuits.dictionaries import (
+    Dictionary,
+    IdentityDictionary,
+    encode_with_error,
+    splice_with_grad_leaves,
+)
 from feature_circuits.errors import ConfigError
 from feature_circuits.metrics import Metric
 from feature_circuits.model.loading import LoadedModel
@@ -27,7 +40,15 @@ from feature_circuits.model.sites import get_activation, save, set_activation
 from feature_circuits.types import LRPConfig, Site
 
 __all__ = [
+    "FEATURE_PATHS",
+    "SPARSE_MIN_FEATURES",
     "CleanPatch",
+    "SparseDecoder",
+    "collect_activations",
+    "gather_dot",
+    "site_output_grads",
+    "sparse_site_states",
+    "use_sparse",
     "attribution_sites",
     "clean_and_patch",
     "collect_states",
@@ -144,3 +165,165 @@ def clean_and_patch(
         metric_clean = metric(clean_logits, batch).detach()
     patch, metric_patch = patch_states(loaded, dictionaries, batch, sites, clean, metric, counterfactual)
     return CleanPatch(clean=clean, patch=patch, metric_clean=metric_clean, metric_patch=metric_patch)
+
+
+# ------------------------------------------------------------------------------ sparse feature path
+
+#: ``feature_path`` choices: ``auto`` (:func:`use_sparse` decides), ``dense``, ``sparse``.
+FEATURE_PATHS = ("auto", "dense", "sparse")
+
+#: ``auto`` takes the sparse path when every site's dictionary has at least this many features (a
+#: smaller dictionary is cheaper dense: its F-wide matmuls are small, and the sparse path's gathers
+#: and index bookkeeping cost more than they save).
+SPARSE_MIN_FEATURES = 4096
+
+
+def use_sparse(dictionaries: Mapping[str, Dictionary], sites: Sequence[Site], feature_path: str = "auto") -> bool:
+    """Whether a node pass over ``sites`` runs on the sparse feature path: ``sparse`` / ``dense``
+    force it; ``auto``: sparse iff every site's dictionary has at least :data:`SPARSE_MIN_FEATURES`
+    features and none is an identity dictionary (neurons are dense by construction)."""
+    if feature_path not in FEATURE_PATHS:
+        raise ConfigError(f"feature_path must be one of {list(FEATURE_PATHS)}, got {feature_path!r}")
+    if feature_path != "auto":
+        return feature_path == "sparse"
+    ds = [dictionaries[s.name] for s in sites]
+    return bool(ds) and all(
+        not isinstance(d, IdentityDictionary) and int(d.dict_size) >= SPARSE_MIN_FEATURES for d in ds
+    )
+
+
+#: Elements of the largest temporary (rows x K x d) a gather may build at once.
+_GATHER_BUDGET = 1 << 22
+
+
+@dataclass(frozen=True)
+class SparseDecoder:
+    """A dictionary's affine decode as decoder rows ``w`` (F, d, contiguous) and ``bias``
+    (d,) = decode(0), so that decode(f) = sum_k f_k w[k] + bias over the active k only."""
+
+    w: Tensor
+    bias: Tensor
+
+    @classmethod
+    def of(cls, ae: Dictionary, like: Tensor) -> SparseDecoder:
+        with torch.no_grad():
+            w = ae.decoder_directions(like).detach().contiguous()
+            zero = torch.zeros(1, int(ae.dict_size), dtype=like.dtype, device=like.device)
+            bias = ae.decode(zero).detach().reshape(-1).to(like.dtype)
+        return cls(w, bias)
+
+    def decode(self, index: Tensor, values: Tensor) -> Tensor:
+        """(..., d): sum over the K slots of values * w[index] plus the bias (padding slots must
+        carry value 0). Differentiable in ``values``."""
+        lead, k = index.shape[:-1], index.shape[-1]
+        if k == 0:
+            return self.bias.expand(*lead, self.bias.shape[0]).to(values.dtype).clone()
+        out = torch.nn.functional.embedding_bag(
+            index.reshape(-1, k), self.w, per_sample_weights=values.reshape(-1, k), mode="sum"
+        )
+        return out.reshape(*lead, -1) + self.bias
+
+
+def gather_dot(w: Tensor, index: Tensor, g: Tensor) -> Tensor:
+    """(..., K): ``w[index[..., k]] . g[...]`` -- the gradient of the K slot features from the
+    gradient ``g`` (..., d) of the site output (W_dec[:, active]^T g), in row chunks so that the
+    gathered rows never exceed a fixed budget."""
+    lead, k = index.shape[:-1], index.shape[-1]
+    d = g.shape[-1]
+    idx = index.reshape(-1, k)
+    gg = g.reshape(-1, d).to(w.dtype)
+    out = torch.empty(idx.shape[0], k, dtype=w.dtype, device=w.device)
+    step = max(1, _GATHER_BUDGET // max(k * d, 1))
+    for r0 in range(0, idx.shape[0], step):
+        r1 = min(idx.shape[0], r0 + step)
+        out[r0:r1] = torch.bmm(w[idx[r0:r1]], gg[r0:r1].unsqueeze(-1)).squeeze(-1)
+    return out.reshape(*lead, k)
+
+
+def _row_union(active: Tensor) -> tuple[Tensor, Tensor]:
+    """(b, s, F) bool -> (index, mask) of shape (b, s, K), K the largest row count: each row's
+    active features in increasing order, padded with feature 0 and mask False."""
+    b, s, _ = active.shape
+    flat = active.reshape(b * s, -1)
+    counts = flat.sum(-1)
+    k = int(counts.max()) if counts.numel() else 0
+    index = torch.zeros(b * s, k, dtype=torch.long, device=active.device)
+    mask = torch.zeros(b * s, k, dtype=torch.bool, device=active.device)
+    if k:
+        row, col = flat.nonzero().unbind(1)  # row-major: rows in order, columns increasing
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(row.shape[0], device=row.device) - starts[row]
+        index[row, slot] = col
+        mask[row, slot] = True
+    return index.reshape(b, s, k), mask.reshape(b, s, k)
+
+
+def sparse_site_states(
+    ae: Dictionary, x_clean: Tensor, x_patch: Tensor | None, dec: SparseDecoder | None = None
+) -> tuple[SparseSiteState, SparseSiteState]:
+    """Clean and patch states of one site on the sparse path, sharing one index: per row the
+    features active (non-zero) in the clean or the patch activation. ``x_patch=None``: the zero
+    patch state (no counterfactual). The encoder runs dense (one site at a time); the features
+    are kept at their slots and decoded sparsely for the error node."""
+    dec = SparseDecoder.of(ae, x_clean) if dec is None else dec
+    n = int(ae.dict_size)
+    with torch.no_grad():
+        fc = ae.encode(x_clean)
+        fp = None if x_patch is None else ae.encode(x_patch)
+        active = fc != 0 if fp is None else (fc != 0) | (fp != 0)
+        index, mask = _row_union(active)
+        del active
+        vc = fc.gather(-1, index) * mask
+        del fc
+        err_c = x_clean - dec.decode(index, vc)
+        clean = SparseSiteState(index, mask, vc, err_c, n)
+        if fp is None or x_patch is None:
+            patch = SparseSiteState(index, mask, torch.zeros_like(vc), torch.zeros_like(err_c), n)
+        else:
+            vp = fp.gather(-1, index) * mask
+            del fp
+            patch = SparseSiteState(index, mask, vp, x_patch - dec.decode(index, vp), n)
+    return clean, patch
+
+
+def collect_activations(loaded: LoadedModel, ids: Tensor, sites: Sequence[Site]) -> tuple[dict[str, Tensor], Tensor]:
+    """Plain forward on ``ids``: every site's activation (b, s, d) and the logits (detached)."""
+    acts: dict[str, Tensor] = {}
+    lm = loaded.lm
+    with lm.trace(ids.to(loaded.device)):
+        for s in sites:
+            acts[s.name] = save(get_activation(lm, s))
+        logits = save(lm.output.logits)
+    return {k: v.detach() for k, v in acts.items()}, logits.detach()
+
+
+def site_output_grads(
+    loaded: LoadedModel,
+    ids: Tensor,
+    sites: Sequence[Site],
+    metric_fn: Callable[[Tensor], Tensor],
+    lrp: LRPConfig | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+    """Clean forward with a zero d-wide gradient leaf added to every site output (the output stays
+    bit-identical), the LRP rules of ``lrp`` in force; one backward of ``metric_fn(logits).sum()``.
+    Returns the site activations, dm/d(site output) per site (the error node's gradient, from which
+    every feature's is a decoder row product) and the metric (b,), all detached."""
+    lm = loaded.lm
+    acts: dict[str, Tensor] = {}
+    leaves: dict[str, Tensor] = {}
+    with lrp_context(loaded, lrp), lm.trace(ids.to(loaded.device)):
+        for s in sites:
+            x = get_activation(lm, s)
+            z = torch.zeros_like(x).requires_grad_(True)
+            acts[s.name] = save(x)
+            leaves[s.name] = save(z)
+            set_activation(lm, s, x + z)
+        logits = save(lm.output.logits)
+    m = metric_fn(logits)
+    flat = [leaves[s.name] for s in sites]
+    got = torch.autograd.grad(m.sum(), flat, allow_unused=True)
+    grads = {
+        s.name: torch.zeros_like(leaves[s.name]) if g is None else g.detach()
+        for s, g in zip(sites, got, strict=True)
+    }
+    return {k: v.detach() for k, v in acts.items()}, grads, m.detach()

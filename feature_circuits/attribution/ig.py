@@ -3,7 +3,10 @@
 Per site separately (other sites not spliced): z_a = (1-a) clean + a patch for the features AND the
 error, a = k/steps, k = 0..steps-1; the clean input runs with the site output set to
 decode(z.f) + z.err; IE = mean_a(dm/dz) . delta. The steps are stacked along the batch dimension
-(``max_rows`` rows per forward).
+(``max_rows`` rows per forward). On the sparse feature path (docs/algorithms.md, "Sparse feature
+path") z is kept at the features active in the clean or the patch input, the site output is their
+sparse decode plus z.err, and the feature gradients are decoder rows times the (step-summed)
+gradient of the site output.
 """
 
 from __future__ import annotations
@@ -13,7 +16,15 @@ import time
 import torch
 from torch import Tensor
 
-from feature_circuits.attribution.forward import clean_and_patch
+from feature_circuits.attribution.forward import (
+    SparseDecoder,
+    clean_and_patch,
+    collect_activations,
+    gather_dot,
+    sparse_site_states,
+    use_sparse,
+    zero_last_resid_logits,
+)
 from feature_circuits.attribution.registry import (
     IGOptions,
     MethodOptions,
@@ -22,7 +33,7 @@ from feature_circuits.attribution.registry import (
     options_as,
     register,
 )
-from feature_circuits.attribution.results import NodeEffects, SiteState
+from feature_circuits.attribution.results import NodeEffects, SiteState, SparseSiteState, State
 from feature_circuits.dictionaries import splice_patched
 from feature_circuits.model.sites import get_activation, save, set_activation
 from feature_circuits.types import Method
@@ -38,17 +49,20 @@ def ig_node_effects(req: NodeRequest, options: MethodOptions) -> NodeEffects:
     t0 = time.perf_counter()
     loaded, dictionaries, batch, metric = req.loaded, req.dictionaries, req.batch, req.metric
     site_list = req.site_list()
+    if use_sparse(dictionaries, site_list, req.feature_path):
+        return _sparse_ig(req, steps=steps, max_rows=opts.max_rows, t0=t0)
     run = clean_and_patch(loaded, dictionaries, batch, site_list, metric, req.counterfactual)
     clean, patch = run.clean, run.patch
     b = batch.clean.shape[0]
     lm = loaded.lm
     steps_per_chunk = max(1, opts.max_rows // max(b, 1))
-    grads: dict[str, SiteState] = {}
-    deltas: dict[str, SiteState] = {}
+    grads: dict[str, State] = {}
+    deltas: dict[str, State] = {}
     effects: dict[str, Tensor] = {}
     for s in site_list:
         ae = dictionaries[s.name]
         c, p = clean[s.name], patch[s.name]
+        assert isinstance(c, SiteState) and isinstance(p, SiteState)
         gf_sum = torch.zeros_like(c.f)
         gerr_sum = torch.zeros_like(c.err)
         for k0 in range(0, steps, steps_per_chunk):
@@ -69,9 +83,9 @@ def ig_node_effects(req: NodeRequest, options: MethodOptions) -> NodeEffects:
                 gf_sum += gf.view(n, *c.f.shape).sum(0)
             if gerr is not None:
                 gerr_sum += gerr.view(n, *c.err.shape).sum(0)
-        grads[s.name] = SiteState(gf_sum / steps, gerr_sum / steps)
-        deltas[s.name] = p - c
-        effects[s.name] = grads[s.name].node_product(deltas[s.name])
+        g_site, d_site = SiteState(gf_sum / steps, gerr_sum / steps), p - c
+        grads[s.name], deltas[s.name] = g_site, d_site
+        effects[s.name] = g_site.node_product(d_site)
     return NodeEffects(
         method=Method.IG,
         effects=effects,
@@ -80,6 +94,69 @@ def ig_node_effects(req: NodeRequest, options: MethodOptions) -> NodeEffects:
         clean=clean,
         metric_clean=run.metric_clean,
         metric_patch=run.metric_patch,
+        timing_s={"total": time.perf_counter() - t0},
+    )
+
+
+def _sparse_ig(req: NodeRequest, *, steps: int, max_rows: int, t0: float) -> NodeEffects:
+    """:func:`ig_node_effects` on the sparse feature path (same interpolation, same numbers)."""
+    loaded, dictionaries, batch, metric = req.loaded, req.dictionaries, req.batch, req.metric
+    site_list = req.site_list()
+    acts, logits_c = collect_activations(loaded, batch.clean, site_list)
+    if req.counterfactual:
+        acts_p, logits_p = collect_activations(loaded, batch.patch, site_list)
+    else:
+        acts_p, logits_p = {}, zero_last_resid_logits(loaded, batch.clean)
+    with torch.no_grad():
+        metric_clean = metric(logits_c, batch).detach()
+        metric_patch = metric(logits_p, batch).detach()
+    b = batch.clean.shape[0]
+    lm = loaded.lm
+    steps_per_chunk = max(1, max_rows // max(b, 1))
+    clean: dict[str, State] = {}
+    grads: dict[str, State] = {}
+    deltas: dict[str, State] = {}
+    effects: dict[str, Tensor] = {}
+    for s in site_list:
+        ae = dictionaries[s.name]
+        x = acts.pop(s.name)
+        dec = SparseDecoder.of(ae, x)
+        c, p = sparse_site_states(ae, x, acts_p.pop(s.name, None), dec)
+        g_sum = torch.zeros_like(c.err)
+        for k0 in range(0, steps, steps_per_chunk):
+            ks = list(range(k0, min(steps, k0 + steps_per_chunk)))
+            n = len(ks)
+            alpha = torch.tensor([k / steps for k in ks], dtype=c.values.dtype, device=c.values.device)
+            alpha = alpha.view(n, 1, 1, 1)
+            zv = ((1 - alpha) * c.values + alpha * p.values).reshape(n * b, *c.values.shape[1:])
+            zerr = ((1 - alpha) * c.err + alpha * p.err).reshape(n * b, *c.err.shape[1:])
+            with torch.no_grad():
+                base = dec.decode(c.index.repeat(n, 1, 1), zv)
+            zerr = zerr.requires_grad_(True)
+            sub = batch.select(torch.arange(b).repeat(n))
+            with lm.trace(sub.clean.to(loaded.device)):
+                get_activation(lm, s)
+                set_activation(lm, s, base + zerr)
+                logits = save(lm.output.logits)
+            m = metric(logits, sub)
+            (g,) = torch.autograd.grad(m.sum(), [zerr], allow_unused=True)
+            if g is not None:
+                g_sum += g.view(n, *c.err.shape).sum(0)
+        g_out = g_sum / steps  # d m / d(site output) averaged over the steps = the error gradient
+        with torch.no_grad():
+            gv = gather_dot(dec.w, c.index, g_out).to(c.values.dtype) * c.mask
+        gs = SparseSiteState(c.index, c.mask, gv, g_out, c.n_features)
+        d = p - c
+        clean[s.name], grads[s.name], deltas[s.name] = c, gs, d
+        effects[s.name] = gs.node_product(d)
+    return NodeEffects(
+        method=Method.IG,
+        effects=effects,
+        deltas=deltas,
+        grads=grads,
+        clean=clean,
+        metric_clean=metric_clean,
+        metric_patch=metric_patch,
         timing_s={"total": time.perf_counter() - t0},
     )
 

@@ -58,10 +58,15 @@ def _at_least(owner: str, name: str, value: int | None, low: int) -> None:
 @dataclass(frozen=True, kw_only=True)
 class ExactOptions:
     """exact: ``max_nodes`` caps the feature nodes patched per site (the largest |delta| first; the
-    others get NaN), ``chunk_size`` single-node patches share one forward."""
+    others get NaN), ``chunk_size`` single-node patches share one forward; ``resume``: patched
+    forwards start at the patched site from the clean run's state (:mod:`feature_circuits.model.resume`;
+    False, or a model it cannot run: full re-runs); ``progress``: a progress bar (None: when stderr
+    is a terminal)."""
 
     max_nodes: int | None = None
     chunk_size: int = 128
+    resume: bool = True
+    progress: bool | None = None
 
     def __post_init__(self) -> None:
         _at_least("ExactOptions", "max_nodes", self.max_nodes, 1)
@@ -86,10 +91,12 @@ class RelPOptions:
 
 @dataclass(frozen=True, kw_only=True)
 class IGOptions:
-    """ig: ``steps`` integration steps; ``max_rows`` rows (steps x examples) per forward."""
+    """ig: ``steps`` integration steps; ``max_rows`` rows (steps x examples) per forward;
+    ``progress``: a progress bar (None: when stderr is a terminal)."""
 
     steps: int = 10
     max_rows: int = 512
+    progress: bool | None = None
 
     def __post_init__(self) -> None:
         _at_least("IGOptions", "steps", self.steps, 1)
@@ -103,8 +110,9 @@ _O = TypeVar("_O", bound=MethodOptions)
 @dataclass(frozen=True, kw_only=True)
 class NodeRequest:
     """What a method's node pass reads: the model, its dictionaries, one batch, the metric, whether
-    the patch state is the counterfactual input (else every node zero) and which sites (names;
-    ``None``: every site with a dictionary)."""
+    the patch state is the counterfactual input (else every node zero), which sites (names;
+    ``None``: every site with a dictionary) and the feature path (``auto``, ``dense``, ``sparse``:
+    :func:`~feature_circuits.attribution.forward.use_sparse`)."""
 
     loaded: LoadedModel
     dictionaries: Mapping[str, Dictionary]
@@ -112,6 +120,7 @@ class NodeRequest:
     metric: Metric
     counterfactual: bool = True
     sites: tuple[str, ...] | None = None
+    feature_path: str = "auto"
 
     def site_list(self) -> list[Site]:
         """The requested sites that have a dictionary, in forward order."""

@@ -4,6 +4,13 @@
 Node indexing at a site with F features follows :func:`feature_circuits.types.error_index`: flat
 index ``0..F-1`` are features, index ``F`` is the site's error node. Tensors keep the batch (b) and
 position (s) axes; aggregation is done later (:mod:`feature_circuits.circuit.aggregate`).
+
+A site's state is dense (:class:`SiteState`, features (b, s, F)) or sparse
+(:class:`SparseSiteState`, features kept at the K features active in the clean or the patch input
+of each (example, position)): the sparse feature path of
+:mod:`feature_circuits.attribution.forward`. Both expose ``f`` (dense features, materialised on
+demand for a sparse state), ``err``, ``shape`` and ``node_product``; :meth:`NodeEffects.dense`
+turns a sparse result into a dense one for readers that want plain tensors.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from torch import Tensor
 
 from feature_circuits.types import Method
 
+__all__ = ["EdgeEffects", "NodeEffects", "SiteState", "SparseSiteState", "State", "dense_effects"]
+
 
 @dataclass(frozen=True)
 class SiteState:
@@ -23,22 +32,122 @@ class SiteState:
     f: Tensor
     err: Tensor
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(b, s, F) of the features."""
+        b, s, n = self.f.shape
+        return int(b), int(s), int(n)
+
+    @property
+    def n_features(self) -> int:
+        return int(self.f.shape[-1])
+
     def __sub__(self, other: SiteState) -> SiteState:
         return SiteState(self.f - other.f, self.err - other.err)
 
     def detach(self) -> SiteState:
         return SiteState(self.f.detach(), self.err.detach())
 
+    def dense(self) -> SiteState:
+        return self
+
     def node_product(self, other: SiteState) -> Tensor:
         """(b, s, F+1): elementwise product for features, dot product over d for the error node."""
         return torch.cat([self.f * other.f, (self.err * other.err).sum(-1, keepdim=True)], dim=-1)
+
+
+@dataclass(frozen=True)
+class SparseSiteState:
+    """A site's state with sparse features: row (example ``e``, position ``p``) holds ``K`` slots,
+    slot ``k`` is feature ``index[e, p, k]`` with value ``values[e, p, k]``; ``mask[e, p, k]`` is
+    False for padding slots (value 0). ``err`` (b, s, d) is dense, ``n_features`` is F.
+
+    Every state of one site in one batch (clean, patch, delta, gradient) shares one ``index``: the
+    features active in the clean or the patch input of that row, so arithmetic is slot by slot.
+    """
+
+    index: Tensor
+    mask: Tensor
+    values: Tensor
+    err: Tensor
+    n_features: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(b, s, F) of the (dense) features."""
+        b, s, _ = self.index.shape
+        return int(b), int(s), int(self.n_features)
+
+    @property
+    def f(self) -> Tensor:
+        """The dense (b, s, F) features (materialised: O(b s F) memory; for readers only)."""
+        b, s, n = self.shape
+        out = torch.zeros(b, s, n, dtype=self.values.dtype, device=self.values.device)
+        return out.scatter_add_(-1, self.index, self.values * self.mask)
+
+    def _check_same_index(self, other: SparseSiteState) -> None:
+        if other.index is not self.index and not torch.equal(other.index, self.index):
+            raise ValueError("sparse site states of one site must share one feature index")
+
+    def __sub__(self, other: SparseSiteState) -> SparseSiteState:
+        self._check_same_index(other)
+        return SparseSiteState(
+            self.index, self.mask, self.values - other.values, self.err - other.err, self.n_features
+        )
+
+    def detach(self) -> SparseSiteState:
+        return SparseSiteState(
+            self.index, self.mask, self.values.detach(), self.err.detach(), self.n_features
+        )
+
+    def dense(self) -> SiteState:
+        return SiteState(self.f, self.err)
+
+    def values_at(self, e: Tensor, p: Tensor, j: Tensor) -> Tensor:
+        """Feature values at nodes (e[i], p[i], j[i]) (0 where feature j is not a slot of the row)."""
+        if self.index.shape[-1] == 0:
+            return torch.zeros(e.shape[0], dtype=self.values.dtype, device=self.values.device)
+        hit = (self.index[e, p] == j.unsqueeze(1)) & self.mask[e, p]  # (n, K)
+        return (self.values[e, p] * hit).sum(-1)
+
+    def node_product(self, other: SparseSiteState) -> Tensor:
+        """Sparse COO (b, s, F+1), coalesced: slotwise product for features (every unmasked slot is
+        an entry), dot product over d for the error node (index F, one entry per row)."""
+        self._check_same_index(other)
+        b, s, n = self.shape
+        feat = self.values * other.values
+        err = (self.err * other.err).sum(-1)
+        e, p, k = self.mask.nonzero().unbind(1)
+        ee, pe = torch.meshgrid(
+            torch.arange(b, device=err.device), torch.arange(s, device=err.device), indexing="ij"
+        )
+        idx = torch.cat(
+            [
+                torch.stack([e, p, self.index[e, p, k]]),
+                torch.stack([ee.reshape(-1), pe.reshape(-1), torch.full_like(ee.reshape(-1), n)]),
+            ],
+            1,
+        )
+        vals = torch.cat([feat[e, p, k], err.reshape(-1)])
+        return torch.sparse_coo_tensor(idx, vals, (b, s, n + 1), check_invariants=False).coalesce()
+
+
+#: A site's state on either feature path.
+State = SiteState | SparseSiteState
+
+
+def dense_effects(t: Tensor) -> Tensor:
+    """A node-effect tensor (b, s, F+1) as a dense tensor (sparse COO input is densified)."""
+    return t.to_dense() if t.is_sparse else t
 
 
 @dataclass(kw_only=True)
 class NodeEffects:
     """Per-site node effects of one batch.
 
-    ``effects[site]``: (b, s, F+1) indirect effect estimates (error node last).
+    ``effects[site]``: (b, s, F+1) indirect effect estimates (error node last): dense, or a
+    coalesced sparse COO tensor on the sparse feature path (entries: the features active in the
+    clean or the patch input of each row, and every error node).
     ``deltas[site]``: patch minus clean state (for no-counterfactual mode: minus clean).
     ``grads[site]``: dm/d(state) at clean (atp), IG-averaged (ig), LRP propagation coefficient (relp);
     None for exact.
@@ -49,9 +158,9 @@ class NodeEffects:
 
     method: Method
     effects: dict[str, Tensor]
-    deltas: dict[str, SiteState]
-    grads: dict[str, SiteState] | None
-    clean: dict[str, SiteState]
+    deltas: dict[str, State]
+    grads: dict[str, State] | None
+    clean: dict[str, State]
     metric_clean: Tensor
     metric_patch: Tensor
     timing_s: dict[str, float] = field(default_factory=dict)
@@ -60,6 +169,28 @@ class NodeEffects:
     def total_effect(self) -> Tensor:
         return self.metric_patch - self.metric_clean
 
+    @property
+    def is_sparse(self) -> bool:
+        """True when any site is on the sparse feature path."""
+        return any(t.is_sparse for t in self.effects.values()) or any(
+            isinstance(v, SparseSiteState) for v in self.clean.values()
+        )
+
+    def dense(self) -> NodeEffects:
+        """The same result with every tensor dense (itself when it is dense already)."""
+        if not self.is_sparse:
+            return self
+        return NodeEffects(
+            method=self.method,
+            effects={k: dense_effects(v) for k, v in self.effects.items()},
+            deltas={k: v.dense() for k, v in self.deltas.items()},
+            grads=None if self.grads is None else {k: v.dense() for k, v in self.grads.items()},
+            clean={k: v.dense() for k, v in self.clean.items()},
+            metric_clean=self.metric_clean,
+            metric_patch=self.metric_patch,
+            timing_s=dict(self.timing_s),
+        )
+
 
 @dataclass(kw_only=True)
 class EdgeEffects:
@@ -67,8 +198,8 @@ class EdgeEffects:
 
     ``edges[(up, down)]``: a sparse COO tensor of shape (b, s_down, F_down+1, s_up, F_up+1): the
     effect of upstream node (s_up, k) on downstream node (s_down, j) in each example, for the
-    downstream nodes selected by the node threshold. ``edges[(last_resid, LOGIT_ID)]``: dense
-    (b, s, F+1), the node effect of the last residual site.
+    downstream nodes selected by the node threshold. ``edges[(last_resid, LOGIT_ID)]``: (b, s, F+1),
+    the node effect of the last residual site (dense, or sparse COO on the sparse feature path).
     """
 
     method: Method

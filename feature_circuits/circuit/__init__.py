@@ -3,7 +3,8 @@
 * :mod:`~feature_circuits.circuit.schema` -- ``circuit.json`` as pydantic models (:class:`Node`,
   :class:`Edge`, :class:`Circuit`), read and written by :func:`load_circuit` / :func:`save_circuit`;
   the JSON Schema is generated from them;
-* :mod:`~feature_circuits.circuit.aggregate` -- :func:`aggregate_nodes`, :func:`aggregate_edges`;
+* :mod:`~feature_circuits.circuit.aggregate` -- :func:`aggregate_nodes`, :func:`aggregate_edges` and
+  their streaming form :class:`NodeAccumulator`, :class:`EdgeAccumulator`;
 * :mod:`~feature_circuits.circuit.build` -- :func:`build_circuit` (thresholds, the logit sink);
 * :mod:`~feature_circuits.circuit.effects` -- the dense effects file (:data:`EFFECTS_FILE`);
 * :mod:`~feature_circuits.circuit.export` -- networkx and GraphML.
@@ -18,7 +19,13 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from feature_circuits.circuit.aggregate import AggregatedNodes, aggregate_edges, aggregate_nodes
+    from feature_circuits.circuit.aggregate import (
+        AggregatedNodes,
+        EdgeAccumulator,
+        NodeAccumulator,
+        aggregate_edges,
+        aggregate_nodes,
+    )
     from feature_circuits.circuit.build import build_circuit
     from feature_circuits.circuit.effects import EFFECTS_FILE, load_effects, save_effects
     from feature_circuits.circuit.export import export_graphml, to_networkx
@@ -39,6 +46,8 @@ if TYPE_CHECKING:
 #: Public name -> the module that defines it.
 _SOURCE = {
     "AggregatedNodes": "feature_circuits.circuit.aggregate",
+    "EdgeAccumulator": "feature_circuits.circuit.aggregate",
+    "NodeAccumulator": "feature_circuits.circuit.aggregate",
     "aggregate_edges": "feature_circuits.circuit.aggregate",
     "aggregate_nodes": "feature_circuits.circuit.aggregate",
     "build_circuit": "feature_circuits.circuit.build",
@@ -69,7 +78,9 @@ __all__ = [
     "Circuit",
     "CircuitError",
     "Edge",
+    "EdgeAccumulator",
     "Node",
+    "NodeAccumulator",
     "aggregate_edges",
     "aggregate_nodes",
     "build_circuit",

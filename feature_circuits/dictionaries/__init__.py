@@ -5,10 +5,16 @@ the error node").
   ``dict_size``, ``activation_dim``): every signature takes dictionaries as it;
 * :mod:`.splice`: the splice primitive (features, error node, gradient leaves, patched output);
 * :mod:`.identity`: identity dictionaries (the neuron baseline);
-* :mod:`.marks`: the Marks et al. / dictionary_learning layout, loading a set by name or root;
+* :mod:`.marks`: the Marks et al. / dictionary_learning layout, and :func:`load_dictionaries`, the
+  one dispatcher of every ``--saes`` value (``embedded``, ``marks``, ``neurons``, a Marks-layout
+  directory, ``saelens:RELEASE[/SAE_ID],...``, a sae_lens directory or a directory of them);
+* :mod:`.saelens`: SAELens SAEs through ``sae_lens`` itself (every architecture the splice can use
+  exactly), :mod:`.registry`: sae_lens's release registry read offline (release -> model, hooks,
+  sites, Neuronpedia ids);
 * :mod:`.download`: fetching the Marks et al. Pythia-70M release.
 
-The names of :mod:`.marks` are imported on first use (it imports ``dictionary_learning``).
+The names of :mod:`.marks` and :mod:`.saelens` are imported on first use (they import
+``dictionary_learning`` and ``sae_lens``).
 """
 
 from __future__ import annotations
@@ -25,11 +31,14 @@ if TYPE_CHECKING:
         KNOWN_SAES,
         MarksAutoEncoder,
         SAESource,
+        dictionary_infos,
+        is_saelens_source,
         load_autoencoder,
         load_dictionaries,
         resolve_sae_source,
         save_autoencoder,
     )
+    from feature_circuits.dictionaries.saelens import SAELensDictionary, load_saelens
 
 _LAZY = {
     name: "feature_circuits.dictionaries.marks"
@@ -37,23 +46,30 @@ _LAZY = {
         "KNOWN_SAES",
         "MarksAutoEncoder",
         "SAESource",
+        "dictionary_infos",
+        "is_saelens_source",
         "load_autoencoder",
         "load_dictionaries",
         "resolve_sae_source",
         "save_autoencoder",
     )
 }
+_LAZY.update({name: "feature_circuits.dictionaries.saelens" for name in ("SAELensDictionary", "load_saelens")})
 
 __all__ = [
     "KNOWN_SAES",
     "Dictionary",
     "IdentityDictionary",
     "MarksAutoEncoder",
+    "SAELensDictionary",
     "SAESource",
     "decoder_directions_by_vjp",
+    "dictionary_infos",
     "encode_with_error",
+    "is_saelens_source",
     "load_autoencoder",
     "load_dictionaries",
+    "load_saelens",
     "resolve_sae_source",
     "save_autoencoder",
     "splice_patched",

@@ -7,6 +7,13 @@ Checkpoints are loaded safely: safetensors, or ``torch.load(weights_only=True)``
 
 The autoencoder is ``f = ReLU(W_enc (x - b_dec) + b_enc)``, ``decode(f) = W_dec f + b_dec``, so
 its decoder directions are the columns of ``W_dec`` (:meth:`MarksAutoEncoder.decoder_directions`).
+
+:func:`load_dictionaries` is the one dispatcher of ``--saes``: ``embedded``, ``marks``, a Marks-layout
+directory (this module), ``neurons`` (identity dictionaries), and SAELens SAEs
+(:mod:`feature_circuits.dictionaries.saelens`): ``saelens:RELEASE[/SAE_ID],...``, one directory in
+sae_lens's format (``cfg.json`` + ``sae_weights.safetensors``) or a directory of them. Every
+dictionary it returns carries a :class:`~feature_circuits.circuit.schema.DictionaryInfo` (``.info``:
+what circuit.json records per site, :func:`dictionary_infos`).
 """
 
 from __future__ import annotations
@@ -14,23 +21,30 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from dictionary_learning import AutoEncoder
 from torch import Tensor
 
 from feature_circuits import toy
+from feature_circuits.circuit.schema import DictionaryInfo
 from feature_circuits.dictionaries.base import Dictionary
 from feature_circuits.dictionaries.download import DEFAULT_DICT_ID, DEFAULT_MODEL_DIR, marks_sae_root
 from feature_circuits.dictionaries.identity import IdentityDictionary
 from feature_circuits.errors import DictionaryError
-from feature_circuits.types import Site
+from feature_circuits.types import Site, SiteKind
+
+if TYPE_CHECKING:
+    from feature_circuits.model.loading import LoadedModel
 
 __all__ = [
     "KNOWN_SAES",
     "MarksAutoEncoder",
     "SAESource",
+    "dictionary_infos",
     "find_checkpoint",
+    "is_saelens_source",
     "load_autoencoder",
     "load_dictionaries",
     "resolve_sae_source",
@@ -189,28 +203,87 @@ def resolve_sae_source(saes: str | Path | SAESource | None, model_dir: str | Non
     return SAESource(root=root, model_dir=model_dir)
 
 
+#: Neuronpedia's name of each site kind in the Marks et al. Pythia-70M release (P70D-SM); the
+#: embedding has no layer-indexed page there.
+_NEURONPEDIA_KIND = {SiteKind.RESID: "res", SiteKind.ATTN: "att", SiteKind.MLP: "mlp"}
+
+
+def _marks_neuronpedia(site: Site) -> str | None:
+    kind = _NEURONPEDIA_KIND.get(site.kind)
+    return None if kind is None else f"pythia-70m-deduped/{site.layer}-{kind}-sm"
+
+
+def is_saelens_source(saes: str | Path | SAESource | None) -> bool:
+    """Whether ``saes`` names SAELens SAEs: ``saelens:...``, a directory in sae_lens's format, or a
+    directory of such directories."""
+    if saes is None or isinstance(saes, SAESource):
+        return False
+    from feature_circuits.dictionaries.registry import is_saelens_spec
+
+    name = str(saes)
+    if is_saelens_spec(name):
+        return True
+    if name in KNOWN_SAES or name == "neurons":
+        return False
+    from feature_circuits.dictionaries.saelens import saelens_dirs
+
+    return bool(saelens_dirs(Path(name)))
+
+
 def load_dictionaries(
     sites: Iterable[Site],
     saes: str | Path | SAESource | None = None,
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    model: LoadedModel | None = None,
 ) -> dict[str, Dictionary]:
-    """One dictionary per site name. ``saes="neurons"`` gives identity dictionaries."""
+    """One dictionary per site name, from any ``--saes`` value: ``embedded`` (default), ``marks``, a
+    Marks-layout directory, ``neurons`` (identity dictionaries), or SAELens SAEs
+    (``saelens:RELEASE[/SAE_ID],...``, a sae_lens directory or a directory of them; these need
+    ``model``, and cover only the sites they were trained on). Each dictionary has ``.info``
+    (:class:`~feature_circuits.circuit.schema.DictionaryInfo`)."""
+    if is_saelens_source(saes):
+        if model is None:
+            raise DictionaryError(f"--saes {saes}: SAELens SAEs are resolved against the model; pass model=")
+        from feature_circuits.dictionaries.saelens import load_saelens
+
+        return dict(load_saelens(str(saes), model, device=device, dtype=dtype))
     source = resolve_sae_source(saes)
     if source is not None and source.missing_hint and not (source.root / source.model_dir).is_dir():
         raise DictionaryError(
             f"the dictionaries are not under {source.root / source.model_dir}: {source.missing_hint}"
         )
+    real_marks = str(saes) == "marks" and (model is None or "pythia-70m" in model.name.lower())
     out: dict[str, Dictionary] = {}
     for site in sites:
         if source is None:
-            out[site.name] = IdentityDictionary(site.d_model).to(device=device, dtype=dtype)
+            ident = IdentityDictionary(site.d_model).to(device=device, dtype=dtype)
+            ident.info = DictionaryInfo(kind="identity", source="neurons", n_features=site.d_model)
+            out[site.name] = ident
             continue
         ckpt = find_checkpoint(source.root / source.model_dir / site.marks_dir, source.dict_id, site.name)
-        out[site.name] = load_autoencoder(
-            ckpt, d_model=site.d_model, site=site.name, device=device, dtype=dtype
+        ae = load_autoencoder(ckpt, d_model=site.d_model, site=site.name, device=device, dtype=dtype)
+        ae.info = DictionaryInfo(
+            kind="marks",
+            source=str(ckpt.parent),
+            n_features=int(ae.dict_size),
+            architecture="standard",
+            neuronpedia=_marks_neuronpedia(site) if real_marks else None,
         )
+        out[site.name] = ae
+    return out
+
+
+def dictionary_infos(dictionaries: Mapping[str, Dictionary]) -> dict[str, DictionaryInfo]:
+    """What circuit.json records per site (``Circuit.dictionaries``): each dictionary's ``.info``, or
+    a description from its type and size for a dictionary that has none."""
+    out: dict[str, DictionaryInfo] = {}
+    for name, ae in dictionaries.items():
+        info = getattr(ae, "info", None)
+        if not isinstance(info, DictionaryInfo):
+            info = DictionaryInfo(kind=type(ae).__name__, source="?", n_features=int(ae.dict_size))
+        out[name] = info
     return out
 
 

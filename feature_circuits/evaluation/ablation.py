@@ -1,4 +1,4 @@
-"""Mean ablation: the node means, and clean forwards with every node outside a keep mask ablated.
+"""Ablation: the node means, and clean forwards with every node outside a keep mask ablated.
 
 Definitions (docs/algorithms.md, "Evaluation"):
 
@@ -13,7 +13,16 @@ Definitions (docs/algorithms.md, "Evaluation"):
   becomes ``decode(f) + err``. An ablated error node replaces that position's whole error vector.
   Sites where every node is kept are not touched, so keeping everything is the plain forward.
 * **Metric.** The value of an ablated forward is the metric (:mod:`feature_circuits.metrics`,
-  default ``logit_diff``) averaged over the examples.
+  default ``logit_diff``) averaged over the examples; :func:`ablated_metric_values` keeps the
+  value of every example as well (for bootstrap intervals).
+* **Ablation kinds** (:class:`AblationKind`, docs/algorithms.md, "Integrated scores"): what an
+  ablated node takes instead of its value. ``mean``: its mean (above; the standard). ``zero``: 0
+  (a feature set to 0; an error node's whole vector set to 0). ``patch``: its value in the plain
+  forward on the example's own patch input (the counterfactual). ``resample``: its value in the
+  plain forward on the clean input of another example of the same token length (a seeded random
+  cyclic permutation: no example is its own source when its length has two or more examples;
+  :func:`resample_inputs`). ``patch`` and ``resample`` are :class:`FromInputs` values: one plain
+  forward per batch on the source tokens, encoded at every site, replaces the means.
 
 Several mask configurations can share one forward (``stack``): the batch is repeated along the
 batch axis, configuration-major.
@@ -21,10 +30,12 @@ batch axis, configuration-major.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -41,13 +52,21 @@ if TYPE_CHECKING:
     from feature_circuits.model import LoadedModel
 
 __all__ = [
+    "ABLATIONS",
+    "AblatedValues",
+    "AblationKind",
+    "FromInputs",
     "MaskConfig",
     "Progress",
     "SiteMean",
     "ablated_metric",
+    "ablated_metric_values",
     "ablated_metrics",
     "compute_means",
+    "parse_ablation",
     "positions_aligned",
+    "resample_inputs",
+    "zero_values",
 ]
 
 #: Keep masks of every site (``None``: the site is not touched).
@@ -65,6 +84,75 @@ class SiteMean(NamedTuple):
 
     f: Tensor
     err: Tensor
+
+
+class AblationKind(str, enum.Enum):
+    """What an ablated node takes instead of its value (docs/algorithms.md, "Integrated scores")."""
+
+    MEAN = "mean"
+    ZERO = "zero"
+    PATCH = "patch"
+    RESAMPLE = "resample"
+
+
+#: Every ablation kind with what an ablated node takes.
+ABLATIONS: dict[AblationKind, str] = {
+    AblationKind.MEAN: "its mean over the patch inputs (per position when aligned; the standard)",
+    AblationKind.ZERO: "zero",
+    AblationKind.PATCH: "its value on the example's own patch input (counterfactual)",
+    AblationKind.RESAMPLE: "its value on another example's clean input (seeded)",
+}
+
+
+def parse_ablation(name: AblationKind | str) -> AblationKind:
+    """The ablation kind called ``name``; :class:`EvaluationError` naming the choices otherwise."""
+    try:
+        return AblationKind(name)
+    except ValueError:
+        choices = ", ".join(k.value for k in AblationKind)
+        raise EvaluationError(f"unknown ablation {name!r}; choose from {choices}") from None
+
+
+@dataclass(frozen=True)
+class FromInputs:
+    """Ablated nodes take their value in the plain forward on other tokens: per batch (in order) the
+    ``(b, s)`` token ids of the same shape as the batch (``patch``: its patch input; ``resample``:
+    :func:`resample_inputs`)."""
+
+    inputs: tuple[Tensor, ...]
+    kind: AblationKind = AblationKind.PATCH
+
+
+#: Per site what ablated nodes take: ``(f, err)`` broadcastable against ``(k, b, s, ·)`` (means
+#: ``(P, ·)``, zeros ``()``), or per-batch source tokens.
+Values = Mapping[str, tuple[Tensor, Tensor]] | FromInputs
+
+
+def zero_values(sites: Sequence[Site], device: torch.device | str, dtype: torch.dtype) -> dict[str, SiteMean]:
+    """Zero ablation: every ablated feature and error vector becomes 0 (scalars broadcast)."""
+    z = torch.zeros((), device=device, dtype=dtype)
+    return {s.name: SiteMean(z, z) for s in sites}
+
+
+def resample_inputs(batches: Sequence[Batch], seed: int) -> FromInputs:
+    """Resample ablation sources: the examples of each token length are put in a random order (a
+    ``numpy`` generator seeded with ``seed``) and each takes the clean input of the next one in that
+    order (cyclically), so no example is its own source unless it is alone at its length."""
+    rng = np.random.default_rng(seed)
+    rows: dict[int, list[tuple[int, int]]] = {}
+    for bi, b in enumerate(batches):
+        rows.setdefault(b.seq_len, []).extend((bi, r) for r in range(len(b)))
+    source: dict[tuple[int, int], tuple[int, int]] = {}
+    for length in sorted(rows):
+        members = rows[length]
+        order = rng.permutation(len(members))
+        for i, j in enumerate(order):
+            source[members[int(j)]] = members[int(order[(i + 1) % len(order)])]
+    inputs = []
+    for bi, b in enumerate(batches):
+        picks = [source[(bi, r)] for r in range(len(b))]
+        inputs.append(torch.stack([batches[sb].clean[sr] for sb, sr in picks]))
+    return FromInputs(tuple(inputs), AblationKind.RESAMPLE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,14 +229,15 @@ def ablated_metric(
     loaded: LoadedModel,
     dictionaries: Mapping[str, Dictionary],
     batches: Sequence[Batch],
-    means: Mapping[str, tuple[Tensor, Tensor]],
+    means: Values,
     masks: MaskConfig,
     *,
     metric: Metric = logit_diff,
     progress: Progress | None = None,
 ) -> float:
     """The metric averaged over examples, in clean forwards where every node outside ``masks`` is
-    replaced by its mean (ablations compose in forward order)."""
+    replaced by its mean (or what ``means`` gives: zeros, :class:`FromInputs`); ablations compose
+    in forward order."""
     return ablated_metrics(
         loaded, dictionaries, batches, means, [masks], metric=metric, stack=1, progress=progress
     )[0]
@@ -173,12 +262,20 @@ def _stack_masks(
     return stacked
 
 
+class AblatedValues(NamedTuple):
+    """The metric of each mask configuration averaged over the examples (``mean``) and per example
+    (``per_example``, ``(configs, examples)`` float64, examples in batch order)."""
+
+    mean: list[float]
+    per_example: np.ndarray
+
+
 @torch.no_grad()
 def ablated_metrics(
     loaded: LoadedModel,
     dictionaries: Mapping[str, Dictionary],
     batches: Sequence[Batch],
-    means: Mapping[str, tuple[Tensor, Tensor]],
+    means: Values,
     configs: Sequence[MaskConfig],
     *,
     metric: Metric = logit_diff,
@@ -187,19 +284,69 @@ def ablated_metrics(
 ) -> list[float]:
     """:func:`ablated_metric` for several mask configurations; ``stack`` configurations share one
     forward (the batch is repeated along the batch axis, configuration-major)."""
+    return ablated_metric_values(
+        loaded, dictionaries, batches, means, configs, metric=metric, stack=stack, progress=progress
+    ).mean
+
+
+def _source_values(
+    loaded: LoadedModel,
+    dictionaries: Mapping[str, Dictionary],
+    tokens: Tensor,
+    sites: Sequence[Site],
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Features ``(b, s, F)`` and error ``(b, s, d)`` of every site in the plain forward on ``tokens``."""
+    acts: dict[str, Tensor] = {}
+    with loaded.lm.trace(tokens.to(loaded.device)):
+        for site in sites:
+            acts[site.name] = save(get_activation(loaded.lm, site))
+    return {name: encode_with_error(dictionaries[name], x) for name, x in acts.items()}
+
+
+@torch.no_grad()
+def ablated_metric_values(
+    loaded: LoadedModel,
+    dictionaries: Mapping[str, Dictionary],
+    batches: Sequence[Batch],
+    means: Values,
+    configs: Sequence[MaskConfig],
+    *,
+    metric: Metric = logit_diff,
+    stack: int = 1,
+    progress: Progress | None = None,
+) -> AblatedValues:
+    """:func:`ablated_metrics` with every example's value kept. ``means``: per site what an ablated
+    node takes (means ``(P, F)`` / ``(P, d)``, zeros, ...), or :class:`FromInputs` (one plain forward
+    per batch on its source tokens, whose features and errors replace the ablated nodes)."""
     lm = loaded.lm
     sites = list(loaded.sites)
     dev = loaded.device
     totals = [0.0] * len(configs)
     n_examples = sum(len(b) for b in batches)
+    per_example = np.zeros((len(configs), n_examples), dtype=np.float64)
     stack = max(1, int(stack))
-    for g0 in range(0, len(configs), stack):
-        group = configs[g0 : g0 + stack]
-        k = len(group)
-        stacked = _stack_masks(group, sites, dev)
-        for batch in batches:
-            clean = batch.clean.to(dev)
-            b = clean.shape[0]
+    if isinstance(means, FromInputs) and len(means.inputs) != len(batches):
+        raise EvaluationError(f"{len(means.inputs)} source inputs for {len(batches)} batches")
+    groups = [(g0, configs[g0 : g0 + stack]) for g0 in range(0, len(configs), stack)]
+    stacked_of = [_stack_masks(group, sites, dev) for _, group in groups]
+    ablated_sites = [s for s in sites if any(st[s.name] is not None for st in stacked_of)]
+    offset = 0
+    for bi, batch in enumerate(batches):
+        clean = batch.clean.to(dev)
+        b = clean.shape[0]
+        if isinstance(means, FromInputs):
+            src = means.inputs[bi]
+            if tuple(src.shape) != tuple(clean.shape):
+                raise EvaluationError(
+                    f"batch {bi}: source tokens {tuple(src.shape)}, the batch is {tuple(clean.shape)}"
+                )
+            values: Mapping[str, tuple[Tensor, Tensor]] = _source_values(
+                loaded, dictionaries, src, ablated_sites
+            )
+        else:
+            values = means
+        for (g0, group), stacked in zip(groups, stacked_of, strict=True):
+            k = len(group)
             ids = clean.repeat(k, 1) if k > 1 else clean
             saved: dict[str, Tensor] = {}
             with lm.trace(ids):
@@ -208,7 +355,7 @@ def ablated_metrics(
                     if mask is None:
                         continue
                     keep_f, keep_err = mask
-                    mean_f, mean_err = means[site.name]
+                    mean_f, mean_err = values[site.name]
                     ae = dictionaries[site.name]
                     x = get_activation(lm, site)
                     f, err = encode_with_error(ae, x)
@@ -220,9 +367,12 @@ def ablated_metrics(
                 clean_answer=batch.clean_answer.to(dev).repeat(k),
                 patch_answer=batch.patch_answer.to(dev).repeat(k),
             )
-            m = metric(saved["logits"], answers).double().view(k, b).sum(1)
+            rows = metric(saved["logits"], answers).double().view(k, b)
+            m = rows.sum(1)
+            per_example[g0 : g0 + k, offset : offset + b] = rows.cpu().numpy()
             for j in range(k):
                 totals[g0 + j] += float(m[j])
             if progress is not None:
                 progress.update(k)
-    return [t / n_examples for t in totals]
+        offset += b
+    return AblatedValues([t / n_examples for t in totals], per_example)

@@ -1,4 +1,4 @@
-"""The threshold sweep of a circuit: faithfulness and completeness by mean ablation, plan -> run -> score.
+"""The threshold sweep of a circuit: faithfulness and completeness by ablation, plan -> run -> score.
 
 Definitions (docs/algorithms.md, "Evaluation"):
 
@@ -32,6 +32,14 @@ Definitions (docs/algorithms.md, "Evaluation"):
   per forward.
 * **Score.** Per variant the curves of node counts (outside the free layers), faithfulness and
   completeness, with the raw metric values (:class:`VariantCurve`).
+* **Integrated scores** (:mod:`.scores`, docs/algorithms.md, "Integrated scores"). Per variant the
+  faithfulness of the top-``k`` circuits on a fixed grid of sizes and its scores (``auc``, ``cpr``,
+  ``cmd``); the random baseline of the standard variant (same node count per site, seeded draws);
+  bootstrap intervals over examples from the per-example metric values of the forwards already
+  run. Their mask configurations run after (and never in one forward with) the sweep's, so the
+  sweep's numbers do not depend on them.
+* **Ablation kind** (:class:`~.ablation.AblationKind`): ``mean`` (the standard), ``zero``, ``patch``
+  or ``resample``.
 
 The neuron baseline is a circuit discovered with identity dictionaries (``saes="neurons"``), whose
 error is identically zero: ablating it is a no-op, so its error nodes count as kept.
@@ -56,10 +64,16 @@ from feature_circuits.data import Batch, Pair, make_batches
 from feature_circuits.dictionaries import IdentityDictionary
 from feature_circuits.errors import EvaluationError
 from feature_circuits.evaluation.ablation import (
+    AblationKind,
+    FromInputs,
     MaskConfig,
-    ablated_metrics,
+    Values,
+    ablated_metric_values,
     compute_means,
+    parse_ablation,
     positions_aligned,
+    resample_inputs,
+    zero_values,
 )
 from feature_circuits.evaluation.masks import (
     STANDARD_VARIANT,
@@ -71,6 +85,20 @@ from feature_circuits.evaluation.masks import (
     node_count,
     parse_variant,
     select,
+)
+from feature_circuits.evaluation.scores import (
+    AUC_SIZES,
+    MIB_FRACTIONS,
+    Baseline,
+    Grid,
+    Intervals,
+    Scores,
+    bootstrap_counts,
+    percentile_interval,
+    random_selection,
+    ranked_selections,
+    resampled_means,
+    site_counts,
 )
 from feature_circuits.metrics import MetricName, get_metric
 from feature_circuits.types import Aggregation, Method, Site, error_index
@@ -459,6 +487,12 @@ class VariantCurve:
     m_empty: float
     #: the circuit as stored (None for bare aggregated effects); not part of the curve's equality
     stored: CircuitPoint | None = field(default=None, compare=False)
+    #: faithfulness of the top-k circuit at every size of :attr:`EvalResult.grid` (``Grid.sizes``)
+    grid_faithfulness: tuple[float, ...] = field(default=(), compare=False)
+    #: the integrated scores of :attr:`grid_faithfulness` (None without a grid)
+    scores: Scores | None = field(default=None, compare=False)
+    #: bootstrap intervals over examples (None when not computed)
+    intervals: Intervals | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         lengths = {len(self.n_nodes), len(self.faithfulness), len(self.completeness)}
@@ -486,6 +520,10 @@ class EvalResult:
     means_per_position: bool
     meta: Mapping[str, str] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()  # e.g. the effects file disagrees with the stored nodes
+    ablation: AblationKind = AblationKind.MEAN
+    seed: int = 0  # of the resample ablation, the bootstrap and the random baseline
+    grid: Grid | None = None  # the sizes of the integrated scores (None: not computed)
+    baseline: Baseline | None = None  # the random-circuit baseline of the standard variant
 
     def __post_init__(self) -> None:
         if not self.variants:
@@ -516,6 +554,16 @@ class EvalResult:
     @property
     def completeness(self) -> tuple[float, ...]:
         return self.standard.completeness
+
+    @property
+    def scores(self) -> Scores | None:
+        """The standard variant's integrated scores."""
+        return self.standard.scores
+
+    @property
+    def intervals(self) -> Intervals | None:
+        """The standard variant's bootstrap intervals."""
+        return self.standard.intervals
 
     def with_meta(self, **items: str) -> EvalResult:
         """The same result with ``items`` added to :attr:`meta` (e.g. the evaluation dataset)."""
@@ -636,6 +684,12 @@ def evaluate_circuit(
     stack: int | None = None,
     max_rows: int = 128,
     progress: bool = False,
+    ablation: AblationKind | str = AblationKind.MEAN,
+    seed: int = 0,
+    bootstrap: int = 200,
+    baseline_draws: int = 5,
+    auc_sizes: Sequence[int] = AUC_SIZES,
+    fractions: Sequence[float] = MIB_FRACTIONS,
 ) -> EvalResult:
     """Sweep node thresholds over ``circuit`` and measure faithfulness and completeness by mean
     ablation on ``data`` (pairs, batched by ``batch_size``, or batches), for each variant.
@@ -644,10 +698,24 @@ def evaluate_circuit(
     the sweep reaches below the discovery threshold. ``metric``: default the circuit's own.
     ``thresholds``: default :func:`default_thresholds`. ``free_layers``: default
     :func:`~.masks.default_free_layers`. ``means``: over the patch inputs of ``data``, computed the
-    same way (per position when the examples are aligned); computed here when not given. ``stack``
-    mask configurations share a forward (default: as many as fit in ``max_rows`` rows).
+    same way (per position when the examples are aligned); computed here when not given (mean
+    ablation only). ``stack`` mask configurations share a forward (default: as many as fit in
+    ``max_rows`` rows).
+
+    ``ablation``: what an ablated node takes (:class:`~.ablation.AblationKind`). The integrated
+    scores are read on the grid ``auc_sizes`` / ``fractions`` (:class:`~.scores.Grid`); ``bootstrap``
+    resamples of the examples give their intervals (0: none) and ``baseline_draws`` random circuits
+    per grid size the baseline (0: none); ``seed`` seeds the resample ablation, the bootstrap and
+    the baseline.
     """
     src = sweep_source(circuit, effects)
+    kind = parse_ablation(ablation)
+    if means is not None and kind is not AblationKind.MEAN:
+        raise EvaluationError(f"means= is for mean ablation, not {kind.value!r}")
+    if bootstrap < 0 or baseline_draws < 0:
+        raise EvaluationError(
+            f"bootstrap and baseline_draws must be >= 0, got {bootstrap} and {baseline_draws}"
+        )
     variant_list = [parse_variant(v) for v in variants]
     if not variant_list:
         raise EvaluationError("no variants; choose from " + ", ".join(v.value for v in Variant))
@@ -677,14 +745,42 @@ def evaluate_circuit(
         if got != {want}:
             raise EvaluationError(f"means over {sorted(got)} position(s) given; these examples need {want}")
 
+    n_total = sum((sizes[s.name] + 1) * n_positions for s in sites if not is_free(s, free))
     plan = _plan(dense, thr, variant_list, sites, dictionaries, free, stored)
-    value_of = _run(
-        loaded, dictionaries, batches, plan, means, metric_name, aligned, stack, max_rows, progress
+    ranked_only = None if src.all_nodes or stored is None else stored
+    n_ranked = n_total if ranked_only is None else node_count(ranked_only, sites, free)
+    grid = Grid(n_total=n_total, n_ranked=n_ranked, auc_sizes=tuple(auc_sizes), fractions=tuple(fractions))
+    standard = STANDARD_VARIANT if STANDARD_VARIANT in variant_list else variant_list[0]
+    extra = _grid_plan(
+        plan,
+        dense,
+        grid,
+        variant_list,
+        standard,
+        sites,
+        dictionaries,
+        free,
+        ranked_only,
+        baseline_draws,
+        seed,
+    )
+    values = _ablation_values(kind, loaded, dictionaries, batches, means, aligned, seed)
+    value_of, per_example = _run(
+        loaded, dictionaries, batches, plan, extra.configs, values, metric_name, stack, max_rows, progress
     )
     curves = _score(plan, variant_list, value_of)
+    curves = {
+        v: _integrate(c, v, plan, extra, grid, value_of, per_example, bootstrap, seed)
+        for v, c in curves.items()
+    }
+    baseline = _baseline(extra, grid, standard, curves[standard], value_of, baseline_draws, seed)
 
     disc = src.node_threshold
     return EvalResult(
+        ablation=kind,
+        seed=int(seed),
+        grid=grid,
+        baseline=baseline,
         thresholds=tuple(thr),
         variants=curves,
         below_discovery_threshold=tuple(disc is not None and not src.all_nodes and t <= disc for t in thr),
@@ -693,7 +789,7 @@ def evaluate_circuit(
         aggregation=src.aggregation,
         metric=metric_name,
         free_layers=free,
-        n_nodes_total=sum((sizes[s.name] + 1) * n_positions for s in sites if not is_free(s, free)),
+        n_nodes_total=n_total,
         num_examples=sum(len(b) for b in batches),
         means_per_position=aligned,
         meta=dict(src.provenance),
@@ -701,39 +797,224 @@ def evaluate_circuit(
     )
 
 
+def _ablation_values(
+    kind: AblationKind,
+    loaded: LoadedModel,
+    dictionaries: Mapping[str, Dictionary],
+    batches: Sequence[Batch],
+    means: Mapping[str, tuple[Tensor, Tensor]] | None,
+    aligned: bool,
+    seed: int,
+) -> Values | None:
+    """What ablated nodes take for ``kind``; None: the means, computed in :func:`_run`."""
+    if kind is AblationKind.MEAN:
+        return means
+    if kind is AblationKind.ZERO:
+        return zero_values(loaded.sites, loaded.device, loaded.dtype)
+    if kind is AblationKind.PATCH:
+        return FromInputs(tuple(b.patch for b in batches), AblationKind.PATCH)
+    return resample_inputs(batches, seed)
+
+
 def _run(
     loaded: LoadedModel,
     dictionaries: Mapping[str, Dictionary],
     batches: Sequence[Batch],
     plan: _Plan,
-    means: Mapping[str, tuple[Tensor, Tensor]] | None,
+    extra: Mapping[str, MaskConfig],
+    values: Values | None,
     metric: MetricName,
-    aligned: bool,
     stack: int | None,
     max_rows: int,
     progress: bool,
-) -> dict[str, float]:
-    """The metric of every distinct mask configuration of ``plan`` (means computed first if needed)."""
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """The metric of every distinct mask configuration of ``plan`` and then of ``extra`` (in forwards
+    of their own, so the sweep's values do not depend on ``extra``): averaged over the examples and
+    per example. Means are computed first when ``values`` is None (mean ablation)."""
     from tqdm.auto import tqdm
 
-    order = list(plan.configs)
     if stack is None:
         stack = max(1, max_rows // max(len(b) for b in batches))
-    total = len(order) * len(batches) + (0 if means is not None else len(batches))
+    value_of: dict[str, float] = {}
+    per_example: dict[str, np.ndarray] = {}
+    parts = [list(plan.configs), [d for d in extra if d not in plan.configs]]
+    n_from = len(batches) if isinstance(values, FromInputs) else 0  # a source forward per batch and part
+    total = sum(len(o) * len(batches) + (n_from if o else 0) for o in parts)
+    total += len(batches) if values is None else 0
     bar = tqdm(total=total, desc="evaluate", unit="fwd", disable=not progress)
+    configs = {**extra, **plan.configs}
     try:
-        if means is None:
-            means = compute_means(loaded, dictionaries, batches, per_position=aligned, progress=bar)
-        values = ablated_metrics(
-            loaded,
-            dictionaries,
-            batches,
-            means,
-            [plan.configs[d] for d in order],
-            metric=get_metric(metric),
-            stack=stack,
-            progress=bar,
-        )
+        if values is None:
+            aligned = positions_aligned(batches)
+            values = compute_means(loaded, dictionaries, batches, per_position=aligned, progress=bar)
+        for order in parts:
+            if not order:
+                continue
+            got = ablated_metric_values(
+                loaded,
+                dictionaries,
+                batches,
+                values,
+                [configs[d] for d in order],
+                metric=get_metric(metric),
+                stack=stack,
+                progress=bar,
+            )
+            if n_from:
+                bar.update(n_from)
+            value_of.update(zip(order, got.mean, strict=True))
+            per_example.update(zip(order, got.per_example, strict=True))
     finally:
         bar.close()
-    return dict(zip(order, values, strict=True))
+    return value_of, per_example
+
+
+# --------------------------------------------------------------------------------------------------
+# Integrated scores, bootstrap intervals, random baseline
+
+
+@dataclass(frozen=True, kw_only=True)
+class _GridPlan:
+    """The mask configurations of the grid: per (variant, size) the top-k circuit's digest, per
+    (draw, size) the random circuit's (standard variant); ``configs`` those not in the sweep."""
+
+    configs: dict[str, MaskConfig]
+    top: dict[tuple[Variant, int], str]
+    random: dict[tuple[int, int], str]
+    draws: int
+
+
+def _grid_plan(
+    plan: _Plan,
+    dense: Mapping[str, Tensor],
+    grid: Grid,
+    variants: Sequence[Variant],
+    standard: Variant,
+    sites: Sequence[Site],
+    dictionaries: Mapping[str, Dictionary],
+    free_layers: int,
+    ranked_only: Mapping[str, Tensor] | None,
+    draws: int,
+    seed: int,
+) -> _GridPlan:
+    selections = ranked_selections(dense, sites, free_layers, grid.sizes, ranked_only=ranked_only)
+    configs: dict[str, MaskConfig] = {}
+
+    def digest_of(selection: Mapping[str, Tensor], variant: Variant) -> str:
+        masks = keep_masks(selection, sites, variant=variant, free_layers=free_layers)
+        masks = _canonical(masks, dictionaries)
+        digest = _mask_digest(masks)
+        if digest not in plan.configs:
+            configs.setdefault(digest, masks)
+        return digest
+
+    top = {(v, k): digest_of(selections[k], v) for v in variants for k in grid.sizes}
+    gen = torch.Generator().manual_seed(int(seed))
+    random: dict[tuple[int, int], str] = {}
+    for d in range(draws):
+        for k in grid.sizes:
+            counts = site_counts(selections[k], sites, free_layers)
+            random[(d, k)] = digest_of(random_selection(dense, sites, free_layers, counts, gen), standard)
+    return _GridPlan(configs=configs, top=top, random=random, draws=draws)
+
+
+def _faith_array(m: np.ndarray, m_full: np.ndarray, m_empty: np.ndarray) -> np.ndarray:
+    """:func:`_faith` elementwise (NaN where m(M) == m(empty))."""
+    denom = m_empty - m_full
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = (m_empty - m) / denom
+    return np.where(denom == 0, np.nan, out)
+
+
+def _pairs(a: np.ndarray) -> tuple[tuple[float, float], ...]:
+    return tuple((float(lo), float(hi)) for lo, hi in a.reshape(-1, 2))
+
+
+def _integrate(
+    curve: VariantCurve,
+    variant: Variant,
+    plan: _Plan,
+    gp: _GridPlan,
+    grid: Grid,
+    value_of: Mapping[str, float],
+    per_example: Mapping[str, np.ndarray],
+    bootstrap: int,
+    seed: int,
+) -> VariantCurve:
+    """``curve`` with its grid faithfulness, scores and (``bootstrap`` > 0) intervals."""
+    faith = {k: _faith(value_of[gp.top[(variant, k)]], curve.m_full, curve.m_empty) for k in grid.sizes}
+    scores = grid.scores(faith)
+    intervals = None
+    if bootstrap > 0:
+        rows = {
+            "full": [plan.digest_of[(variant, True, 0)]],
+            "empty": [plan.digest_of[(variant, False, 0)]],
+            "circuit": [plan.digest_of[(variant, False, size)] for size in plan.sizes],
+            "complement": [plan.digest_of[(variant, True, size)] for size in plan.sizes],
+            "grid": [gp.top[(variant, k)] for k in grid.sizes],
+        }
+        if curve.stored is not None:
+            rows["stored"] = [
+                plan.digest_of[(variant, False, _STORED)],
+                plan.digest_of[(variant, True, _STORED)],
+            ]
+        n = next(iter(per_example.values())).shape[0]
+        counts = bootstrap_counts(n, bootstrap, seed)
+        boot = {
+            name: resampled_means(np.stack([per_example[d] for d in ds]), counts) for name, ds in rows.items()
+        }
+        full, empty = boot["full"][0], boot["empty"][0]
+        f_c = _faith_array(boot["circuit"], full, empty)
+        f_k = _faith_array(boot["complement"], full, empty)
+        f_g = _faith_array(boot["grid"], full, empty)
+        auc, c, d = grid.score_arrays({k: f_g[i] for i, k in enumerate(grid.sizes)})
+        stored = None
+        if "stored" in boot:
+            fs = _faith_array(boot["stored"], full, empty)
+            si = percentile_interval(fs)
+            stored = {"faithfulness": _pairs(si[0])[0], "completeness": _pairs(si[1])[0]}
+        intervals = Intervals(
+            level=0.95,
+            draws=bootstrap,
+            seed=int(seed),
+            scores={
+                name: _pairs(percentile_interval(a))[0] for name, a in (("auc", auc), ("cpr", c), ("cmd", d))
+            },
+            faithfulness=_pairs(percentile_interval(f_c)),
+            completeness=_pairs(percentile_interval(f_k)),
+            grid_faithfulness=_pairs(percentile_interval(f_g)),
+            stored=stored,
+        )
+    return replace(
+        curve, grid_faithfulness=tuple(faith[k] for k in grid.sizes), scores=scores, intervals=intervals
+    )
+
+
+def _baseline(
+    gp: _GridPlan,
+    grid: Grid,
+    standard: Variant,
+    curve: VariantCurve,
+    value_of: Mapping[str, float],
+    draws: int,
+    seed: int,
+) -> Baseline | None:
+    """The random baseline of the standard variant (None without draws)."""
+    if draws <= 0:
+        return None
+    f = np.array(
+        [
+            [_faith(value_of[gp.random[(d, k)]], curve.m_full, curve.m_empty) for k in grid.sizes]
+            for d in range(draws)
+        ]
+    )
+    draw_scores = tuple(grid.scores({k: f[d, i] for i, k in enumerate(grid.sizes)}) for d in range(draws))
+    std = f.std(0, ddof=1) if draws > 1 else np.zeros(f.shape[1])
+    return Baseline(
+        variant=standard.value,
+        draws=draws,
+        seed=int(seed),
+        grid_faithfulness_mean=tuple(float(x) for x in f.mean(0)),
+        grid_faithfulness_std=tuple(float(x) for x in std),
+        draw_scores=draw_scores,
+    )

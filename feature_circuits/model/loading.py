@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,7 +54,12 @@ DTYPES = {
 @dataclass(frozen=True, kw_only=True)
 class LoadedModel:
     """A model ready for tracing: the nnsight wrapper ``lm``, the HF model it wraps, its tokenizer
-    and its sites (forward order)."""
+    and its sites (forward order).
+
+    ``sites`` are the default splice sites (embed, attn_L, mlp_L, resid_L); ``attn_z_sites`` the
+    per-head attention sites (``attn_z_L``), spliced only where a dictionary is given for them
+    (docs/algorithms.md, "Sites"). :meth:`site` finds either; :attr:`all_sites` is both, in
+    forward order."""
 
     name: str
     lm: LanguageModel
@@ -64,6 +69,7 @@ class LoadedModel:
     sites: tuple[Site, ...]
     device: torch.device
     dtype: torch.dtype
+    attn_z_sites: tuple[Site, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.sites:
@@ -86,9 +92,22 @@ class LoadedModel:
         """The residual stream after the last layer (the site that feeds the logits)."""
         return self.site(Site.format(SiteKind.RESID, self.n_layers - 1))
 
+    @property
+    def all_sites(self) -> tuple[Site, ...]:
+        """Every site (default and ``attn_z``) in forward order."""
+        return tuple(sorted((*self.sites, *self.attn_z_sites), key=lambda s: s.rank))
+
     def site(self, name: str) -> Site:
         """The site called ``name`` (:class:`~feature_circuits.errors.ConfigError` if unknown)."""
-        return site_by_name(self.sites, name)
+        return site_by_name(self.all_sites, name)
+
+    def spliced_sites(self, names: Collection[str]) -> tuple[Site, ...]:
+        """The sites among ``names`` (e.g. the keys of a dictionary set), in forward order; the
+        sites a partial dictionary set leaves out are not spliced (docs/algorithms.md, "Sites")."""
+        wanted = set(names)
+        for n in sorted(wanted):
+            self.site(n)  # ConfigError naming the known sites
+        return tuple(s for s in self.all_sites if s.name in wanted)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -245,7 +264,9 @@ def load_model(
     for p in hf_model.parameters():
         p.requires_grad_(False)
     arch = detect_architecture(hf_model)
-    sites = tuple(build_sites(hf_model))
+    every = build_sites(hf_model, attn_z=True)
+    sites = tuple(s for s in every if s.kind is not SiteKind.ATTN_Z)
+    attn_z_sites = tuple(s for s in every if s.kind is SiteKind.ATTN_Z)
     if before_wrap is not None:
         before_wrap(hf_model)
     lm = wrap(hf_model, tokenizer, dev)
@@ -258,6 +279,7 @@ def load_model(
         sites=sites,
         device=dev,
         dtype=dt,
+        attn_z_sites=attn_z_sites,
     )
 
 

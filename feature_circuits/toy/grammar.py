@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 # ----------------------------------------------------------------------------------------------- words
 
@@ -212,6 +213,27 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
+
+@dataclass(frozen=True)
+class Lexicon:
+    """The words the pair generators draw from. The default is this module's full word lists (what
+    the shipped files are made of); :mod:`feature_circuits.tasks` passes the subset a tokenizer can
+    express. Each field keeps the order of the module list it restricts, so the seeded draws of the
+    default lexicon are exactly those of the shipped files."""
+
+    nouns: tuple[tuple[str, str], ...] = field(default_factory=lambda: tuple(NOUNS))
+    agree_verbs: tuple[tuple[str, str], ...] = field(default_factory=lambda: tuple(AGREE_VERBS))
+    rc_verbs: tuple[tuple[str, str], ...] = field(default_factory=lambda: tuple(RC_VERBS))
+    prepositions: tuple[str, ...] = field(default_factory=lambda: tuple(PREPOSITIONS))
+    names: tuple[str, ...] = field(default_factory=lambda: tuple(NAMES))
+    places: tuple[str, ...] = field(default_factory=lambda: tuple(PLACES))
+    objects: tuple[str, ...] = field(default_factory=lambda: tuple(OBJECTS))
+
+
+#: A candidate pair filter of the generators: True keeps the pair (e.g. "it tokenizes validly").
+Accept = Callable[[dict], bool]
+
+
 # -------------------------------------------------------------------------------------------- hold-out
 
 
@@ -328,26 +350,26 @@ def make_sva_pair(
     }
 
 
-def _sample_sva(structure: str, rng: random.Random) -> tuple[dict, tuple[str, ...]]:
-    noun = rng.choice(NOUNS)
+def _sample_sva(structure: str, rng: random.Random, lex: Lexicon) -> tuple[dict, tuple[str, ...]]:
+    noun = rng.choice(lex.nouns)
     plural = rng.random() < 0.5
     attractor = None
     attr_pl = rng.random() < 0.5
     other = None
-    prep = rng.choice(PREPOSITIONS)
+    prep = rng.choice(lex.prepositions)
     if structure == "simple":
-        verb = rng.choice(AGREE_VERBS)
+        verb = rng.choice(lex.agree_verbs)
         key = sva_key(structure, noun[0], verb[0])
     else:
-        attractor = rng.choice([n for n in NOUNS if n != noun])
+        attractor = rng.choice([n for n in lex.nouns if n != noun])
         if structure == "within_rc":
-            verb = rng.choice(RC_VERBS)
+            verb = rng.choice(lex.rc_verbs)
             key = sva_key(structure, attractor[0], verb[0], noun[0])
         else:
-            verb = rng.choice(AGREE_VERBS)
+            verb = rng.choice(lex.agree_verbs)
             key = sva_key(structure, noun[0], verb[0], attractor[0])
             if structure == "rc":
-                other = rng.choice(RC_VERBS)
+                other = rng.choice(lex.rc_verbs)
     ex = make_sva_pair(
         structure,
         noun,
@@ -361,26 +383,49 @@ def _sample_sva(structure: str, rng: random.Random) -> tuple[dict, tuple[str, ..
     return ex, key
 
 
-def generate_sva_pairs(structure: str, n: int, split: str, seed: int = 0) -> list[dict]:
+def _max_tries(n: int) -> int:
+    return 200 * n + 10000
+
+
+def generate_sva_pairs(
+    structure: str,
+    n: int,
+    split: str,
+    seed: int = 0,
+    *,
+    lexicon: Lexicon | None = None,
+    accept: Accept | None = None,
+    strict: bool = True,
+) -> list[dict]:
     """``n`` distinct SVA pairs of ``structure``; ``split='test'`` draws held-out combinations only,
-    ``split='train'`` non-held-out ones. Balanced over the clean-example number cases by random sampling."""
+    ``split='train'`` non-held-out ones. Balanced over the clean-example number cases by random sampling.
+
+    ``lexicon`` restricts the words (default: all of this module's); ``accept`` drops candidate
+    pairs it returns False for (each distinct candidate is offered once). After ``200 n + 10000``
+    draws without reaching ``n`` pairs: ``strict`` raises :class:`RuntimeError`, otherwise the
+    pairs found so far are returned."""
     if structure not in STRUCTURES:
         raise ValueError(f"unknown structure {structure!r}; expected one of {STRUCTURES}")
     want_held = _split_flag(split)
+    lex = Lexicon() if lexicon is None else lexicon
     rng = random.Random(f"sva|{structure}|{split}|{seed}")
     out, seen = [], set()
     tries = 0
     while len(out) < n:
         tries += 1
-        if tries > 200 * n + 10000:
+        if tries > _max_tries(n):
+            if not strict:
+                break
             raise RuntimeError(f"could not draw {n} distinct {structure} pairs for split {split}")
-        ex, key = _sample_sva(structure, rng)
+        ex, key = _sample_sva(structure, rng, lex)
         if is_held_out(key) != want_held:
             continue
         sig = (ex["clean_prefix"], ex["clean_answer"])
         if sig in seen:
             continue
         seen.add(sig)
+        if accept is not None and not accept(ex):
+            continue
         out.append(ex)
     return out
 
@@ -407,18 +452,39 @@ def make_ioi_pair(subject: str, indirect: str, place: str, obj: str) -> dict:
     }
 
 
-def generate_ioi_pairs(n: int, split: str, seed: int = 0) -> list[dict]:
-    """``n`` distinct IOI pairs (held-out combinations for ``split='test'``, others for 'train')."""
+def generate_ioi_pairs(
+    n: int,
+    split: str,
+    seed: int = 0,
+    *,
+    lexicon: Lexicon | None = None,
+    accept: Accept | None = None,
+    strict: bool = True,
+) -> list[dict]:
+    """``n`` distinct IOI pairs (held-out combinations for ``split='test'``, others for 'train');
+    ``lexicon``, ``accept`` and ``strict`` as in :func:`generate_sva_pairs`."""
     want_held = _split_flag(split)
+    lex = Lexicon() if lexicon is None else lexicon
+    if len(lex.names) < 2:
+        raise ValueError(f"IOI needs at least two names, got {list(lex.names)}")
     rng = random.Random(f"ioi|{split}|{seed}")
     out, seen = [], set()
+    tries = 0
     while len(out) < n:
-        b, a = rng.sample(NAMES, 2)
-        place, obj = rng.choice(PLACES), rng.choice(OBJECTS)
+        tries += 1
+        if tries > _max_tries(n):
+            if not strict:
+                break
+            raise RuntimeError(f"could not draw {n} distinct ioi pairs for split {split}")
+        b, a = rng.sample(lex.names, 2)
+        place, obj = rng.choice(lex.places), rng.choice(lex.objects)
         if is_held_out(ioi_key(a, b, place, obj)) != want_held or (b, a, place, obj) in seen:
             continue
         seen.add((b, a, place, obj))
-        out.append(make_ioi_pair(b, a, place, obj))
+        ex = make_ioi_pair(b, a, place, obj)
+        if accept is not None and not accept(ex):
+            continue
+        out.append(ex)
     return out
 
 

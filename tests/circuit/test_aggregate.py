@@ -73,3 +73,52 @@ def test_aggregate_edges_sum_and_none():
             ],
             "none",
         )
+
+
+@pytest.mark.parametrize("aggregation", ["sum", "none"])
+def test_node_accumulator_streams_to_the_list_result_and_takes_sparse(aggregation):
+    from feature_circuits.circuit import NodeAccumulator
+
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for b in (2, 3, 1):
+        e = torch.randn(b, 4, F + 1, generator=g) * (torch.rand(b, 4, F + 1, generator=g) > 0.5)
+        batches.append(node_batch({"resid_0": e, "mlp_0": e * 2}, torch.randn(b, generator=g)))
+    whole = aggregate_nodes(batches, aggregation)
+    acc = NodeAccumulator(aggregation)
+    for bt in batches:
+        # sparse COO effects (the sparse feature path) sum to the same numbers as dense ones
+        bt.effects = {s: t.to_sparse() for s, t in bt.effects.items()}
+        acc.add(bt)
+    got = acc.result()
+    assert acc.num_examples == whole.num_examples == 6
+    assert got.total_effect == pytest.approx(whole.total_effect)
+    for site, t in whole.effects.items():
+        assert not got.effects[site].is_sparse
+        torch.testing.assert_close(got.effects[site], t, rtol=1e-6, atol=1e-6)
+    # the accumulator holds one sum per site, no per-example tensor
+    assert all(v.shape == whole.effects[s].shape for s, v in acc._totals.items())
+    with pytest.raises(CircuitError, match="no batches"):
+        NodeAccumulator(aggregation).result()
+
+
+def test_edge_accumulator_streams_to_the_list_result():
+    from feature_circuits.circuit import EdgeAccumulator
+
+    t1 = _edge(2, 2, 2, {(0, 1, 0, 0, 2): 1.0, (1, 1, 0, 1, 2): 3.0, (1, 0, F, 0, F): -2.0})
+    t2 = _edge(1, 2, 2, {(0, 1, 0, 0, 2): 5.0, (0, 0, 1, 1, 1): 4.0})
+    batches = [
+        EdgeEffects(method=Method.ATP, edges={("resid_0", "resid_1"): t1}),
+        EdgeEffects(method=Method.ATP, edges={("resid_0", "resid_1"): t2.to_dense()}),
+    ]
+    for aggregation in ("sum", "none"):
+        whole = aggregate_edges(batches, aggregation)
+        acc = EdgeAccumulator(aggregation)
+        for bt in batches:
+            acc.add(bt)
+        got = acc.result()
+        assert acc.num_examples == 3
+        assert set(got) == set(whole)
+        for k, v in whole.items():
+            torch.testing.assert_close(got[k].to_dense(), v.to_dense())
+    assert EdgeAccumulator("sum").result() == {}

@@ -1,0 +1,364 @@
+"""Resumable forwards: exact patching that runs only what a patch can change (docs/algorithms.md,
+"Resuming from the patched site").
+
+A patch at one position ``p`` of a site in layer ``L`` cannot change anything before that site, nor
+(the model is causal) any position before ``p``. So a patched forward starts from the clean run's
+state: the input of layer ``L`` (of layer ``L + 1`` for ``resid_L``, of layer 0 for ``embed``) at
+positions ``>= p``, with the clean keys and values of positions ``< p`` as a key/value cache in
+every later layer. The HF modules of the model do the work (each decoder layer, the rotary module,
+the final norm and the unembedding): the runner only supplies the cache, the positions and the
+causal (or sliding-window) mask, so GPT-NeoX's parallel residual, Gemma's post-norms, soft-capping
+and sliding windows come from the model's own code. The site's value is replaced by a forward hook
+on the site's module (a pre-hook for sites that read a module's input, ``attn_z_L``), so every site
+kind patches exactly what a full nnsight re-run patches.
+
+    runner = resumable(loaded)                   # None: unknown architecture -> full re-runs
+    clean = runner.clean(ids)                    # hidden states, keys/values and logits per layer
+    logits = runner.patched_logits(clean, site, rows, positions, vectors)
+
+``rows``/``positions``/``vectors``: one patch per row, ``x_site[rows[i], positions[i]] += vectors[i]``
+(rows index the clean batch; several patches of one site share one forward). Rows whose position is
+later than the smallest of the chunk recompute the clean positions in between (the same values).
+
+A runner is built only for a model whose resumed forward reproduces its own full forward on a probe
+input (:func:`resumable` checks, once per model); otherwise callers fall back to full re-runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from feature_circuits.errors import UnsupportedModelError
+from feature_circuits.model.sites import get_submodule
+from feature_circuits.types import Site, SiteKind
+
+__all__ = [
+    "CleanRun",
+    "ResumableForward",
+    "reads_last_position_only",
+    "resumable",
+]
+
+#: Attention implementations whose mask the runner builds (an explicit 4-d mask).
+_MASKED_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+class _PrefixCache:
+    """A key/value cache in the duck type HF attention modules call (``update``): the clean keys and
+    values of the positions before the resumed ones are put in front of the new ones; with
+    ``record`` the new ones are kept (the clean run)."""
+
+    def __init__(self, prefix: dict[int, tuple[Tensor, Tensor]] | None = None, record: bool = False):
+        self.prefix = prefix or {}
+        self.record = record
+        self.new: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, layer_idx: int, cache_kwargs: Any = None
+    ) -> tuple[Tensor, Tensor]:
+        if self.record:
+            self.new[layer_idx] = (key_states, value_states)
+        pre = self.prefix.get(layer_idx)
+        if pre is None:
+            return key_states, value_states
+        return torch.cat([pre[0], key_states], dim=-2), torch.cat([pre[1], value_states], dim=-2)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CleanRun:
+    """The clean run of a batch ``ids`` (b, s): ``hidden[l]`` is the input of layer ``l`` (b, s, d),
+    ``hidden[n_layers]`` the last layer's output; ``keys[l]`` / ``values[l]`` the attention cache of
+    layer ``l`` (b, kv_heads, s, head_dim); ``logits`` (b, s, V)."""
+
+    ids: Tensor
+    hidden: list[Tensor]
+    keys: list[Tensor]
+    values: list[Tensor]
+    logits: Tensor
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.ids.shape[1])
+
+
+class ResumableForward:
+    """Runs a causal LM layer by layer from any layer and position, on its own HF modules (see the
+    module docstring). :class:`~feature_circuits.errors.UnsupportedModelError` when the model's
+    layout is not one it knows (embedding, ``layers``, rotary module, final norm, unembedding) or its
+    attention implementation takes no explicit mask."""
+
+    def __init__(self, model: nn.Module):
+        if model.training:
+            raise UnsupportedModelError("resumable forward: the model is in training mode (dropout)")
+        config = model.config  # pyright: ignore[reportAttributeAccessIssue]
+        base = getattr(model, "gpt_neox", None) or getattr(model, "model", None)
+        if base is None or not hasattr(base, "layers"):
+            raise UnsupportedModelError(f"resumable forward: {type(model).__name__} has no decoder layers")
+        self.model = model
+        self.config = config
+        self.base_path = "gpt_neox" if hasattr(model, "gpt_neox") else "model"
+        self.layers: Sequence[nn.Module] = list(base.layers)
+        self.embed: nn.Module = model.get_input_embeddings()  # pyright: ignore[reportAttributeAccessIssue]
+        self.emb_dropout: nn.Module | None = getattr(base, "emb_dropout", None)
+        norm = getattr(base, "final_layer_norm", None) or getattr(base, "norm", None)
+        head = model.get_output_embeddings()  # pyright: ignore[reportAttributeAccessIssue]
+        rotary = getattr(base, "rotary_emb", None)
+        if norm is None or head is None or rotary is None:
+            raise UnsupportedModelError(
+                f"resumable forward: {type(model).__name__} lacks a final norm, unembedding or rotary module"
+            )
+        self.norm: nn.Module = norm
+        self.head: nn.Module = head
+        self.rotary: nn.Module = rotary
+        self.rotary_by_type = "layer_type" in inspect.signature(rotary.forward).parameters
+        impl = getattr(config, "_attn_implementation", None) or "eager"
+        if impl not in _MASKED_IMPLEMENTATIONS:
+            raise UnsupportedModelError(
+                f"resumable forward: attention implementation {impl!r} (known: {_MASKED_IMPLEMENTATIONS})"
+            )
+        self.attn_impl = impl
+        if getattr(config, "use_bidirectional_attention", False):
+            raise UnsupportedModelError("resumable forward: bidirectional attention is not causal")
+        n = len(self.layers)
+        types = getattr(config, "layer_types", None)
+        window = getattr(config, "sliding_window", None)
+        if types is None:
+            types = ["sliding_attention" if window is not None else "full_attention"] * n
+        if len(types) < n or any(t not in ("full_attention", "sliding_attention") for t in types[:n]):
+            raise UnsupportedModelError(f"resumable forward: unknown layer types {sorted(set(types))}")
+        self.layer_types: list[str] = list(types[:n])
+        self.sliding_window: int | None = None if window is None else int(window)
+        self.softcap: float | None = getattr(config, "final_logit_softcapping", None)
+        params = inspect.signature(self.layers[0].forward).parameters
+        self.cache_kw = "layer_past" if "layer_past" in params else "past_key_values"
+        self._module_index = {id(m): i for i, m in enumerate(self.layers)}
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    # ------------------------------------------------------------------------------ building blocks
+
+    def _mask(self, q_start: int, seq: int, window: int | None, like: Tensor) -> Tensor:
+        q = torch.arange(q_start, seq, device=like.device).view(-1, 1)
+        k = torch.arange(seq, device=like.device).view(1, -1)
+        allowed = k <= q
+        if window is not None:
+            allowed = allowed & (k > q - window)
+        allowed = allowed.view(1, 1, seq - q_start, seq)
+        if self.attn_impl == "sdpa":
+            return allowed
+        zero = torch.zeros((), dtype=like.dtype, device=like.device)
+        return torch.where(allowed, zero, torch.finfo(like.dtype).min)
+
+    def _run(self, h: Tensor, start: int, q_start: int, seq: int, cache: _PrefixCache) -> list[Tensor]:
+        """Layers ``start ..`` on ``h`` (positions ``q_start .. seq - 1``); the input of every layer
+        run and the last output (``n_layers - start + 1`` tensors)."""
+        out = [h]
+        if start >= self.n_layers:
+            return out
+        position_ids = torch.arange(q_start, seq, device=h.device).view(1, -1)
+        kinds = sorted(set(self.layer_types[start:]))
+        if self.rotary_by_type:
+            pos_emb = {t: self.rotary(h, position_ids, t) for t in kinds}
+        else:
+            shared = self.rotary(h, position_ids)
+            pos_emb = dict.fromkeys(kinds, shared)
+        masks = {
+            t: self._mask(q_start, seq, self.sliding_window if t == "sliding_attention" else None, h)
+            for t in kinds
+        }
+        for li in range(start, self.n_layers):
+            t = self.layer_types[li]
+            h = self.layers[li](
+                h,
+                attention_mask=masks[t],
+                position_ids=position_ids,
+                position_embeddings=pos_emb[t],
+                **{self.cache_kw: cache},
+            )
+            if isinstance(h, tuple):  # older layer implementations
+                h = h[0]
+            out.append(h)
+        return out
+
+    def _logits(self, h: Tensor) -> Tensor:
+        logits = self.head(self.norm(h))
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def _embed(self, ids: Tensor) -> Tensor:
+        h = self.embed(ids)
+        if self.emb_dropout is not None:
+            h = self.emb_dropout(h)
+        return h
+
+    # ------------------------------------------------------------------------------------- public
+
+    @torch.no_grad()
+    def clean(self, ids: Tensor) -> CleanRun:
+        """The clean run of ``ids`` (b, s): every layer's input, keys/values and the logits."""
+        seq = int(ids.shape[1])
+        cache = _PrefixCache(record=True)
+        hidden = self._run(self._embed(ids), 0, 0, seq, cache)
+        if len(cache.new) != self.n_layers:
+            raise UnsupportedModelError(
+                f"resumable forward: {len(cache.new)} of {self.n_layers} layers used the key/value cache"
+            )
+        keys = [cache.new[i][0] for i in range(self.n_layers)]
+        values = [cache.new[i][1] for i in range(self.n_layers)]
+        return CleanRun(ids=ids, hidden=hidden, keys=keys, values=values, logits=self._logits(hidden[-1]))
+
+    def start_layer(self, site: Site) -> int:
+        """The first layer a patch of ``site`` has to run: 0 for ``embed``, ``L + 1`` for
+        ``resid_L``, ``L`` for the sites inside layer ``L``."""
+        if site.kind is SiteKind.EMBED:
+            return 0
+        if site.kind is SiteKind.RESID:
+            return site.layer + 1
+        return site.layer
+
+    @torch.no_grad()
+    def patched_logits(
+        self,
+        clean: CleanRun,
+        site: Site,
+        rows: Tensor,
+        positions: Tensor,
+        vectors: Tensor,
+        *,
+        last_only: bool = False,
+    ) -> Tensor:
+        """Logits of the clean input of ``clean.ids[rows]`` with ``vectors[i]`` added to the site's
+        activation at ``positions[i]`` in row ``i``: (n, s, V), or (n, 1, V) -- the last position --
+        with ``last_only``. Equal (to float rounding) to a full re-run with the same patch."""
+        seq = clean.seq_len
+        n = int(rows.shape[0])
+        dev = clean.hidden[0].device
+        rows = rows.to(dev)
+        positions = positions.to(dev)
+        q0 = int(positions.min())
+        start = self.start_layer(site)
+        add = torch.zeros(n, seq - q0, vectors.shape[-1], dtype=vectors.dtype, device=dev)
+        add[torch.arange(n, device=dev), positions - q0] = vectors.to(dev)
+        h = clean.hidden[start][rows, q0:]
+        if site.kind in (SiteKind.EMBED, SiteKind.RESID):
+            h = h + add.to(h.dtype)
+            handle = None
+        else:
+            handle = self._patch_hook(site, add)
+        prefix = (
+            {li: (clean.keys[li][rows, :, :q0], clean.values[li][rows, :, :q0]) for li in range(start, self.n_layers)}
+            if q0 > 0
+            else {}
+        )
+        try:
+            out = self._run(h, start, q0, seq, _PrefixCache(prefix))[-1]
+        finally:
+            if handle is not None:
+                handle.remove()
+        if last_only:
+            return self._logits(out[:, -1:])
+        logits = clean.logits[rows].clone()
+        logits[:, q0:] = self._logits(out)
+        return logits
+
+    def _patch_hook(self, site: Site, add: Tensor) -> torch.utils.hooks.RemovableHandle:
+        module = get_submodule(self.model, site.module_path)
+        if not any(module is m or _contains(m, module) for m in self.layers[site.layer : site.layer + 1]):
+            raise UnsupportedModelError(f"resumable forward: site {site.name} ({site.module_path}) is not in layer {site.layer}")
+        if site.reads_input:
+
+            def pre_hook(_mod: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+                return (args[0] + add.to(args[0].dtype), *args[1:])
+
+            return module.register_forward_pre_hook(pre_hook)
+
+        def hook(_mod: nn.Module, _inp: Any, out: Any) -> Any:
+            if site.output_is_tuple:
+                return (out[0] + add.to(out[0].dtype), *out[1:])
+            return out + add.to(out.dtype)
+
+        return module.register_forward_hook(hook)
+
+
+def _contains(parent: nn.Module, child: nn.Module) -> bool:
+    return any(m is child for m in parent.modules())
+
+
+def reads_last_position_only(metric: Callable[..., Tensor], logits: Tensor, answers: Any) -> bool:
+    """Whether ``metric`` gives the same values on the last position's logits alone (b, 1, V) as on
+    all of them (b, s, V), for these clean logits: then a patched forward needs only the last
+    position's unembedding. Any error on the short logits means no."""
+    if logits.shape[1] == 1:
+        return True
+    try:
+        short = metric(logits[:, -1:], answers)
+    except (IndexError, RuntimeError, ValueError):
+        return False
+    return bool(torch.equal(short, metric(logits, answers)))
+
+
+#: Attribute of an HF model that holds its runner (or the reason it has none).
+_ATTR = "_feature_circuits_resumable"
+
+
+def _self_check(runner: ResumableForward) -> str | None:
+    """A reason the runner does not reproduce the model, or None: a probe input run in full by the
+    model, cleanly by the runner, and resumed from layer 0 halfway along with a zero patch."""
+    model = runner.model
+    param = next(model.parameters())
+    vocab = int(getattr(runner.config, "vocab_size", 2))
+    seq = 6
+    if runner.sliding_window is not None:
+        seq = max(seq, min(runner.sliding_window + 3, 64))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, max(vocab, 1), (2, seq), generator=gen).to(param.device)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        clean = runner.clean(ids)
+        embed_site = Site(kind=SiteKind.EMBED, layer=-1, d_model=int(clean.hidden[0].shape[-1]))
+        half = torch.full((2,), seq // 2, device=param.device)
+        resumed = runner.patched_logits(
+            clean, embed_site, torch.arange(2), half, torch.zeros(2, embed_site.d_model, dtype=clean.hidden[0].dtype)
+        )
+    scale = float(want.abs().max()) + 1.0
+    tol = scale * (1e-9 if want.dtype == torch.float64 else 1e-4 if want.dtype == torch.float32 else 3e-2)
+    for what, got in (("clean", clean.logits), ("resumed", resumed)):
+        err = float((got - want).abs().max())
+        if not err <= tol:
+            return f"the {what} run differs from the model's forward by {err:.3g} (tolerance {tol:.3g})"
+    return None
+
+
+def resumable(loaded: Any) -> ResumableForward | None:
+    """The resumable runner of a :class:`~feature_circuits.model.loading.LoadedModel` (or an HF
+    model), or None -- with a warning, once per model -- when the model is not one it can run or
+    its resumed forward does not reproduce the model's own (the caller then re-runs in full)."""
+    model: nn.Module = getattr(loaded, "hf_model", loaded)
+    got = model.__dict__.get(_ATTR)
+    if got is None:
+        try:
+            runner = ResumableForward(model)
+            reason = _self_check(runner)
+        except UnsupportedModelError as err:
+            runner, reason = None, str(err)
+        except (RuntimeError, TypeError, ValueError, AttributeError) as err:
+            runner, reason = None, f"resumable forward failed on a probe ({type(err).__name__}: {err})"
+        if reason is not None or runner is None:
+            warnings.warn(
+                f"exact patching re-runs the whole model for every patch: {reason}", RuntimeWarning, stacklevel=2
+            )
+            got = reason or "unsupported"
+        else:
+            got = runner
+        model.__dict__[_ATTR] = got
+    return got if isinstance(got, ResumableForward) else None
