@@ -71,6 +71,35 @@ PYTHIA_70M_SHAPE: dict[str, Any] = {
 }
 
 
+#: Gemma-2-2B: width 2304, 8 heads (4 key/value heads) of 256, MLP 9216, vocabulary 256000, 26
+#: layers alternating sliding-window and full attention, soft-capped logits, tied embeddings.
+GEMMA2_2B_SHAPE: dict[str, Any] = {
+    "vocab_size": 256000,
+    "hidden_size": 2304,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "intermediate_size": 9216,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "attn_logit_softcapping": 50.0,
+    "final_logit_softcapping": 30.0,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": True,
+}
+#: What the benchmark changes of the Gemma-2-2B shape: reduced depth, and a reduced vocabulary (the
+#: 256000 x 2304 embedding alone is 2.4 GB of float32 and only the logit layer's cost depends on it).
+GEMMA_BENCH_OVERRIDES: dict[str, Any] = {"num_hidden_layers": 2, "vocab_size": 8192}
+
+#: family -> (config class, model class) names in transformers
+_FAMILIES = {
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+}
+
+
 # ------------------------------------------------------------------------------------ measurement
 
 
@@ -322,22 +351,39 @@ def build_pythia_shaped(
     shape: dict[str, Any] | None = None,
     seed: int = 0,
 ) -> tuple[Path, Path]:
-    """A randomly initialised Pythia-70M-shaped GPT-NeoX (saved with save_pretrained, with a word-level
-    tokenizer: only ids matter) and one random ``AutoEncoder(d, n_features)`` per site, saved as
-    ``ae.pt`` in the Marks layout. Each encoder bias is shifted so that on activations of random
-    tokens ``active`` features per token are on average active (the ``active * N``-th largest
-    pre-activation over N calibration tokens becomes the threshold), like a trained SAE's L0, instead
-    of the ~F/2 a zero-bias random encoder gives. Returns ``(model_dir, sae_root)``."""
+    """A randomly initialised Pythia-70M-shaped GPT-NeoX and its random SAEs
+    (:func:`build_shaped`); ``shape`` overrides :data:`PYTHIA_70M_SHAPE`."""
+    cfg = dict(PYTHIA_70M_SHAPE if shape is None else {**PYTHIA_70M_SHAPE, **shape})
+    return build_shaped(root, "gpt_neox", cfg, n_features=n_features, active=active, seed=seed)
+
+
+def build_shaped(
+    root: str | Path,
+    family: str,
+    config: dict[str, Any],
+    *,
+    n_features: int,
+    active: int = 64,
+    seed: int = 0,
+) -> tuple[Path, Path]:
+    """A randomly initialised model of ``family`` (``gpt_neox``, ``gemma2``) with ``config``, saved
+    with save_pretrained with a word-level tokenizer (only ids matter), and one random
+    ``AutoEncoder(d, n_features)`` per site, saved as ``ae.pt`` in the Marks layout. Each encoder bias
+    is shifted so that on activations of random tokens ``active`` features per token are on average
+    active (the ``active * N``-th largest pre-activation over N calibration tokens becomes the
+    threshold), like a trained SAE's L0, instead of the ~F/2 a zero-bias random encoder gives.
+    Returns ``(model_dir, sae_root)``."""
+    import transformers
     from dictionary_learning import AutoEncoder
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     from feature_circuits.model.sites import build_sites
 
     root = Path(root)
-    cfg = dict(PYTHIA_70M_SHAPE if shape is None else {**PYTHIA_70M_SHAPE, **shape})
+    config_cls, model_cls = (getattr(transformers, n) for n in _FAMILIES[family])
     torch.manual_seed(seed)
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(**cfg)).eval()
+    model = model_cls(config_cls(**config)).eval()
     model_dir = root / "model"
     model.save_pretrained(model_dir)
     words = ["<unk>", "<eos>"] + [f"w{i}" for i in range(254)]
@@ -357,7 +403,7 @@ def build_pythia_shaped(
         hooks.append(get_submodule(model, s.module_path).register_forward_hook(hook))
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        model(input_ids=torch.randint(0, cfg["vocab_size"], (8, 32), generator=gen))
+        model(input_ids=torch.randint(0, min(256, config["vocab_size"]), (8, 32), generator=gen))
     for h in hooks:
         h.remove()
     sae_root = root / "saes"
@@ -369,9 +415,10 @@ def build_pythia_shaped(
             k = max(1, min(pre.numel(), active * x.shape[0]))
             thr = torch.topk(pre.flatten(), k).values[-1]
             ae.encoder.bias.sub_(thr)
-        path = sae_root / "pythia-shaped" / s.marks_dir / f"10_{n_features}" / "ae.pt"
+        path = sae_root / f"{family}-shaped" / s.marks_dir / f"10_{n_features}" / "ae.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(ae.state_dict(), path)
+        del ae
     del model
     return model_dir, sae_root
 

@@ -235,13 +235,15 @@ def _render(argv: list[str]) -> int:
         prog=f"{PROG} render", description=_RENDER_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("circuit", nargs="?", help="circuit.json (or its directory)")
-    ap.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two circuits (files or directories) to overlay")
+    ap.add_argument(
+        "--compare", nargs=2, metavar=("A", "B"), help="two circuits (files or directories) to overlay"
+    )
     ap.add_argument("--labels", help="labels/groups file (JSON Lines) shown and edited in the page")
     ap.add_argument(
         "--out",
         type=Path,
         default=None,
-        help="page to write (default: circuit.html beside the circuit; with --compare: compare.html beside A)",
+        help="page to write (default: circuit.html beside the circuit; --compare: compare.html beside A)",
     )
     args = ap.parse_args(argv)
     if (args.circuit is None) == (args.compare is None):

@@ -65,6 +65,7 @@ __all__ = [
     "resolve_dataset",
     "token_ids",
     "tokenize_pair",
+    "tokenize_pairs",
     "tokenizer_key",
     "unknown_token_id",
 ]
@@ -254,6 +255,23 @@ def tokenize_pair(
         patch_answer=answers["patch"],
         tokenizer=tokenizer_key(tokenizer) if key is None else key,
     )
+
+
+def tokenize_pairs(
+    pairs: Sequence[Pair], tokenizer: PreTrainedTokenizerBase, *, key: str | None = None
+) -> list[TokenizedPair | DatasetError]:
+    """:func:`tokenize_pair` of every pair, all their texts encoded in one batched tokenizer call;
+    each item is the pair's tokens, or the :class:`DatasetError` that pair raises."""
+    key = tokenizer_key(tokenizer) if key is None else key
+    encode = _Encoder(tokenizer)
+    encode.prime(t for p in pairs for t in _pair_texts(p))
+    out: list[TokenizedPair | DatasetError] = []
+    for pair in pairs:
+        try:
+            out.append(tokenize_pair(pair, tokenizer, key=key, encode=encode))
+        except DatasetError as err:
+            out.append(err)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

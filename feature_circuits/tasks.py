@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from feature_circuits.data import Pair, TokenizedPair, token_ids, tokenize_pair, tokenizer_key, unknown_token_id
+from feature_circuits.data import Pair, token_ids, tokenize_pairs, tokenizer_key, unknown_token_id
 from feature_circuits.errors import DatasetError, FeatureCircuitsError
 from feature_circuits.toy import DATA_DIR, grammar
 
@@ -181,7 +181,9 @@ def _why_not_single(tokenizer: PreTrainedTokenizerBase, word: str) -> str | None
     return None if len(ids) == 1 else f"{len(ids)} tokens {_show(tokenizer, ids)}"
 
 
-def _check_words(tokenizer: PreTrainedTokenizerBase, role: str, words: Sequence[str], single: bool) -> WordCheck:
+def _check_words(
+    tokenizer: PreTrainedTokenizerBase, role: str, words: Sequence[str], single: bool
+) -> WordCheck:
     why = _why_not_single if single else _why_not_known
     kept, dropped = [], []
     for w in words:
@@ -226,7 +228,9 @@ def _require(check: WordCheck, need: int, task: str) -> None:
         )
 
 
-def lexicon_for(task: str, tokenizer: PreTrainedTokenizerBase) -> tuple[grammar.Lexicon, tuple[WordCheck, ...]]:
+def lexicon_for(
+    task: str, tokenizer: PreTrainedTokenizerBase
+) -> tuple[grammar.Lexicon, tuple[WordCheck, ...]]:
     """The words of ``task``'s templates that ``tokenizer`` can express (see the module docstring),
     and the check of every word list. Raises :class:`TaskBuildError` when too few words are left."""
     if task not in TASKS:
@@ -335,34 +339,45 @@ def build_task(
     name = _tokenizer_name(tokenizer)
     source = f"<{task}_{split} built for {name}>"
     key = tokenizer_key(tokenizer)
-    pairs: list[Pair] = []
-    counts = {"candidates": 0, "rejected": 0}
-    first_problem: list[str] = []
 
-    def accept(ex: dict) -> bool:
-        counts["candidates"] += 1
+    def draw(m: int) -> list[dict]:
+        # the first m distinct candidates of the seeded sampler (a longer draw extends a shorter one)
+        if template == "ioi":
+            rows = grammar.generate_ioi_pairs(m, split, seed, lexicon=lexicon, strict=False)
+        else:
+            rows = grammar.generate_sva_pairs(template, m, split, seed, lexicon=lexicon, strict=False)
         if natural:
-            ex = {**ex, "clean_prefix": natural_punctuation(ex["clean_prefix"])}
-            ex["patch_prefix"] = natural_punctuation(ex["patch_prefix"])
-        pair = Pair(**ex, source=source, line=len(pairs) + 1)
-        try:
-            tokens: TokenizedPair = tokenize_pair(pair, tokenizer, key=key)
-        except DatasetError as err:
-            counts["rejected"] += 1
-            if not first_problem:
-                first_problem.append(err.problem)
-            return False
-        pairs.append(Pair(**ex, source=source, line=len(pairs) + 1, tokens=tokens))
-        return True
+            rows = [
+                {**r, "clean_prefix": natural_punctuation(r["clean_prefix"]),
+                 "patch_prefix": natural_punctuation(r["patch_prefix"])}
+                for r in rows
+            ]  # fmt: skip
+        return rows
 
-    if template == "ioi":
-        grammar.generate_ioi_pairs(n, split, seed, lexicon=lexicon, accept=accept, strict=False)
-    else:
-        grammar.generate_sva_pairs(template, n, split, seed, lexicon=lexicon, accept=accept, strict=False)
+    pairs: list[Pair] = []
+    candidates, rejected, first_problem = 0, 0, None
+    drawn: list[dict] = []
+    want = n
+    while len(pairs) < n:
+        more = draw(want)[len(drawn) :]
+        if not more:
+            break  # the kept words admit no further distinct candidate
+        drawn += more
+        fresh = [Pair(**r, source=source, line=0) for r in more]
+        for pair, tokens in zip(fresh, tokenize_pairs(fresh, tokenizer, key=key), strict=True):
+            if len(pairs) >= n:
+                break
+            candidates += 1
+            if isinstance(tokens, DatasetError):
+                rejected += 1
+                first_problem = first_problem or tokens.problem
+            else:
+                pairs.append(replace(pair, line=len(pairs) + 1, tokens=tokens))
+        want = len(drawn) + 2 * (n - len(pairs)) + 8
     if not pairs:
         raise TaskBuildError(
-            f"task {task} ({split}): no valid pair for tokenizer {name!r} out of {counts['candidates']} "
-            f"candidates (first problem: {first_problem[0] if first_problem else 'none drawn'})"
+            f"task {task} ({split}): no valid pair for tokenizer {name!r} out of {candidates} "
+            f"candidates (first problem: {first_problem or 'none drawn'})"
         )
     return TaskBuild(
         task=task,
@@ -372,9 +387,9 @@ def build_task(
         requested=n,
         pairs=tuple(pairs),
         words=checks,
-        candidates=counts["candidates"],
-        rejected=counts["rejected"],
-        first_problem=first_problem[0] if first_problem else None,
+        candidates=candidates,
+        rejected=rejected,
+        first_problem=first_problem,
         punctuation="natural" if natural else "spaced",
         shipped_valid=shipped_valid,
         shipped_total=shipped_total,

@@ -19,7 +19,9 @@ def _activation(rng: random.Random, nd: Node) -> NodeActivation:
         ctxs.append(
             Context(tokens=tuple(toks), index=idx, activation=round(3.0 - k * 0.7, 3), source="discovery")
         )
-    return NodeActivation(mean_clean=round(rng.uniform(0, 2), 3), mean_patch=round(rng.uniform(0, 2), 3), contexts=tuple(ctxs))
+    return NodeActivation(
+        mean_clean=round(rng.uniform(0, 2), 3), mean_patch=round(rng.uniform(0, 2), 3), contexts=tuple(ctxs)
+    )
 
 
 def rich_circuit(

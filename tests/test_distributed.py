@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -104,7 +105,7 @@ def dp_data(tmp_path_factory) -> Path:
 
 
 def test_torchrun_two_processes_same_circuit(tmp_path, neox_dir, neox_saes, dp_data):
-    common = dict(
+    common: dict[str, Any] = dict(
         method="relp",
         model=str(neox_dir),
         saes=str(neox_saes),

@@ -5,6 +5,7 @@ batch choice against a given free-memory budget, and the option's parsing."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -109,7 +110,7 @@ def test_discover_batch_size_auto(tmp_path, neox_dir, neox_saes):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     lines: list[str] = []
-    common = dict(
+    common: dict[str, Any] = dict(
         model=str(neox_dir),
         saes=str(neox_saes),
         dataset=str(data),

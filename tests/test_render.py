@@ -1,145 +1,57 @@
-"""The circuit page: self-contained, renders in headless Chromium without JavaScript errors, shows the
-expected number of nodes, and shows a hostile label as text instead of running it."""
+"""The explorer page without a browser: the labels/groups file, the page's data (layout, thresholds,
+contexts, links), self-containment and escaping, compare, and ``feature-circuits render``. The page
+in a browser: tests/test_explorer_browser.py."""
 
 from __future__ import annotations
 
-import html
-import os
+import itertools
+import json
 import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from feature_circuits.circuit import Node
+from feature_circuits import cli
+from feature_circuits.circuit import Node, save_circuit
+from feature_circuits.circuit.schema import DictionaryInfo
+from feature_circuits.errors import CircuitError
 from feature_circuits.render import (
+    Group,
+    Labels,
     LabelsError,
+    dump_labels,
+    edge_thresholds,
     load_labels,
     neuronpedia_url,
+    page_data,
+    parse_node_id,
     render_circuit_html,
+    render_compare_html,
     slider_thresholds,
 )
+from feature_circuits.types import LOGIT_ID
 from tests.helpers import small_circuit
+from tests.render_helpers import SITES, rich_circuit, visible_counts
 
-BAD = (
-    "<script>document.body.setAttribute('data-pwned','1')</script>"
-    "<img src=x onerror=\"document.body.setAttribute('data-pwned','2')\">"
-)
+BAD = "<script>alert(1)</script><img src=x onerror=alert(2)>"
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        p = shutil.which(name)
-        if p:
-            return p
-    return "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
+def _embedded_data(text: str) -> dict:
+    m = re.search(r'<script type="application/json" id="fc-data">(.*?)</script>', text, re.DOTALL)
+    assert m, "no #fc-data in the page"
+    return json.loads(m.group(1))
 
 
-CHROMIUM = _chromium()
-needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None and not os.environ.get("CI"),
-    reason="chromium not installed (run tests/setup_chromium.sh); in CI this test always runs",
-)
-
-
-def dump_dom(page: Path, tmp_path: Path, fragment: str = "") -> str:
-    assert CHROMIUM is not None, "chromium is required in CI: run tests/setup_chromium.sh"
-    cmd = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-        "--virtual-time-budget=15000",
-        "--dump-dom",
-        page.resolve().as_uri() + fragment,
-    ]
-    res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return res.stdout
-
-
-def status(dom: str) -> dict[str, str]:
-    m = re.search(r'<div id="fc-status"([^>]*)>', dom)
-    assert m, "no #fc-status in the rendered page"
-    return dict(re.findall(r'([\w-]+)="([^"]*)"', m.group(1)))
-
-
-def errors(dom: str) -> list[str]:
-    return re.findall(r'<div class="fc-error">(.*?)</div>', dom)
-
-
-@pytest.mark.browser
-@needs_chromium
-@pytest.mark.parametrize("aggregation", ["sum", "none"])
-def test_page_renders_without_errors(tmp_path, aggregation):
-    c = small_circuit(aggregation)
-    page = render_circuit_html(c, tmp_path / "circuit.html")
-    dom = dump_dom(page, tmp_path)
-    assert errors(dom) == []
-    st = status(dom)
-    assert st["data-done"] == "1"
-    assert int(st["data-rendered-points"]) == len(c.nodes) + 1  # + the logit sink
-    assert int(st["data-expected-nodes"]) == len(c.nodes) + 1
-
-
-@pytest.mark.browser
-@needs_chromium
-def test_hostile_label_is_text(tmp_path):
-    c = small_circuit("none")
-    page = render_circuit_html(c, tmp_path / "circuit.html", labels={("resid_0", 1): BAD})
-    dom = dump_dom(page, tmp_path, "#fc-hover")
-    assert errors(dom) == []
-    body = re.search(r"<body[^>]*>", dom)
-    assert body is not None and "data-pwned" not in body.group(0)
-    # the table cell shows the label as text
-    assert f'<td class="fc-label">{html.escape(BAD, quote=False)}</td>' in dom
-    # hovering every marker shows the label as text in the hover box
-    found = re.findall(r'<pre id="fc-hovertexts">(.*?)</pre>', dom, re.DOTALL)  # the last one is the element
-    assert found and not found[-1].lstrip().startswith("//"), "hover test hook did not run"
-    hover = html.unescape(found[-1])
-    assert "label: " + BAD in hover
-    assert hover.count("\n") == len(c.nodes)  # one line per node marker + logit
-
-
-@pytest.mark.browser
-@needs_chromium
-def test_error_reporting_works(tmp_path):
-    """The page's error hook itself: a page with a broken script reports it in #fc-errors."""
-    c = small_circuit("sum")
-    page = render_circuit_html(c, tmp_path / "circuit.html")
-    text = page.read_text().replace("</body>", "<script>this is not javascript</script></body>")
-    page.write_text(text)
-    assert errors(dump_dom(page, tmp_path))
-
-
-def test_page_is_self_contained_and_escaped(tmp_path):
-    c = small_circuit("none")
-    page = render_circuit_html(c, tmp_path / "c.html", labels={("resid_0", 1): BAD})
-    text = page.read_text()
-    assert not re.search(r"<script[^>]*\ssrc=", text)  # no external scripts (plotly.js inlined)
-    assert not re.search(r"<link[^>]*\shref=", text)
-    assert "tiny <b>" not in text and "tiny &lt;b&gt;model" in text  # model name escaped everywhere
-    assert BAD not in text
-    assert len(text) > 1_000_000  # plotly.js inlined
+# ------------------------------------------------------------------------------ labels and groups
 
 
 def test_labels_file(tmp_path):
     p = tmp_path / "labels.jsonl"
     p.write_text(
         '{"site": "resid_0", "feature": 1, "label": "plural"}\n\n{"site": "resid_0", "feature": null, '
-        '"label": "err"}\n'
+        '"label": "err", "note": "keys beyond these are allowed in label lines"}\n'
     )
-    assert load_labels(p) == {("resid_0", 1): "plural", ("resid_0", None): "err"}
+    labels = load_labels(p)
+    assert labels == {("resid_0", 1): "plural", ("resid_0", None): "err"} and labels.groups == []
     render_circuit_html(small_circuit("sum"), tmp_path / "c.html", labels=p)
     assert "plural" in (tmp_path / "c.html").read_text()
     for content, msg in [
@@ -157,6 +69,100 @@ def test_labels_file(tmp_path):
         load_labels(tmp_path / "nope.jsonl")
 
 
+def test_groups_round_trip_and_errors(tmp_path):
+    labels = Labels({("resid_0", 1): "plural <b>", ("embed", None): "e"})
+    groups = [Group("subject", ("resid_0/1", "embed/err")), Group("per position", ("resid_0@3/1",))]
+    p = tmp_path / "labels.jsonl"
+    p.write_text(dump_labels(labels, groups))
+    back = load_labels(p, {"resid_0": 4, "embed": 4})
+    assert dict(back) == dict(labels) and back.groups == groups
+    assert parse_node_id("resid_0@3/1") == ("resid_0", 1, 3) and parse_node_id("embed/err") == (
+        "embed",
+        None,
+        None,
+    )
+    sizes = {"resid_0": 4}
+    for content, msg in [
+        ('{"group": "", "nodes": ["resid_0/1"]}\n', ":1: 'group' must be a non-empty string"),
+        ('{"group": "g", "nodes": []}\n', ":1: 'nodes' must be a non-empty list"),
+        ('{"group": "g", "nodes": ["resid_0/x"]}\n', r":1: nodes\[0\]: not a node id"),
+        ('{"group": "g", "nodes": ["resid_0/1"], "colour": 1}\n', r":1: unknown key\(s\) \['colour'\]"),
+        (
+            '{"group": "g", "nodes": ["resid_0/1", "resid_0/1"]}\n',
+            ":1: group 'g' lists a node more than once",
+        ),
+        (
+            '{"group": "g", "nodes": ["resid_0/1"]}\n{"group": "g", "nodes": ["resid_0/2"]}\n',
+            ":2: group 'g' is already",
+        ),
+        ('{"group": "g", "nodes": ["mlp_0/1"]}\n', r":1: nodes\[0\]: unknown site 'mlp_0'"),
+        ('{"group": "g", "nodes": ["resid_0/9"]}\n', r":1: nodes\[0\]: feature 9 is out of range"),
+    ]:
+        p.write_text(content)
+        with pytest.raises(LabelsError, match=re.escape(str(p)) + msg):
+            load_labels(p, sizes)
+
+
+# ------------------------------------------------------------------------------------ page data
+
+
+def test_page_data_layout_and_contexts():
+    c = rich_circuit()
+    d = page_data(c, Labels({("resid_1", 3): "plural"}, [Group("g", ("embed/3",))]))
+    assert [n["id"] for n in d["nodes"]] == [n.id for n in c.nodes]
+    rows = [r[0] for r in d["rows"]]
+    assert rows == [*SITES, LOGIT_ID]
+    ys = [r[1] for r in d["rows"]]
+    assert ys == sorted(ys, reverse=True)  # embed at the bottom (largest y), the logit on top
+    by_id = {n["id"]: n for n in d["nodes"]}
+    row_y = dict(d["rows"])
+    assert all(n["y"] == row_y[n["site"]] for n in d["nodes"])
+    for site in SITES:  # nodes of a row do not overlap
+        xs = sorted(n["x"] for n in d["nodes"] if n["site"] == site)
+        assert all(b - a >= 50 for a, b in itertools.pairwise(xs))
+    assert by_id["resid_1/3"]["lab"] == "plural" and d["groups"] == [{"name": "g", "nodes": ["embed/3"]}]
+    node = next(n for n in c.nodes if n.id == "resid_1/3")
+    assert node.activation is not None
+    act = by_id["resid_1/3"]["act"]
+    assert act["mc"] == node.activation.mean_clean and act["mp"] == node.activation.mean_patch
+    ctx0 = node.activation.contexts[0]
+    assert act["ctx"][0] == [list(ctx0.tokens), ctx0.index, ctx0.activation, ctx0.source]
+    assert len(d["edges"]) == len(c.edges)
+
+
+def test_layout_orders_nodes_to_reduce_crossings():
+    """A node sits near the nodes it connects to: in a two-row chain, the upper row follows the
+    order of the lower row."""
+    c = rich_circuit()
+    lower = [n for n in c.nodes if n.site == "resid_0" and not n.is_error]
+    d = page_data(c)
+    x = {n["id"]: n["x"] for n in d["nodes"]}
+    assert len({x[n.id] for n in lower}) == len(lower)
+
+    # every edge's mean horizontal run is shorter than with the nodes in id order
+    def run(pos: dict[str, float]) -> float:
+        return sum(abs(pos[e.source] - pos[e.target]) for e in c.edges if e.target != LOGIT_ID)
+
+    naive: dict[str, float] = {}
+    for site in SITES:
+        nds = [n for n in c.nodes if n.site == site]
+        for i, n in enumerate(nds):
+            naive[n.id] = (i - (len(nds) - 1) / 2) * 70
+    assert run(x) < run(naive)
+
+
+def test_thresholds_split_the_circuit_in_steps():
+    c = rich_circuit()
+    t = slider_thresholds(c, 8)
+    assert t[0] == c.node_threshold and t == sorted(t) and len(t) == 8
+    counts = [visible_counts(c, x, None)[0] for x in t]
+    assert counts[0] == len(c.nodes) and counts == sorted(counts, reverse=True) and counts[-1] >= 1
+    assert len(set(counts)) == len(counts)
+    e = edge_thresholds(c, 8)
+    assert e[0] == c.edge_threshold and len(e) == 8 and e == sorted(e)
+    assert slider_thresholds(small_circuit("sum", node_threshold=2.0)) == [2.0]  # no node: one step
+
+
 def test_neuronpedia_links(tmp_path):
     base = small_circuit("sum")
     c = base.replace(saes="marks", model="EleutherAI/pythia-70m-deduped")
@@ -164,25 +170,94 @@ def test_neuronpedia_links(tmp_path):
     assert neuronpedia_url(c, node) == "https://www.neuronpedia.org/pythia-70m-deduped/3-res-sm/123"
     attn = Node.feature_node("attn_0", 7, effect=1.0)
     assert neuronpedia_url(c, attn) == "https://www.neuronpedia.org/pythia-70m-deduped/0-att-sm/7"
-    assert neuronpedia_url(c, Node.feature_node("mlp_1", 2, effect=1.0)) == (
-        "https://www.neuronpedia.org/pythia-70m-deduped/1-mlp-sm/2"
-    )
     assert neuronpedia_url(c, Node.error_node("resid_3", effect=1.0)) is None
     assert neuronpedia_url(c, Node.feature_node("embed", 5, effect=1.0)) is None  # no layer-indexed page
     assert neuronpedia_url(base, node) is None  # embedded SAEs: no link
-    text = render_circuit_html(c, tmp_path / "c.html").read_text()
-    assert 'href="https://www.neuronpedia.org/pythia-70m-deduped/' in text
+    # the circuit's dictionaries name their Neuronpedia id: that wins
+    info = DictionaryInfo(kind="saelens", source="r/s", n_features=16384, neuronpedia="gemma-2-2b/3-res-16k")
+    g = base.replace(dictionaries={"resid_0": info})
+    assert neuronpedia_url(g, Node.feature_node("resid_0", 9, effect=1.0)) == (
+        "https://www.neuronpedia.org/gemma-2-2b/3-res-16k/9"
+    )
+    d = _embedded_data(render_circuit_html(c, tmp_path / "c.html").read_text())
+    assert any(
+        n["url"] and n["url"].startswith("https://www.neuronpedia.org/pythia-70m-deduped/")
+        for n in d["nodes"]
+    )
+
+
+# ---------------------------------------------------------------------------- the HTML document
+
+
+def test_page_is_self_contained_small_and_escaped(tmp_path):
+    c = rich_circuit()
+    page = render_circuit_html(c, tmp_path / "c.html", labels={("resid_0", 3): BAD})
+    text = page.read_text()
+    assert not re.search(r"<script[^>]*\ssrc=", text)  # cytoscape.js and the page's script inlined
+    assert not re.search(r"<link[^>]*\shref=", text)
+    assert "Content-Security-Policy" in text and "default-src 'none'" in text  # no request can leave
+    assert "cytoscape" in text and "fcExplorer" in text
+    assert BAD not in text and "<b>model</b>" not in text  # data is escaped everywhere
+    assert "<title>relp circuit: tiny &lt;b&gt;model&lt;/b&gt;" in text
+    data = _embedded_data(text)
+    assert [row[2] for row in data["labels"]] == [BAD]  # ... and decodes back to the text itself
+    assert 300_000 < len(text.encode()) < 700_000  # cytoscape.js (~440 kB) + the page
 
 
 def test_page_shows_enum_values(tmp_path):
-    text = render_circuit_html(small_circuit("none"), tmp_path / "c.html").read_text()
-    assert "<b>method</b>: relp" in text and "<b>aggregation</b>: none" in text
-    assert "<b>metric</b>: logit_diff" in text and "relp circuit: tiny" in text
-    assert not any(e in text for e in ("Method.RELP", "Aggregation.NONE", "MetricName.LOGIT_DIFF"))
+    d = _embedded_data(render_circuit_html(small_circuit("none"), tmp_path / "c.html").read_text())
+    meta = dict(d["meta"])
+    assert meta["method"] == "relp" and meta["aggregation"] == "none" and meta["metric"] == "logit_diff"
+    assert d["title"].startswith("relp circuit: tiny")
+    assert "tokens (first example)" in meta and d["columns"][0][0] == "'The'"
 
 
-def test_slider_thresholds():
-    c = small_circuit("sum", node_threshold=0.5)
-    t = slider_thresholds(c)
-    assert t[0] == 0.5 and t == sorted(t) and t[-1] < 1.5
-    assert slider_thresholds(small_circuit("sum", node_threshold=2.0)) == [2.0]
+def test_empty_circuit_says_so(tmp_path):
+    c = small_circuit("sum", node_threshold=100.0)
+    assert not c.nodes
+    d = _embedded_data(render_circuit_html(c, tmp_path / "c.html").read_text())
+    assert d["empty"].startswith("no node above threshold") and d["nodes"] == []
+
+
+def test_compare_marks_shared_and_missing(tmp_path):
+    a = rich_circuit()
+    b = rich_circuit(drop=frozenset({"mlp_0/3"}))
+    d = _embedded_data(render_compare_html(a, b, tmp_path / "cmp.html", names=("relp", "ig")).read_text())
+    inn = {n["id"]: n["in"] for n in d["nodes"]}
+    assert inn["mlp_0/3"] == "a" and sum(v == "both" for v in inn.values()) == len(b.nodes)
+    assert d["compare"]["counts"] == {"both": len(b.nodes), "a": 1, "b": 0}
+    n0 = next(n for n in d["nodes"] if n["id"] == "embed/3")
+    assert n0["effA"] == n0["effB"] and next(n for n in d["nodes"] if n["id"] == "mlp_0/3")["effB"] is None
+    assert {e[3] for e in d["edges"]} <= {"both", "a", "b"}
+    with pytest.raises(CircuitError, match="cannot compare circuits of aggregation 'sum' and 'none'"):
+        render_compare_html(a, rich_circuit(aggregation="none"), tmp_path / "x.html")
+
+
+# ---------------------------------------------------------------------------------------- the CLI
+
+
+def test_render_command(tmp_path, capsys):
+    c = rich_circuit().replace(
+        dictionaries={s: DictionaryInfo(kind="marks", source="x", n_features=64) for s in SITES}
+    )
+    save_circuit(c, tmp_path / "a" / "circuit.json")
+    save_circuit(rich_circuit(drop=frozenset({"mlp_0/3"})), tmp_path / "b" / "circuit.json")
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(dump_labels({("resid_1", 3): "plural"}, [Group("g", ("embed/3", "mlp_0/3"))]))
+    assert cli.main(["render", str(tmp_path / "a" / "circuit.json"), "--labels", str(labels)]) == 0
+    page = tmp_path / "a" / "circuit.html"
+    assert f"wrote {page}" in capsys.readouterr().out
+    d = _embedded_data(page.read_text())
+    assert d["groups"] == [{"name": "g", "nodes": ["embed/3", "mlp_0/3"]}]
+    out = tmp_path / "cmp.html"
+    assert cli.main(["render", "--compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    d = _embedded_data(out.read_text())
+    assert d["compare"]["names"] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    # labels are checked against the circuit's dictionaries, the error names the file and line
+    labels.write_text('{"site": "resid_1", "feature": 99, "label": "x"}\n')
+    capsys.readouterr()
+    assert cli.main(["render", str(tmp_path / "a"), "--labels", str(labels)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {labels}:1: feature 99 is out of range for site resid_1" in err
+    assert cli.main(["render"]) == 2
+    assert "give one CIRCUIT or --compare A B" in capsys.readouterr().err

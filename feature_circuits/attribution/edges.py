@@ -19,6 +19,11 @@ independent), so a downstream site costs ceil(max nodes per example / chunk_size
 backwards that are d wide, not F wide. Only the upstream features with a non-zero delta in the batch
 are multiplied out. Future positions are structurally zero and not stored; exact zeros are dropped.
 
+On the sparse feature path (node effects with :class:`SparseSiteState`; docs/algorithms.md,
+"Sparse feature path") an upstream row's features are its K active slots: the edge values of a
+row are the K gathered decoder rows dotted with the VJP (never a (d, F) product), and the
+downstream gradients are read at their slots.
+
 :func:`edge_forward` is the unfactored form (features and errors of both sites as tensors in the
 graph), kept as the one-backward-per-node reference the tests and the benchmark compare against.
 """
@@ -33,7 +38,8 @@ import torch
 from torch import Tensor
 
 from feature_circuits.attribution.registry import METHODS, method_spec
-from feature_circuits.attribution.results import EdgeEffects, NodeEffects, SiteState
+from feature_circuits.attribution.forward import SparseDecoder, gather_dot
+from feature_circuits.attribution.results import EdgeEffects, NodeEffects, SiteState, SparseSiteState, State
 from feature_circuits.data import Batch
 from feature_circuits.dictionaries import Dictionary, encode_with_error, splice_with_grad_leaves
 from feature_circuits.errors import ConfigError
@@ -44,6 +50,7 @@ from feature_circuits.types import LOGIT_ID, LRPConfig, Method, Site, SiteKind
 
 __all__ = [
     "SitePair",
+    "SparseUpstream",
     "check_direct_pairs",
     "edge_effects",
     "edge_forward",
@@ -115,12 +122,18 @@ def edge_forward(
 
 
 def select_nodes(effects: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Downstream nodes with |effect| > threshold: (example, position, index, rank within example)."""
-    idx = (effects.abs() > threshold).nonzero()
-    e, p, j = idx[:, 0], idx[:, 1], idx[:, 2]
+    """Downstream nodes with |effect| > threshold: (example, position, index, rank within example),
+    in (example, position, index) order; ``effects`` (b, s, F+1) dense or sparse COO."""
+    if effects.is_sparse:
+        t = effects.coalesce()
+        keep = t.values().abs() > threshold
+        e, p, j = t.indices()[:, keep].unbind(0)
+    else:
+        idx = (effects.abs() > threshold).nonzero()
+        e, p, j = idx[:, 0], idx[:, 1], idx[:, 2]
     counts = torch.bincount(e, minlength=effects.shape[0])
     starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(idx.shape[0], device=idx.device) - starts[e]
+    rank = torch.arange(e.shape[0], device=e.device) - starts[e]
     return e, p, j, rank
 
 
@@ -194,8 +207,40 @@ def _empty_edges(shape: tuple[int, ...], like: Tensor) -> Tensor:
 UpstreamFactors = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
-def upstream_factors(ae: Dictionary, delta: SiteState, like: Tensor) -> UpstreamFactors:
+@dataclass(frozen=True)
+class SparseUpstream:
+    """What a sparse upstream site contributes to every edge out of it: its decoder rows ``w``
+    (F, d), the shared slot ``index`` / ``mask`` (b, s, K), the feature deltas at the slots and the
+    error delta (b, s, d)."""
+
+    w: Tensor
+    index: Tensor
+    delta_f: Tensor
+    delta_err: Tensor
+    n_features: int
+
+    def values(self, g: Tensor, ce: Tensor) -> tuple[Tensor, Tensor]:
+        """Edge values (n, s_u, K+1) for VJP rows ``g`` (n, s_u, d) of examples ``ce``, and their
+        upstream node columns (n, s_u, K+1) (K: the error node)."""
+        idx = self.index[ce]
+        feat = gather_dot(self.w, idx, g) * self.delta_f[ce]
+        err = (g * self.delta_err[ce]).sum(-1, keepdim=True)
+        cols = torch.cat([idx, torch.full_like(idx[..., :1], self.n_features)], -1)
+        return torch.cat([feat, err], -1), cols
+
+
+def sparse_upstream(ae: Dictionary, delta: SparseSiteState, like: Tensor) -> SparseUpstream:
+    """:class:`SparseUpstream` of a site on the sparse feature path (padding slots get delta 0)."""
+    w = SparseDecoder.of(ae, like).w
+    return SparseUpstream(
+        w, delta.index, (delta.values * delta.mask).to(like.dtype), delta.err.to(like.dtype), delta.n_features
+    )
+
+
+def upstream_factors(ae: Dictionary, delta: State, like: Tensor) -> UpstreamFactors | SparseUpstream:
     """What an upstream site contributes to every edge out of it (computed once per site)."""
+    if isinstance(delta, SparseSiteState):
+        return sparse_upstream(ae, delta, like)
     active = (delta.f != 0).any(0).any(0).nonzero().squeeze(1)
     return (
         ae.decoder_directions(like)[active],
@@ -212,7 +257,7 @@ def down_edges(
     ups: Sequence[str],
     leaves: Mapping[str, Tensor],
     outs: Mapping[str, Tensor],
-    factors: Mapping[str, UpstreamFactors],
+    factors: Mapping[str, UpstreamFactors | SparseUpstream],
     *,
     node_threshold: float,
     chunk_size: int = 64,
@@ -228,8 +273,8 @@ def down_edges(
         raise ConfigError("edge effects need node gradients: compute nodes with atp, ig or relp (not exact)")
     gd = nodes.grads[down]
     xd = outs[down]
-    b, s, n_fd = gd.f.shape
-    shapes = {u: (b, s, n_fd + 1, s, nodes.deltas[u].f.shape[-1] + 1) for u in ups}
+    b, s, n_fd = gd.shape
+    shapes = {u: (b, s, n_fd + 1, s, nodes.deltas[u].n_features + 1) for u in ups}
     e, p, j, rank = select_nodes(nodes.effects[down], node_threshold)
     if e.numel() == 0:
         return {u: _empty_edges(shapes[u], gd.f) for u in ups}
@@ -238,7 +283,7 @@ def down_edges(
         dictionaries[down],
         xd.detach()[e, p],
         j,
-        gd.f[e, p, j_f].to(xd.dtype),
+        (gd.values_at(e, p, j_f) if isinstance(gd, SparseSiteState) else gd.f[e, p, j_f]).to(xd.dtype),
         gd.err[e, p].to(xd.dtype),
         n_fd,
     )
@@ -263,12 +308,17 @@ def down_edges(
             for u, gxu in zip(ups, grads, strict=True):
                 if gxu is None:
                     continue
-                w_act, df_act, derr, cols = factors[u]
+                fac = factors[u]
                 g = gxu[cr, ce]  # (n, s_u, d)
-                vals = torch.cat([(g @ w_act.T) * df_act[ce], (g * derr[ce]).sum(-1, keepdim=True)], -1)
+                if isinstance(fac, SparseUpstream):
+                    vals, cols = fac.values(g, ce)
+                else:
+                    w_act, df_act, derr, cols = fac
+                    vals = torch.cat([(g @ w_act.T) * df_act[ce], (g * derr[ce]).sum(-1, keepdim=True)], -1)
                 vals = vals.masked_fill(future, 0)  # future positions are structurally zero
                 n_i, su, k = vals.nonzero().unbind(1)
-                found[u][0].append(torch.stack([ce[n_i], cp[n_i], cj[n_i], su, cols[k]]))
+                col = cols[n_i, su, k] if cols.dim() == 3 else cols[k]
+                found[u][0].append(torch.stack([ce[n_i], cp[n_i], cj[n_i], su, col]))
                 found[u][1].append(vals[n_i, su, k])
     return {
         u: torch.sparse_coo_tensor(

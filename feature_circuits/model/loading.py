@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from feature_circuits import toy
-from feature_circuits.errors import ModelLoadError
-from feature_circuits.model.sites import build_sites, detect_architecture, is_parallel_residual, site_by_name
+from feature_circuits.errors import ConfigError, ModelLoadError
+from feature_circuits.model.sites import build_sites, detect_architecture, is_parallel_residual
 from feature_circuits.types import Architecture, Site, SiteKind
 
 if TYPE_CHECKING:
@@ -99,7 +99,11 @@ class LoadedModel:
 
     def site(self, name: str) -> Site:
         """The site called ``name`` (:class:`~feature_circuits.errors.ConfigError` if unknown)."""
-        return site_by_name(self.all_sites, name)
+        for s in (*self.sites, *self.attn_z_sites):
+            if s.name == name:
+                return s
+        also = f" (and attn_z_0 .. attn_z_{len(self.attn_z_sites) - 1})" if self.attn_z_sites else ""
+        raise ConfigError(f"unknown site {name!r}; sites are {[s.name for s in self.sites]}{also}")
 
     def spliced_sites(self, names: Collection[str]) -> tuple[Site, ...]:
         """The sites among ``names`` (e.g. the keys of a dictionary set), in forward order; the

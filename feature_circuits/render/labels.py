@@ -52,7 +52,9 @@ def parse_node_id(node_id: str) -> tuple[str, int | None, int | None]:
     ``ValueError`` when it is not a node id."""
     m = _NODE_ID.match(node_id) if isinstance(node_id, str) else None
     if m is None or not Site.is_name(m.group("site")):
-        raise ValueError(f"not a node id: {node_id!r} (expected SITE/FEATURE, SITE@POSITION/FEATURE or SITE/err)")
+        raise ValueError(
+            f"not a node id: {node_id!r} (expected SITE/FEATURE, SITE@POSITION/FEATURE or SITE/err)"
+        )
     feat = m.group("feat")
     pos = m.group("pos")
     return m.group("site"), None if feat == ERROR_TOKEN else int(feat), None if pos is None else int(pos)
@@ -128,13 +130,13 @@ def load_labels(path: str | Path, sizes: Mapping[str, int] | None = None) -> Lab
         except json.JSONDecodeError as err:
             raise LabelsError(f"{where}: not valid JSON ({err.msg})") from None
         if not isinstance(d, dict):
-            raise LabelsError(
-                f"{where}: expected an object with keys site, feature, label (or group, nodes)"
-            )
+            raise LabelsError(f"{where}: expected an object with keys site, feature, label (or group, nodes)")
         if "group" in d:
             group = _group_line(where, d, sizes)
             if group.name in names:
-                raise LabelsError(f"{where}: group {group.name!r} is already defined on line {names[group.name]}")
+                raise LabelsError(
+                    f"{where}: group {group.name!r} is already defined on line {names[group.name]}"
+                )
             names[group.name] = i
             out.groups.append(group)
         else:

@@ -53,7 +53,7 @@ LAYER_GAP = 26.0
 NODE_DX = 70.0
 COLUMN_GAP = 50.0
 
-LabelsLike = Mapping[tuple[str, "int | None"], str]
+LabelsLike = Mapping[tuple[str, Any], str]
 
 
 def neuronpedia_url(circuit: Circuit, node: Node) -> str | None:
@@ -71,25 +71,30 @@ def neuronpedia_url(circuit: Circuit, node: Node) -> str | None:
     return f"https://www.neuronpedia.org/pythia-70m-deduped/{int(node.layer)}-{kind}-sm/{int(node.feature)}"
 
 
-def _geometric(t0: float, mags: Sequence[float], steps: int) -> list[float]:
-    amax = max(mags, default=0.0)
-    if amax <= max(t0, 0.0) * 1.0001 or steps <= 1:
-        return [t0]
-    base = t0 if t0 > 0 else max(min((m for m in mags if m > 0), default=amax) / 2, 1e-12)
-    out = [t0] + [base * (amax / base) ** (k / steps) for k in range(1, steps)]
-    return sorted(set(out))
+def _quantiles(t0: float, mags: Sequence[float], steps: int) -> list[float]:
+    """``t0``, then thresholds that each hide about ``1/steps`` more of ``mags`` (the k-th step hides
+    the ``k * n // steps`` smallest; the strongest always stay), ascending, without repeats."""
+    m = sorted(x for x in mags if x > t0)
+    out = [t0]
+    for k in range(1, max(steps, 1)):
+        idx = k * len(m) // steps
+        if idx >= 1 and m[idx - 1] > out[-1] and m[idx - 1] < m[-1]:
+            out.append(m[idx - 1])
+    return out
 
 
 def slider_thresholds(circuit: Circuit, steps: int = 8) -> list[float]:
-    """Node thresholds for the slider: the circuit's own, then geometric steps up to max |effect|."""
+    """Node thresholds for the node slider (a node is shown when its |effect| is above the step's
+    threshold): the circuit's own, then steps that each hide about ``1/steps`` more of its nodes."""
     mags = [abs(n.effect) for n in circuit.nodes if math.isfinite(n.effect)]
-    return _geometric(float(circuit.node_threshold), mags, steps)
+    return _quantiles(float(circuit.node_threshold), mags, steps)
 
 
 def edge_thresholds(circuit: Circuit, steps: int = 8) -> list[float]:
-    """Edge thresholds for the edge slider: the circuit's own, then geometric steps up to max |weight|."""
+    """Edge thresholds for the edge slider: the circuit's own, then steps that each hide about
+    ``1/steps`` more of its edges."""
     mags = [abs(e.weight) for e in circuit.edges if math.isfinite(e.weight)]
-    return _geometric(float(circuit.edge_threshold), mags, steps)
+    return _quantiles(float(circuit.edge_threshold), mags, steps)
 
 
 # ------------------------------------------------------------------------------------------ layout
@@ -259,7 +264,7 @@ def page_data(
     """Everything the page's script draws, as JSON-ready data (see the module docstring)."""
     labels = labels or {}
     if groups is None:
-        groups = getattr(labels, "groups", [])
+        groups = labels.groups if isinstance(labels, Labels) else []
     lay = layout(circuit)
     return {
         "title": _title(circuit),
@@ -286,14 +291,24 @@ def page_data(
 
 @cache
 def _asset(name: str) -> str:
-    return files("feature_circuits.render").joinpath("assets", name).read_text(encoding="utf-8")
+    return files("feature_circuits.render").joinpath("assets").joinpath(name).read_text(encoding="utf-8")
 
 
 def _json_for_script(data: object) -> str:
     text = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    for ch, esc in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+    for ch, esc in (
+        ("&", "\\u0026"),
+        ("<", "\\u003c"),
+        (">", "\\u003e"),
+        ("\u2028", "\\u2028"),
+        ("\u2029", "\\u2029"),
+    ):
         text = text.replace(ch, esc)
     return text
+
+
+#: The page may run its own inline script and style and nothing else: no request leaves it.
+_CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:"
 
 
 def _page(data: dict[str, Any]) -> str:
@@ -301,7 +316,7 @@ def _page(data: dict[str, Any]) -> str:
     lib = _asset("cytoscape.min.js").replace("</script", "<\\/script")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:">
+<meta http-equiv="Content-Security-Policy" content="{_CSP}">
 <title>{e(data["title"])}</title>
 <style>{_asset("explorer.css")}</style>
 <script>{_asset("onerror.js")}</script>
@@ -350,9 +365,12 @@ def _union(a: Circuit, b: Circuit) -> tuple[Circuit, dict[str, str], dict[tuple[
     a_edges = {(e.source, e.target) for e in a.edges}
     b_edges = {(e.source, e.target) for e in b.edges}
     edges = list(a.edges) + [e for e in b.edges if (e.source, e.target) not in a_edges]
-    node_in = {i: "both" if i in a_ids and i in b_ids else ("a" if i in a_ids else "b") for i in a_ids | b_ids}
+    node_in = {
+        i: "both" if i in a_ids and i in b_ids else ("a" if i in a_ids else "b") for i in a_ids | b_ids
+    }
     edge_in = {
-        k: "both" if k in a_edges and k in b_edges else ("a" if k in a_edges else "b") for k in a_edges | b_edges
+        k: "both" if k in a_edges and k in b_edges else ("a" if k in a_edges else "b")
+        for k in a_edges | b_edges
     }
     n_layers = max(a.num_layers, b.num_layers)
     union = a.replace(

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # ----------------------------------------------------------------------------------------------- words
@@ -213,7 +212,6 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
-
 @dataclass(frozen=True)
 class Lexicon:
     """The words the pair generators draw from. The default is this module's full word lists (what
@@ -228,10 +226,6 @@ class Lexicon:
     names: tuple[str, ...] = field(default_factory=lambda: tuple(NAMES))
     places: tuple[str, ...] = field(default_factory=lambda: tuple(PLACES))
     objects: tuple[str, ...] = field(default_factory=lambda: tuple(OBJECTS))
-
-
-#: A candidate pair filter of the generators: True keeps the pair (e.g. "it tokenizes validly").
-Accept = Callable[[dict], bool]
 
 
 # -------------------------------------------------------------------------------------------- hold-out
@@ -387,6 +381,10 @@ def _max_tries(n: int) -> int:
     return 200 * n + 10000
 
 
+#: Non-strict generators stop after this many draws in a row without a new distinct candidate.
+_STALE_DRAWS = 20000
+
+
 def generate_sva_pairs(
     structure: str,
     n: int,
@@ -394,26 +392,26 @@ def generate_sva_pairs(
     seed: int = 0,
     *,
     lexicon: Lexicon | None = None,
-    accept: Accept | None = None,
     strict: bool = True,
 ) -> list[dict]:
     """``n`` distinct SVA pairs of ``structure``; ``split='test'`` draws held-out combinations only,
     ``split='train'`` non-held-out ones. Balanced over the clean-example number cases by random sampling.
 
-    ``lexicon`` restricts the words (default: all of this module's); ``accept`` drops candidate
-    pairs it returns False for (each distinct candidate is offered once). After ``200 n + 10000``
-    draws without reaching ``n`` pairs: ``strict`` raises :class:`RuntimeError`, otherwise the
-    pairs found so far are returned."""
+    ``lexicon`` restricts the words (default: all of this module's). After ``200 n + 10000`` draws
+    without reaching ``n`` pairs ``strict`` raises :class:`RuntimeError`; otherwise (``strict=False``)
+    the pairs found so far are returned, already after ``20000`` draws in a row that found no new
+    pair (the words admit no more). The first ``m`` pairs do not depend on ``n >= m``."""
     if structure not in STRUCTURES:
         raise ValueError(f"unknown structure {structure!r}; expected one of {STRUCTURES}")
     want_held = _split_flag(split)
     lex = Lexicon() if lexicon is None else lexicon
     rng = random.Random(f"sva|{structure}|{split}|{seed}")
     out, seen = [], set()
-    tries = 0
+    tries = stale = 0
     while len(out) < n:
         tries += 1
-        if tries > _max_tries(n):
+        stale += 1
+        if tries > _max_tries(n) or (not strict and stale > _STALE_DRAWS):
             if not strict:
                 break
             raise RuntimeError(f"could not draw {n} distinct {structure} pairs for split {split}")
@@ -424,8 +422,7 @@ def generate_sva_pairs(
         if sig in seen:
             continue
         seen.add(sig)
-        if accept is not None and not accept(ex):
-            continue
+        stale = 0
         out.append(ex)
     return out
 
@@ -458,21 +455,21 @@ def generate_ioi_pairs(
     seed: int = 0,
     *,
     lexicon: Lexicon | None = None,
-    accept: Accept | None = None,
     strict: bool = True,
 ) -> list[dict]:
     """``n`` distinct IOI pairs (held-out combinations for ``split='test'``, others for 'train');
-    ``lexicon``, ``accept`` and ``strict`` as in :func:`generate_sva_pairs`."""
+    ``lexicon`` and ``strict`` as in :func:`generate_sva_pairs`."""
     want_held = _split_flag(split)
     lex = Lexicon() if lexicon is None else lexicon
     if len(lex.names) < 2:
         raise ValueError(f"IOI needs at least two names, got {list(lex.names)}")
     rng = random.Random(f"ioi|{split}|{seed}")
     out, seen = [], set()
-    tries = 0
+    tries = stale = 0
     while len(out) < n:
         tries += 1
-        if tries > _max_tries(n):
+        stale += 1
+        if tries > _max_tries(n) or (not strict and stale > _STALE_DRAWS):
             if not strict:
                 break
             raise RuntimeError(f"could not draw {n} distinct ioi pairs for split {split}")
@@ -481,10 +478,8 @@ def generate_ioi_pairs(
         if is_held_out(ioi_key(a, b, place, obj)) != want_held or (b, a, place, obj) in seen:
             continue
         seen.add((b, a, place, obj))
-        ex = make_ioi_pair(b, a, place, obj)
-        if accept is not None and not accept(ex):
-            continue
-        out.append(ex)
+        stale = 0
+        out.append(make_ioi_pair(b, a, place, obj))
     return out
 
 

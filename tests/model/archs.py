@@ -65,7 +65,7 @@ def tiny_gemma3(seed: int = 0, **overrides) -> nn.Module:
         query_pre_attn_scalar=8,
         sliding_window=WINDOW,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-        attn_logit_softcapping=2.0,
+        attn_logit_softcapping=None,  # Gemma 3 has no attention soft-cap (q/k norms instead)
         final_logit_softcapping=3.0,
         hidden_activation="gelu_pytorch_tanh",
     )

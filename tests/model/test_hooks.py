@@ -65,7 +65,8 @@ def _hand_z(hf, arch, layer, x_normed, cos_sin):
         if hasattr(attn, "q_norm"):  # Qwen3, Gemma 3: per-head RMSNorm of q and k before rotary
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        softcap = getattr(attn, "attn_logit_softcapping", None)
+        # Gemma 2 soft-caps the attention logits; Gemma 3 does not (its config field is unused)
+        softcap = attn.attn_logit_softcapping if arch is Architecture.GEMMA2 else None
         window = getattr(attn, "sliding_window", None)
     q, k = rot(q, k, *cos_sin)
     n_rep = q.shape[1] // k.shape[1]
