@@ -1,6 +1,6 @@
 # One-line bootstrap for a machine that has only Python 3.10+.
-# `make install` builds .venv with pip alone (runtime + dev tools: pytest, ruff, pyright with its
-# bundled Node.js, jsonschema); `make lock` (needs uv: the venv's or one on PATH) regenerates
+# `make install` builds .venv with pip alone (runtime + the saelens extra + dev tools: pytest, ruff,
+# pyright with its bundled Node.js, jsonschema); `make lock` (needs uv: the venv's or one on PATH) regenerates
 # requirements.lock. `.ci/run` is what CI runs: lint, typecheck, test, wheel-check.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet --no-deps -r requirements.lock
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
-	$(PY) -c "import torch, nnsight, dictionary_learning, transformers, feature_circuits; print('installed: torch', torch.__version__, 'nnsight', nnsight.__version__, 'transformers', transformers.__version__)"
+	$(PY) -c "import torch, nnsight, dictionary_learning, transformers, sae_lens, feature_circuits; print('installed: torch', torch.__version__, 'nnsight', nnsight.__version__, 'transformers', transformers.__version__, 'sae_lens', sae_lens.__version__)"
 	PYRIGHT_PYTHON_IGNORE_WARNINGS=1 $(VENV)/bin/pyright --version
 	touch $@
 
@@ -58,7 +58,7 @@ ci: lint typecheck test wheel-check
 lock:
 	@test -n "$(UV)" || { echo "make lock needs uv (in $(VENV)/bin or on PATH)" >&2; exit 1; }
 	cp requirements.lock requirements.lock.tmp 2>/dev/null || : > requirements.lock.tmp
-	$(UV) pip compile pyproject.toml --extra dev --universal --python-version 3.10 --no-annotate --quiet \
+	$(UV) pip compile pyproject.toml --extra dev --extra saelens --universal --python-version 3.10 --no-annotate --quiet \
 	  --custom-compile-command "make lock" -o requirements.lock.tmp
 	grep -vE $(TORCH_ONLY) requirements.lock.tmp > requirements.lock
 	rm -f requirements.lock.tmp

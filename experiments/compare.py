@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from feature_circuits.data import DatasetError, Pair, make_batches, tokenize_pair
-from feature_circuits.model.sites import get_activation, save, set_activation
+from feature_circuits.model.sites import get_activation, save
 from feature_circuits.toy import grammar
 from feature_circuits.types import LRPConfig, Method, Site, SiteKind
 
@@ -200,10 +200,18 @@ def component_exact(
     *,
     metric: Any = None,
     max_rows: int = 256,
+    resume: bool = True,
+    progress: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Exact component effects (b, s) per site: m(clean | x_site[pos] <- x_site^patch[pos]) - m(clean),
-    one patched forward per (example, position), ``max_rows`` of them stacked per forward."""
+    one patched forward per (example, position), ``max_rows`` of them stacked per forward. With
+    ``resume`` the patched forwards start at the site from the clean run's state, for the positions
+    from the patched one on (docs/algorithms.md, "Resuming from the patched site"); else, or for a
+    model the resumable runner does not know, they re-run the whole model. ``progress``: a bar over
+    the patches (None: when stderr is a terminal)."""
+    from feature_circuits.attribution.exact import PatchRunner, show_progress
     from feature_circuits.metrics import logit_diff
+    from feature_circuits.progress import progress_bar
 
     metric = logit_diff if metric is None else metric
     sites = component_sites(loaded) if sites is None else list(sites)
@@ -211,29 +219,25 @@ def component_exact(
     patch_acts, _ = _site_acts(loaded, batch.patch, sites)
     with torch.no_grad():
         m_clean = metric(clean_logits, batch)
+    runner = PatchRunner(loaded, batch, metric, m_clean, resume=resume)
     b, seq = batch.clean.shape
     rows = torch.stack(torch.meshgrid(torch.arange(b), torch.arange(seq), indexing="ij"), -1).view(-1, 2)
-    lm = loaded.lm
+    rows = rows[torch.argsort(rows[:, 1], stable=True)]  # position order: a chunk resumes together
     out: dict[str, torch.Tensor] = {}
-    for s in sites:
-        delta = patch_acts[s.name] - clean_acts[s.name]  # (b, s, d)
-        eff = torch.zeros(b, seq, dtype=delta.dtype)
-        for r0 in range(0, rows.shape[0], max_rows):
-            chunk = rows[r0 : r0 + max_rows]
-            e, pos = chunk[:, 0], chunk[:, 1]
-            n = chunk.shape[0]
-            add = torch.zeros(n, seq, delta.shape[-1], dtype=delta.dtype, device=delta.device)
-            add[torch.arange(n), pos.to(delta.device)] = delta[e.to(delta.device), pos.to(delta.device)]
-            sub = batch.select(e)
-            saved: dict[str, Any] = {}
-            with torch.no_grad(), lm.trace(sub.clean.to(loaded.device)):
-                x = get_activation(lm, s)
-                set_activation(lm, s, x + add)
-                saved["logits"] = lm.output.logits.save()
-            with torch.no_grad():
-                m = metric(saved["logits"].detach(), sub)
-            eff[e, pos] = (m - m_clean[e.to(m_clean.device)]).detach().cpu().to(eff.dtype)
-        out[s.name] = eff
+    bar = progress_bar(
+        total=len(sites) * rows.shape[0], desc="exact components", unit="patch", enabled=show_progress(progress)
+    )
+    with bar:
+        for s in sites:
+            delta = patch_acts[s.name] - clean_acts[s.name]  # (b, s, d)
+            eff = torch.zeros(b, seq, dtype=delta.dtype)
+            for r0 in range(0, rows.shape[0], max_rows):
+                chunk = rows[r0 : r0 + max_rows]
+                e, pos = chunk[:, 0], chunk[:, 1]
+                vec = delta[e.to(delta.device), pos.to(delta.device)]
+                eff[e, pos] = runner.effects(s, e.to(delta.device), pos.to(delta.device), vec).cpu().to(eff.dtype)
+                bar.update(int(chunk.shape[0]))
+            out[s.name] = eff
     return out
 
 
@@ -337,9 +341,13 @@ def run_compare(
     steps: int = 10,
     loaded_and_dicts: tuple[Any, dict[str, Any]] | None = None,
     log: Any = None,
+    progress: bool | None = None,
 ) -> CompareResult:
-    """Run the component-level (or, with ``features``, feature-level) comparison."""
-    from feature_circuits.attribution import load_for_attribution, method_spec, node_effects
+    """Run the component-level (or, with ``features``, feature-level) comparison. ``progress``:
+    progress bars over the batches and the exact patches (None: when stderr is a terminal)."""
+    from feature_circuits.attribution import ExactOptions, load_for_attribution, method_spec, node_effects
+    from feature_circuits.attribution.exact import show_progress
+    from feature_circuits.progress import progress as progress_iter
 
     methods = [Method(m).value for m in methods]
     if "exact" in methods:
@@ -356,10 +364,11 @@ def run_compare(
     exact_pts: dict[str, list[np.ndarray]] = {}
     score_pts: dict[str, dict[str, list[np.ndarray]]] = {m: {} for m in methods}
     site_kind = {s.name: s.kind.value for s in loaded.sites}
-    for bi, batch in enumerate(batches):
+    show = show_progress(progress)
+    for bi, batch in enumerate(progress_iter(batches, desc="compare", unit="batch", enabled=show)):
         if features:
             t0 = time.perf_counter()
-            ex = node_effects(loaded, dicts, batch, Method.EXACT)
+            ex = node_effects(loaded, dicts, batch, Method.EXACT, options=ExactOptions(progress=show))
             timing["exact"] += time.perf_counter() - t0
             keep = {
                 k: torch.cat([d.f != 0, (d.err != 0).any(-1, keepdim=True)], -1) for k, d in ex.deltas.items()
@@ -368,14 +377,14 @@ def run_compare(
             for m in methods:
                 t0 = time.perf_counter()
                 ne = node_effects(
-                    loaded, dicts, batch, Method(m), options=method_spec(m).options_from({"steps": steps})
+                    loaded, dicts, batch, Method(m), options=method_spec(m).options_from({"steps": steps, "progress": show})
                 )
                 timing[m] += time.perf_counter() - t0
                 _add_node_points(score_pts[m], ne.effects, keep, site_kind)
         else:
             sites = component_sites(loaded)
             t0 = time.perf_counter()
-            ex = component_exact(loaded, batch, sites)
+            ex = component_exact(loaded, batch, sites, progress=show)
             timing["exact"] += time.perf_counter() - t0
             for s in sites:
                 exact_pts.setdefault(s.kind.value, []).append(ex[s.name].numpy().ravel())

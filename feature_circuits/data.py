@@ -412,7 +412,7 @@ def _load(
     key = "" if tokenizer is None else tokenizer_key(tokenizer)
     encode = None if tokenizer is None else _Encoder(tokenizer)
     parsed: dict[int, Pair | DatasetError] = {}
-    for index, (lineno, raw) in enumerate(lines):
+    for index, (lineno, _raw) in enumerate(lines):
         if index % _PRIME_LINES == 0:  # parse the next chunk, encode its texts in one call
             for ln, rw in lines[index : index + _PRIME_LINES]:
                 try:

@@ -61,6 +61,7 @@ __all__ = [
 Log = Callable[[str], None]
 Split = Literal["train", "test"]
 DType = Literal["float32", "float64", "bfloat16", "float16"]
+Ablation = Literal["mean", "zero", "patch", "resample"]
 
 
 def _help(text: str, **extra: object) -> dict[str, object]:
@@ -191,6 +192,23 @@ class DiscoverConfig:
     )
     progress: bool = field(default=True, metadata=_help("show a progress bar"))
     html: bool = field(default=True, metadata=_help("write circuit.html beside circuit.json"))
+    contexts: str | None = field(
+        default=None,
+        metadata=_help(
+            "extra text for each node's top activating contexts: plain text, one document per line, or "
+            'JSON Lines with a "text" string (.jsonl)',
+            metavar="FILE",
+        ),
+    )
+    context_top_k: int = field(
+        default=8,
+        metadata=_help(
+            "top activating contexts recorded per node and source (discovery prompts, --contexts); "
+            "0 skips the contexts pass"
+        ),
+    )
+    context_before: int = field(default=8, metadata=_help("tokens kept before the firing token of a context"))
+    context_after: int = field(default=4, metadata=_help("tokens kept after the firing token of a context"))
 
     def __post_init__(self) -> None:
         _coerce(self, "method", Method)
@@ -207,6 +225,12 @@ class DiscoverConfig:
         _check_min("threads", self.threads, 1)
         _check_threshold("node_threshold", self.node_threshold)
         _check_threshold("edge_threshold", self.edge_threshold)
+        for name in ("context_top_k", "context_before", "context_after"):
+            _check_min(name, getattr(self, name), 0)
+        if self.contexts is not None:
+            from feature_circuits.circuit.contexts import read_contexts_file
+
+            read_contexts_file(self.contexts)  # a missing or malformed file fails before any forward
 
     @property
     def computes_edges(self) -> bool:
@@ -252,6 +276,23 @@ class EvaluateConfig:
     free_layers: int | None = field(
         default=None, metadata=_help("layers < this (and embed) are always kept (default: n_layers // 3)")
     )
+    ablation: Ablation = field(
+        default="mean",
+        metadata=_help(
+            "what an ablated node takes: mean (over the patch inputs; the standard), zero, patch (its "
+            "value on the example's patch input) or resample (its value on another example's clean input)"
+        ),
+    )
+    bootstrap: int = field(
+        default=200,
+        metadata=_help("bootstrap resamples of the examples for the intervals of the scores (0: none)"),
+    )
+    baseline_draws: int = field(
+        default=5, metadata=_help("random circuits per grid size for the random baseline (0: none)")
+    )
+    seed: int = field(
+        default=0, metadata=_help("seed of the resample ablation, the bootstrap and the baseline")
+    )
     device: str | None = field(default=None, metadata=_help("cpu, cuda, ... (default: cuda if available)"))
     threads: int | None = field(
         default=None,
@@ -279,6 +320,9 @@ class EvaluateConfig:
         _check_min("batch_size", self.batch_size, 1)
         _check_min("free_layers", self.free_layers, 0)
         _check_min("threads", self.threads, 1)
+        _check_choice("ablation", self.ablation, ("mean", "zero", "patch", "resample"))
+        _check_min("bootstrap", self.bootstrap, 0)
+        _check_min("baseline_draws", self.baseline_draws, 0)
         if self.thresholds is not None:
             object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
             if not self.thresholds or any(not math.isfinite(t) or t < 0 for t in self.thresholds):
@@ -327,6 +371,7 @@ def discover(cfg: DiscoverConfig, *, log: Log = _quiet) -> Circuit:
         save_circuit,
         save_effects,
     )
+    from feature_circuits.circuit.contexts import record_activations
     from feature_circuits.data import load_pairs, make_batches, resolve_dataset
     from feature_circuits.dictionaries import dictionary_infos
     from feature_circuits.memory import choose_batch_size, estimate_memory
@@ -366,6 +411,8 @@ def discover(cfg: DiscoverConfig, *, log: Log = _quiet) -> Circuit:
 
     t = time.perf_counter()
     pairs = load_pairs(data_path, loaded.tokenizer, limit=cfg.num_examples)
+    if pairs.report:  # a shipped task built for this tokenizer, or answers read with a leading space
+        log(pairs.report)
     lengths = sorted({len(p.tokens_for(loaded.tokenizer).clean) for p in pairs})
     if cfg.aggregation is Aggregation.NONE and len(lengths) > 1:
         raise ConfigError(
@@ -450,6 +497,19 @@ def discover(cfg: DiscoverConfig, *, log: Log = _quiet) -> Circuit:
             "dictionaries": dictionary_infos(dicts),
             "sites_without_dictionary": tuple(s.name for s in loaded.sites if s.name not in dicts),
         }
+    )
+    # where each node fires: mean activations and top contexts (docs/algorithms.md, "Feature contexts")
+    circuit = record_activations(
+        circuit,
+        loaded,
+        dicts,
+        batches,
+        top_k=cfg.context_top_k,
+        before=cfg.context_before,
+        after=cfg.context_after,
+        contexts=cfg.contexts,
+        batch_size=batch_size,
+        enabled=cfg.progress and main_rank,
     )
     if not circuit.nodes:
         log(f"note: {circuit.empty_note()}")
@@ -598,7 +658,7 @@ def evaluate(cfg: EvaluateConfig, *, log: Log = _quiet, echo: Log = _quiet) -> l
             _check_disjoint_from_discovery(job, pairs, data_path, loaded, log)
         batches = make_batches(pairs, loaded.tokenizer, cfg.batch_size)
         key = (circ.model, circ.saes, str(data_path), len(pairs), cfg.batch_size)
-        if key not in means_cache:
+        if cfg.ablation == "mean" and key not in means_cache:
             means_cache[key] = compute_means(loaded, aes, batches, per_position=positions_aligned(batches))
         log(f"evaluating {job.label} on {data_path} ({len(pairs)} examples)")
         res = evaluate_circuit(
@@ -611,8 +671,12 @@ def evaluate(cfg: EvaluateConfig, *, log: Log = _quiet, echo: Log = _quiet) -> l
             thresholds=cfg.thresholds,
             variants=tuple(Variant) if cfg.variants is None else cfg.variants,
             free_layers=cfg.free_layers,
-            means=means_cache[key],
+            means=means_cache.get(key),
             progress=cfg.progress,
+            ablation=cfg.ablation,
+            seed=cfg.seed,
+            bootstrap=cfg.bootstrap,
+            baseline_draws=cfg.baseline_draws,
         ).with_meta(eval_dataset=str(data_path), eval_split=cfg.split, circuit=str(job.path))
         for warning in res.warnings:
             log(f"warning: {job.path}: {warning}")

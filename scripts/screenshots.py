@@ -14,6 +14,7 @@ Chromium, chromium-driver (tests/setup_chromium.sh) and selenium (the dev extra)
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -55,6 +56,13 @@ def _wait_ready(driver, timeout: float = 60.0) -> dict[str, str]:
     raise SystemExit("the page did not finish drawing")
 
 
+_LOAD_MS = "var t = performance.timing; return t.loadEventEnd - t.navigationStart;"
+_NODE_XY = (
+    "var p = fcExplorer.cy.getElementById(arguments[0]).renderedPosition();"
+    "var c = document.getElementById('fc-cy'); return [p.x, p.y, c.clientWidth, c.clientHeight];"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="screenshots.py", description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -86,19 +94,21 @@ def main(argv: list[str] | None = None) -> int:
         size = page.stat().st_size
         driver = _driver(args.width, args.height)
         try:
-            loads, ready = [], []
+            loads, ready, cpu = [], [], []
             for _ in range(max(args.loads, 1)):
+                # main-thread CPU time of the load (less sensitive to a busy machine than wall time)
+                driver.execute_cdp_cmd("Performance.disable", {})
+                driver.execute_cdp_cmd("Performance.enable", {"timeDomain": "threadTicks"})
                 driver.get(page.resolve().as_uri())
                 st = _wait_ready(driver)
-                t = driver.execute_script(
-                    "var t = performance.timing; return [t.loadEventEnd - t.navigationStart, 0];"
-                )
-                while t[0] <= 0:  # the load event may end just after the explorer is drawn
+                load = 0
+                while load <= 0:  # the load event may end just after the explorer is drawn
+                    load = driver.execute_script(_LOAD_MS)
                     time.sleep(0.02)
-                    t = driver.execute_script(
-                        "var t = performance.timing; return [t.loadEventEnd - t.navigationStart, 0];"
-                    )
-                loads.append(t[0])
+                time.sleep(0.5)  # the first frames drawn after the load
+                metrics = driver.execute_cdp_cmd("Performance.getMetrics", {})["metrics"]
+                cpu.append(round(1000 * next(m["value"] for m in metrics if m["name"] == "ThreadTime")))
+                loads.append(load)
                 ready.append(int(st["readyMs"]))
             args.out_dir.mkdir(parents=True, exist_ok=True)
             time.sleep(0.3)
@@ -112,11 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 from selenium.webdriver.common.by import By
 
                 box = driver.find_element(By.ID, "fc-cy")
-                x, y, w, h = driver.execute_script(
-                    "var p = fcExplorer.cy.getElementById(arguments[0]).renderedPosition();"
-                    "var c = document.getElementById('fc-cy'); return [p.x, p.y, c.clientWidth, c.clientHeight];",
-                    node.id,
-                )
+                x, y, w, h = driver.execute_script(_NODE_XY, node.id)
                 ActionChains(driver).move_to_element_with_offset(
                     box, round(x - w / 2), round(y - h / 2)
                 ).click().perform()
@@ -126,13 +132,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {full} and {panel} (panel of {node.id})")
         finally:
             driver.quit()
-    print(
-        f"circuit: {len(circuit.nodes)} nodes, {len(circuit.edges)} edges, {with_ctx} nodes with contexts\n"
-        f"page size: {size / 1024:.0f} KiB ({size} bytes)\n"
-        f"load time (navigation start -> load event), median of {len(loads)}: {statistics.median(loads):.0f} ms "
-        f"(all: {loads})\n"
-        f"explorer drawn (navigation start -> graph ready), median: {statistics.median(ready):.0f} ms (all: {ready})"
-    )
+    med = statistics.median
+    print(f"circuit: {len(circuit.nodes)} nodes, {len(circuit.edges)} edges, {with_ctx} nodes with contexts")
+    print(f"page size: {size / 1024:.0f} KiB ({size} bytes)")
+    print(f"load time (navigation start -> load event), median of {len(loads)}: {med(loads):.0f} ms {loads}")
+    print(f"explorer drawn (navigation start -> graph ready), median: {med(ready):.0f} ms {ready}")
+    print(f"main-thread CPU time of a load (first frames included), median: {med(cpu):.0f} ms {cpu}")
+    print(f"load average while measuring: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0
 
 

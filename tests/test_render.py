@@ -28,6 +28,7 @@ from feature_circuits.render import (
     render_compare_html,
     slider_thresholds,
 )
+from feature_circuits.render.page import DEFAULT_MAX_EDGES
 from feature_circuits.types import LOGIT_ID
 from tests.helpers import small_circuit
 from tests.render_helpers import SITES, rich_circuit, visible_counts
@@ -161,6 +162,21 @@ def test_thresholds_split_the_circuit_in_steps():
     e = edge_thresholds(c, 8)
     assert e[0] == c.edge_threshold and len(e) == 8 and e == sorted(e)
     assert slider_thresholds(small_circuit("sum", node_threshold=2.0)) == [2.0]  # no node: one step
+
+
+def test_the_page_opens_with_a_readable_number_of_edges():
+    big = rich_circuit(per_site=12)
+    assert len(big.edges) > DEFAULT_MAX_EDGES
+    d = page_data(big)
+    k = d["initial_edge_step"]
+    steps = d["edge_thresholds"]
+    assert k > 0
+    assert (
+        visible_counts(big, None, steps[k])[1]
+        <= DEFAULT_MAX_EDGES
+        < visible_counts(big, None, steps[k - 1])[1]
+    )
+    assert page_data(rich_circuit())["initial_edge_step"] == 0  # few edges: all of them
 
 
 def test_neuronpedia_links(tmp_path):

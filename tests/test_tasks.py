@@ -100,7 +100,8 @@ def test_every_shipped_task_name_builds_valid_pairs(bpe, task):
         assert 0 < len(pairs) <= 64
         _assert_valid_for(pairs, bpe)
         assert pairs.report == pairs.build.summary() and task in pairs.report
-        assert pairs.build.shipped_valid is not None and pairs.build.shipped_valid < pairs.build.shipped_total
+        valid, total = pairs.build.shipped_valid, pairs.build.shipped_total
+        assert valid is not None and total is not None and valid < total
     assert not {_signature(p) for p in train} & {_signature(p) for p in test}
     assert len({_signature(p) for p in train}) == len(train)  # distinct
 

@@ -53,8 +53,8 @@ def gradient_node_effects(req: NodeRequest, *, lrp: LRPConfig | None, method: Me
     m = metric(logits, batch)
     flat = [t for s in site_list for t in leaves[s.name]]
     grads_flat = torch.autograd.grad(m.sum(), flat, allow_unused=True)
-    clean: dict[str, State] = {}
-    grads: dict[str, State] = {}
+    clean: dict[str, SiteState] = {}
+    grads: dict[str, SiteState] = {}
     for i, s in enumerate(site_list):
         f, err = leaves[s.name]
         gf, gerr = grads_flat[2 * i], grads_flat[2 * i + 1]
@@ -67,8 +67,8 @@ def gradient_node_effects(req: NodeRequest, *, lrp: LRPConfig | None, method: Me
     patch, metric_patch = patch_states(
         loaded, dictionaries, batch, site_list, clean, metric, req.counterfactual
     )
-    deltas: dict[str, State] = {k: patch[k] - clean[k] for k in clean}  # pyright: ignore[reportOperatorIssue]
-    effects = {k: grads[k].node_product(deltas[k]) for k in clean}  # pyright: ignore[reportArgumentType]
+    deltas = {k: patch[k] - clean[k] for k in clean}
+    effects = {k: grads[k].node_product(deltas[k]) for k in clean}
     return NodeEffects(
         method=method,
         effects=effects,

@@ -57,6 +57,7 @@ __all__ = [
     "leaf_forward",
     "select_nodes",
     "site_pairs",
+    "site_successors",
 ]
 
 
@@ -70,22 +71,59 @@ class SitePair:
     stop: tuple[str, ...] = ()
 
 
-def site_pairs(loaded: LoadedModel, available: Collection[str] | None = None) -> list[SitePair]:
-    """The direct-path pairs (docs/algorithms.md, "Edges"), in forward order of the
-    downstream site; with ``available``, only pairs whose ends are both in it."""
-    pairs: list[SitePair] = []
+def site_successors(loaded: LoadedModel) -> dict[str, list[str]]:
+    """The data flow between all sites (``attn_z`` included): for each site, the sites that read it
+    with no other site in between. Per layer, ``prev`` (``resid_{l-1}``, ``embed`` for l = 0) feeds
+    ``attn_z_l``, which feeds ``attn_l``; ``prev`` feeds ``mlp_l`` and ``resid_l``; ``attn_l`` feeds
+    ``mlp_l`` (sequential residual only) and ``resid_l``; ``mlp_l`` feeds ``resid_l``."""
+    succ: dict[str, list[str]] = {s.name: [] for s in loaded.all_sites}
     for layer in range(loaded.n_layers):
         prev = Site.format(SiteKind.EMBED, -1) if layer == 0 else Site.format(SiteKind.RESID, layer - 1)
-        attn, mlp, resid = (
-            Site.format(kind, layer) for kind in (SiteKind.ATTN, SiteKind.MLP, SiteKind.RESID)
+        z, attn, mlp, resid = (
+            Site.format(kind, layer)
+            for kind in (SiteKind.ATTN_Z, SiteKind.ATTN, SiteKind.MLP, SiteKind.RESID)
         )
-        pairs.append(SitePair(prev, attn))
+        if z in succ:
+            succ[prev].append(z)
+            succ[z].append(attn)
+        else:
+            succ[prev].append(attn)
+        succ[prev] += [mlp, resid]
         if not loaded.parallel_residual:
-            pairs.append(SitePair(attn, mlp))
-        pairs.append(SitePair(prev, mlp, (attn,)))
-        pairs += [SitePair(mlp, resid), SitePair(attn, resid, (mlp,)), SitePair(prev, resid, (attn, mlp))]
-    if available is not None:
-        pairs = [p for p in pairs if p.up in available and p.down in available]
+            succ[attn].append(mlp)
+        succ[attn].append(resid)
+        succ[mlp].append(resid)
+    return succ
+
+
+def site_pairs(loaded: LoadedModel, available: Collection[str] | None = None) -> list[SitePair]:
+    """The direct-path pairs (docs/algorithms.md, "Edges") between the spliced sites
+    (``available``; default: every default site), in forward order of the downstream site (then
+    nearest upstream first): ``u -> d`` when a path of the computation leads from ``u`` to ``d``
+    through no other spliced site. With every default site spliced these are the per-layer pairs
+    of the table; with partial coverage a pair may skip sites without a dictionary (e.g.
+    ``resid_1 -> resid_3``). Each pair's stops are the pairs' sites strictly between its ends."""
+    succ = site_successors(loaded)
+    rank = {s.name: s.rank for s in loaded.all_sites}
+    spliced = {s.name for s in loaded.sites} if available is None else set(available) & set(succ)
+    found: list[tuple[str, str]] = []
+    for up in spliced:
+        stack, seen = list(succ[up]), set()
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n in spliced:
+                found.append((up, n))
+            else:
+                stack.extend(succ[n])
+    names = {n for pair in found for n in pair}
+    pairs = [
+        SitePair(u, d, tuple(sorted((n for n in names if rank[u] < rank[n] < rank[d]), key=rank.__getitem__)))
+        for u, d in found
+    ]
+    pairs.sort(key=lambda p: (rank[p.down], tuple(-r for r in rank[p.up])))
     return pairs
 
 
@@ -153,7 +191,7 @@ def leaf_forward(
     leaves: dict[str, Tensor] = {}
     outs: dict[str, Tensor] = {}
     with lrp_context(loaded, lrp), lm.trace(ids.to(loaded.device)):
-        for site in sorted((s for s in loaded.sites if s.name in names), key=lambda t: t.rank):
+        for site in sorted((s for s in loaded.all_sites if s.name in names), key=lambda t: t.rank):
             x = get_activation(lm, site)
             outs[site.name] = save(x)
             leaf = x.detach().clone().requires_grad_(True)
@@ -168,7 +206,7 @@ def pair_sites(pairs: Sequence[SitePair]) -> set[str]:
 
 def check_direct_pairs(loaded: LoadedModel, pairs: Sequence[SitePair]) -> None:
     """Each pair's stops must be exactly the sites of the computation that lie between its ends."""
-    order = {s.name: s.rank for s in loaded.sites}
+    order = {s.name: s.rank for s in loaded.all_sites}
     names = pair_sites(pairs)
     for p in pairs:
         if order[p.up] >= order[p.down]:

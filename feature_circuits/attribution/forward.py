@@ -63,7 +63,7 @@ def attribution_sites(
 ) -> list[Site]:
     """Sites (forward order) that have a dictionary, optionally restricted to ``sites`` names."""
     wanted = None if sites is None else set(sites)
-    out = [s for s in loaded.sites if s.name in dictionaries and (wanted is None or s.name in wanted)]
+    out = [s for s in loaded.all_sites if s.name in dictionaries and (wanted is None or s.name in wanted)]
     if wanted is not None and len(out) != len(wanted):
         missing = wanted - {s.name for s in out}
         raise ConfigError(f"sites {sorted(missing)}: no dictionary or unknown site")

@@ -15,6 +15,7 @@ turns a sparse result into a dense one for readers that want plain tensors.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -42,7 +43,7 @@ class SiteState:
     def n_features(self) -> int:
         return int(self.f.shape[-1])
 
-    def __sub__(self, other: SiteState) -> SiteState:
+    def __sub__(self, other: State) -> SiteState:
         return SiteState(self.f - other.f, self.err - other.err)
 
     def detach(self) -> SiteState:
@@ -51,7 +52,7 @@ class SiteState:
     def dense(self) -> SiteState:
         return self
 
-    def node_product(self, other: SiteState) -> Tensor:
+    def node_product(self, other: State) -> Tensor:
         """(b, s, F+1): elementwise product for features, dot product over d for the error node."""
         return torch.cat([self.f * other.f, (self.err * other.err).sum(-1, keepdim=True)], dim=-1)
 
@@ -85,12 +86,15 @@ class SparseSiteState:
         out = torch.zeros(b, s, n, dtype=self.values.dtype, device=self.values.device)
         return out.scatter_add_(-1, self.index, self.values * self.mask)
 
-    def _check_same_index(self, other: SparseSiteState) -> None:
+    def _check_same_index(self, other: State) -> SparseSiteState:
+        if not isinstance(other, SparseSiteState):
+            raise TypeError("a sparse site state combines only with a sparse one of the same site")
         if other.index is not self.index and not torch.equal(other.index, self.index):
             raise ValueError("sparse site states of one site must share one feature index")
+        return other
 
-    def __sub__(self, other: SparseSiteState) -> SparseSiteState:
-        self._check_same_index(other)
+    def __sub__(self, other: State) -> SparseSiteState:
+        other = self._check_same_index(other)
         return SparseSiteState(
             self.index, self.mask, self.values - other.values, self.err - other.err, self.n_features
         )
@@ -110,10 +114,10 @@ class SparseSiteState:
         hit = (self.index[e, p] == j.unsqueeze(1)) & self.mask[e, p]  # (n, K)
         return (self.values[e, p] * hit).sum(-1)
 
-    def node_product(self, other: SparseSiteState) -> Tensor:
+    def node_product(self, other: State) -> Tensor:
         """Sparse COO (b, s, F+1), coalesced: slotwise product for features (every unmasked slot is
         an entry), dot product over d for the error node (index F, one entry per row)."""
-        self._check_same_index(other)
+        other = self._check_same_index(other)
         b, s, n = self.shape
         feat = self.values * other.values
         err = (self.err * other.err).sum(-1)
@@ -158,9 +162,9 @@ class NodeEffects:
 
     method: Method
     effects: dict[str, Tensor]
-    deltas: dict[str, State]
-    grads: dict[str, State] | None
-    clean: dict[str, State]
+    deltas: Mapping[str, State]
+    grads: Mapping[str, State] | None
+    clean: Mapping[str, State]
     metric_clean: Tensor
     metric_patch: Tensor
     timing_s: dict[str, float] = field(default_factory=dict)

@@ -54,7 +54,9 @@ _LAZY = {
         "save_autoencoder",
     )
 }
-_LAZY.update({name: "feature_circuits.dictionaries.saelens" for name in ("SAELensDictionary", "load_saelens")})
+_LAZY.update(
+    {name: "feature_circuits.dictionaries.saelens" for name in ("SAELensDictionary", "load_saelens")}
+)
 
 __all__ = [
     "KNOWN_SAES",

@@ -38,8 +38,8 @@ from feature_circuits.types import Architecture
 
 __all__ = [
     "SAELENS_PREFIX",
-    "Release",
     "RegistrySAE",
+    "Release",
     "get_release",
     "is_saelens_spec",
     "load_registry",
@@ -120,7 +120,7 @@ def _read_yaml(path: str) -> dict[str, Any]:
 
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     with open(path, encoding="utf-8") as f:
-        data = yaml.load(f, Loader=loader)  # noqa: S506 (a safe loader)
+        data = yaml.load(f, Loader=loader)
     if not isinstance(data, dict):
         raise DictionaryError(f"{path}: expected a mapping of releases")
     return data
@@ -209,7 +209,9 @@ def parse_saelens_spec(spec: str) -> list[tuple[str, str | None]]:
     body = spec[len(SAELENS_PREFIX) :].strip()
     items = [item.strip() for item in body.split(",")]
     if not body or any(not item for item in items):
-        raise DictionaryError(f"--saes {spec!r}: empty release or SAE id (expected {SAELENS_PREFIX}RELEASE,...)")
+        raise DictionaryError(
+            f"--saes {spec!r}: empty release or SAE id (expected {SAELENS_PREFIX}RELEASE,...)"
+        )
     registry = load_registry()
     out: list[tuple[str, str | None]] = []
     current: str | None = None

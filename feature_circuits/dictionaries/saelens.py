@@ -85,6 +85,8 @@ class SAELensDictionary(nn.Module):
     ``encode`` / ``decode`` on the site tensor, its decoder directions, and what it is
     (:attr:`info`, recorded in circuit.json)."""
 
+    sae: Any  # a sae_lens SAE (an nn.Module; typed Any: sae_lens is optional)
+
     def __init__(self, sae: nn.Module, *, name: str, info: DictionaryInfo, directions: str = "W_dec"):
         super().__init__()
         self.sae = sae
@@ -311,7 +313,11 @@ def model_names(model: LoadedModel) -> list[str]:
 
 
 def load_saelens(
-    spec: str | Path, model: LoadedModel, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    spec: str | Path,
+    model: LoadedModel,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, SAELensDictionary]:
     """The SAELens dictionaries of ``spec`` for ``model``, by site name: ``saelens:RELEASE[/SAE_ID],...``
     (the registry; downloads through sae_lens / the HF cache), one SAE directory, or a directory of
@@ -369,6 +375,7 @@ def load_saelens(
     return _in_site_order(out, model)
 
 
-def _in_site_order(dicts: Mapping[str, SAELensDictionary], model: LoadedModel) -> dict[str, SAELensDictionary]:
+def _in_site_order(
+    dicts: Mapping[str, SAELensDictionary], model: LoadedModel
+) -> dict[str, SAELensDictionary]:
     return {s.name: dicts[s.name] for s in model.spliced_sites(dicts)}
-

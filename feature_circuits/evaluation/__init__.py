@@ -1,19 +1,30 @@
-"""Faithfulness and completeness of a circuit by mean ablation (docs/algorithms.md, "Evaluation").
+"""Faithfulness and completeness of a circuit by ablation (docs/algorithms.md, "Evaluation").
 
 * :mod:`.masks`: free layers, error-node variants, keep masks built from tensors, node counts;
-* :mod:`.ablation`: node means over the patch inputs, ablated forwards and their metric;
+* :mod:`.ablation`: node means over the patch inputs, ablated forwards and their metric, the
+  ablation kinds (mean, zero, patch, resample);
 * :mod:`.sweep`: the threshold sweep (plan -> run -> score): :func:`evaluate_circuit` ->
   :class:`EvalResult`;
+* :mod:`.scores`: the integrated scores (auc, cpr, cmd) on a fixed grid of sizes, bootstrap
+  intervals, the random-circuit baseline (docs/algorithms.md, "Integrated scores");
 * :mod:`.report`: ``eval.json``, the ``eval.html`` plot, the summary table, the held-out checks.
 """
 
 from feature_circuits.errors import EvaluationError
 from feature_circuits.evaluation.ablation import (
+    ABLATIONS,
+    AblatedValues,
+    AblationKind,
+    FromInputs,
     SiteMean,
     ablated_metric,
+    ablated_metric_values,
     ablated_metrics,
     compute_means,
+    parse_ablation,
     positions_aligned,
+    resample_inputs,
+    zero_values,
 )
 from feature_circuits.evaluation.masks import (
     STANDARD_VARIANT,
@@ -27,6 +38,7 @@ from feature_circuits.evaluation.masks import (
     select,
 )
 from feature_circuits.evaluation.report import (
+    EVAL_JSON_VERSION,
     check_disjoint,
     check_held_out,
     default_dataset,
@@ -34,6 +46,14 @@ from feature_circuits.evaluation.report import (
     plot_html,
     resolved_dataset,
     summary_table,
+)
+from feature_circuits.evaluation.scores import (
+    AUC_SIZES,
+    MIB_FRACTIONS,
+    Baseline,
+    Grid,
+    Intervals,
+    Scores,
 )
 from feature_circuits.evaluation.sweep import (
     EvalResult,
@@ -47,16 +67,28 @@ from feature_circuits.evaluation.sweep import (
 )
 
 __all__ = [
+    "ABLATIONS",
+    "AUC_SIZES",
+    "EVAL_JSON_VERSION",
+    "MIB_FRACTIONS",
     "STANDARD_VARIANT",
     "VARIANTS",
+    "AblatedValues",
+    "AblationKind",
+    "Baseline",
     "EvalResult",
     "EvaluationError",
+    "FromInputs",
+    "Grid",
+    "Intervals",
+    "Scores",
     "SiteMask",
     "SiteMean",
     "SweepSource",
     "Variant",
     "VariantCurve",
     "ablated_metric",
+    "ablated_metric_values",
     "ablated_metrics",
     "check_disjoint",
     "check_effects_agree",
@@ -70,11 +102,14 @@ __all__ = [
     "evaluate_circuit",
     "keep_masks",
     "node_count",
+    "parse_ablation",
     "parse_variant",
     "plot_html",
     "positions_aligned",
+    "resample_inputs",
     "resolved_dataset",
     "select",
     "summary_table",
     "sweep_source",
+    "zero_values",
 ]

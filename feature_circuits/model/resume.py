@@ -26,7 +26,9 @@ input (:func:`resumable` checks, once per model); otherwise callers fall back to
 
 from __future__ import annotations
 
+import functools
 import inspect
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,8 +48,37 @@ __all__ = [
     "resumable",
 ]
 
-#: Attention implementations whose mask the runner builds (an explicit 4-d mask).
+#: Attention implementations the runner resumes (it builds their masks).
 _MASKED_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+def _resumed_attention(impl: str, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, *args, **kwargs):
+    """The model's own attention function (``impl``: sdpa, or the model's eager one) on queries of
+    the resumed positions only: they are put at the end of a query of full length (zeros in front),
+    so the attention runs with the full forward's mask and kernel, and the rows of the resumed
+    positions are returned. Each output row depends on its own query only."""
+    if impl == "sdpa":
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward as inner
+    else:
+        inner = sys.modules[type(module).__module__].eager_attention_forward
+    q_len, kv_len = int(query.shape[2]), int(key.shape[2])
+    if q_len < kv_len:
+        pad = query.new_zeros(*query.shape[:2], kv_len - q_len, query.shape[3])
+        query = torch.cat([pad, query], dim=2)
+    out, weights = inner(module, query, key, value, *args, **kwargs)
+    cut = kv_len - q_len
+    return out[:, cut:], (None if weights is None else weights[..., cut:, :])
+
+
+#: The attention implementation a resumed forward switches the model's config to, per original one.
+_RESUMED = {impl: f"feature_circuits_resumed_{impl}" for impl in _MASKED_IMPLEMENTATIONS}
+
+
+def _register_resumed_attention() -> None:
+    from transformers import AttentionInterface
+
+    for impl, name in _RESUMED.items():
+        AttentionInterface.register(name, functools.partial(_resumed_attention, impl))
 
 
 class _PrefixCache:
@@ -124,6 +155,7 @@ class ResumableForward:
                 f"resumable forward: attention implementation {impl!r} (known: {_MASKED_IMPLEMENTATIONS})"
             )
         self.attn_impl = impl
+        _register_resumed_attention()
         if getattr(config, "use_bidirectional_attention", False):
             raise UnsupportedModelError("resumable forward: bidirectional attention is not causal")
         n = len(self.layers)
@@ -146,13 +178,17 @@ class ResumableForward:
 
     # ------------------------------------------------------------------------------ building blocks
 
-    def _mask(self, q_start: int, seq: int, window: int | None, like: Tensor) -> Tensor:
-        q = torch.arange(q_start, seq, device=like.device).view(-1, 1)
+    def _mask(self, seq: int, window: int | None, like: Tensor) -> Tensor | None:
+        """The full (seq x seq) mask the model's own forward builds for an unpadded input: None
+        for sdpa without a window (its causal kernel), else boolean (sdpa) or additive (eager)."""
+        if self.attn_impl == "sdpa" and window is None:
+            return None
+        q = torch.arange(seq, device=like.device).view(-1, 1)
         k = torch.arange(seq, device=like.device).view(1, -1)
         allowed = k <= q
         if window is not None:
             allowed = allowed & (k > q - window)
-        allowed = allowed.view(1, 1, seq - q_start, seq)
+        allowed = allowed.view(1, 1, seq, seq)
         if self.attn_impl == "sdpa":
             return allowed
         zero = torch.zeros((), dtype=like.dtype, device=like.device)
@@ -171,22 +207,23 @@ class ResumableForward:
         else:
             shared = self.rotary(h, position_ids)
             pos_emb = dict.fromkeys(kinds, shared)
-        masks = {
-            t: self._mask(q_start, seq, self.sliding_window if t == "sliding_attention" else None, h)
-            for t in kinds
-        }
-        for li in range(start, self.n_layers):
-            t = self.layer_types[li]
-            h = self.layers[li](
-                h,
-                attention_mask=masks[t],
-                position_ids=position_ids,
-                position_embeddings=pos_emb[t],
-                **{self.cache_kw: cache},
-            )
-            if isinstance(h, tuple):  # older layer implementations
-                h = h[0]
-            out.append(h)
+        masks = {t: self._mask(seq, self.sliding_window if t == "sliding_attention" else None, h) for t in kinds}
+        self.config._attn_implementation = _RESUMED[self.attn_impl]
+        try:
+            for li in range(start, self.n_layers):
+                t = self.layer_types[li]
+                h = self.layers[li](
+                    h,
+                    attention_mask=masks[t],
+                    position_ids=position_ids,
+                    position_embeddings=pos_emb[t],
+                    **{self.cache_kw: cache},
+                )
+                if isinstance(h, tuple):  # older layer implementations
+                    h = h[0]
+                out.append(h)
+        finally:
+            self.config._attn_implementation = self.attn_impl
         return out
 
     def _logits(self, h: Tensor) -> Tensor:

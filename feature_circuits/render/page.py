@@ -34,6 +34,7 @@ from feature_circuits.types import LOGIT_ID, Aggregation, Site, SiteKind
 
 __all__ = [
     "edge_thresholds",
+    "initial_edge_step",
     "layout",
     "neuronpedia_url",
     "page_data",
@@ -46,6 +47,8 @@ __all__ = [
 NEURONPEDIA_KIND = {SiteKind.RESID: "res", SiteKind.ATTN: "att", SiteKind.MLP: "mlp"}
 #: Slider steps (node threshold, edge threshold).
 SLIDER_STEPS = 24
+#: The page opens with the edge slider at the first step that shows at most this many edges.
+DEFAULT_MAX_EDGES = 250
 #: Contexts shown per node, tokens either side of the firing token.
 MAX_CONTEXTS = 8
 ROW_DY = 62.0
@@ -95,6 +98,15 @@ def edge_thresholds(circuit: Circuit, steps: int = 8) -> list[float]:
     ``1/steps`` more of its edges."""
     mags = [abs(e.weight) for e in circuit.edges if math.isfinite(e.weight)]
     return _quantiles(float(circuit.edge_threshold), mags, steps)
+
+
+def initial_edge_step(circuit: Circuit, steps: Sequence[float], max_edges: int = DEFAULT_MAX_EDGES) -> int:
+    """The edge slider's step when the page opens: the first that shows at most ``max_edges`` edges
+    (step 0, every edge, when the circuit has no more than that)."""
+    for k, t in enumerate(steps):
+        if sum(1 for e in circuit.edges if k == 0 or abs(e.weight) > t) <= max_edges:
+            return k
+    return len(steps) - 1
 
 
 # ------------------------------------------------------------------------------------------ layout
@@ -266,6 +278,7 @@ def page_data(
     if groups is None:
         groups = labels.groups if isinstance(labels, Labels) else []
     lay = layout(circuit)
+    e_steps = edge_thresholds(circuit, SLIDER_STEPS)
     return {
         "title": _title(circuit),
         "meta": _meta(circuit),
@@ -278,7 +291,8 @@ def page_data(
         "rows": [[s, y] for s, y in lay.rows],
         "columns": [[t, x] for t, x in lay.columns],
         "node_thresholds": slider_thresholds(circuit, SLIDER_STEPS),
-        "edge_thresholds": edge_thresholds(circuit, SLIDER_STEPS),
+        "edge_thresholds": e_steps,
+        "initial_edge_step": initial_edge_step(circuit, e_steps),
         # labels not on any node of this circuit travel along, so the page's download keeps them
         "labels": [[s, f, lab] for (s, f), lab in labels.items()],
         "groups": [{"name": g.name, "nodes": list(g.nodes)} for g in groups],

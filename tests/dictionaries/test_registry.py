@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("sae_lens")  # installed by `make install` (the saelens extra)
+pytest.importorskip("sae_lens", reason="the saelens extra (make install installs it)")
 
-from feature_circuits.dictionaries.registry import (  # noqa: E402
+from feature_circuits.dictionaries.registry import (
     get_release,
     model_matches,
     parse_saelens_spec,
     resolve_saelens_spec,
 )
-from feature_circuits.errors import DictionaryError  # noqa: E402
-from feature_circuits.types import Architecture  # noqa: E402
+from feature_circuits.errors import DictionaryError
+from feature_circuits.types import Architecture
 
 
 def test_pythia_70m_res_sm_resolves_offline():
@@ -71,16 +71,20 @@ def test_gemma_scope_resolves_offline():
 
 
 def test_wrong_model_unknown_release_and_sae_id_refused():
-    with pytest.raises(DictionaryError, match="trained on model 'gemma-2-2b'.*pythia-70m-deduped"):
+    with pytest.raises(DictionaryError, match=r"trained on model 'gemma-2-2b'.*pythia-70m-deduped"):
         resolve_saelens_spec(
             "saelens:gemma-scope-2b-pt-res-canonical",
             model_names=["EleutherAI/pythia-70m-deduped"],
             architecture="gpt_neox",
             n_layers=6,
         )
-    with pytest.raises(DictionaryError, match="unknown release 'pythia-70m-deduped-res-sn'.*pythia-70m-deduped-res-sm"):
+    with pytest.raises(
+        DictionaryError, match=r"unknown release 'pythia-70m-deduped-res-sn'.*pythia-70m-deduped-res-sm"
+    ):
         parse_saelens_spec("saelens:pythia-70m-deduped-res-sn")
-    with pytest.raises(DictionaryError, match="no SAE 'layer_3/width_16k/canonicl'.*layer_3/width_16k/canonical"):
+    with pytest.raises(
+        DictionaryError, match=r"no SAE 'layer_3/width_16k/canonicl'.*layer_3/width_16k/canonical"
+    ):
         resolve_saelens_spec(
             "saelens:gemma-scope-2b-pt-res-canonical/layer_3/width_16k/canonicl",
             model_names=["gemma-2-2b"],

@@ -1,5 +1,5 @@
-"""Benchmark (experiments.benchmark) in quick mode on a tiny Pythia-shaped config (not the 2.5 GB
-one)."""
+"""Benchmark (experiments.benchmark) in quick mode on tiny Pythia- and Gemma-shaped configs (not the
+2.5 GB ones), with the end-to-end discovery in 1 and 2 (torchrun) processes."""
 
 from __future__ import annotations
 
@@ -19,6 +19,19 @@ TINY = {
     "max_position_embeddings": 64,
 }
 
+#: a tiny Gemma 2 (the benchmark's Gemma-2-2B shape, shrunk)
+TINY_GEMMA = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "query_pre_attn_scalar": 8,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+}
+
 
 @pytest.mark.slow
 def test_quick_benchmark_tiny(tmp_path):
@@ -31,11 +44,24 @@ def test_quick_benchmark_tiny(tmp_path):
         active=8,
         pythia_b=2,
         pythia_s=8,
+        discovery_examples=6,
+        gemma=True,
+        gemma_shape=TINY_GEMMA,
+        gemma_features=64,
         log=lambda _m: None,
     )
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data == json.loads(json.dumps(report))
-    (r,) = data["models"].values()
+    assert set(data["models"]) == {"pythia-shaped-custom", "gemma-shaped-custom"}
+    g = data["models"]["gemma-shaped-custom"]
+    assert g["family"] == "gemma2" and g["dict_size"] == 64 and g["n_sites"] == 7, g.get("error")
+    for m in data["models"].values():  # discovery end to end, 1 and 2 (torchrun) processes
+        d = m["discovery"]
+        assert "error" not in d, d.get("error")
+        assert d["same_circuit"] and d["speedup"] > 0 and d["n_batches"] == 3
+        assert d["one_process"]["num_examples"] == d["data_parallel"]["num_examples"] == 6
+        assert len(d["data_parallel"]["peak_rss_mib"]) == 2 and d["one_process"]["ratio_to_floor"] > 0
+    r = data["models"]["pythia-shaped-custom"]
     assert r["n_sites"] == 7 and r["dict_size"] == 64 and (r["batch_size"], r["seq_len"]) == (2, 8)
     assert r["floor"]["max_abs_diff_vs_atp"] < 1e-5  # the floor computes atp
     for part in ("nodes", "edges"):
@@ -47,6 +73,7 @@ def test_quick_benchmark_tiny(tmp_path):
     assert sum(r["mean_active_features_per_token"].values()) > 0
     md = (tmp_path / "bench.md").read_text()
     assert "ratio to floor" in md and "## Targets" in md
+    assert "Data-parallel speedup of 2 processes" in md and "data-parallel discovery" in md
 
 
 def test_floor_matches_atp_llama(llama_dir, tmp_path):

@@ -7,7 +7,7 @@
   var CMP = D.compare;
   var POS = '#2166ac', NEG = '#b2182b';
   var GROUP_COLORS = ['#e6a100', '#2ca02c', '#9467bd', '#17becf', '#8c564b', '#e377c2', '#7f7f7f', '#bcbd22'];
-  var state = { nodeStep: 0, edgeStep: 0, trace: false, traceK: 2, show: 'all', collapsed: {}, panel: null };
+  var state = { nodeStep: 0, edgeStep: D.initial_edge_step || 0, trace: false, traceK: 2, show: 'all', collapsed: {}, panel: null };
 
   // ---------------------------------------------------------------------------- small helpers
   function el(tag, attrs, text) {
@@ -71,6 +71,7 @@
   }
   var ns = slider('fc-node-slider', 'nodes |effect| >', D.node_thresholds.length);
   var es = slider('fc-edge-slider', 'edges |weight| >', D.edge_thresholds.length);
+  es[0].value = String(state.edgeStep);
   var sbox = el('div', { id: 'fc-searchbox' });
   var search = el('input', { id: 'fc-search', type: 'search', placeholder: 'search labels, ids, sites', autocomplete: 'off' });
   var results = el('div', { id: 'fc-search-results' });
@@ -109,6 +110,18 @@
   panel.appendChild(groupBox);
 
   // -------------------------------------------------------------------------------- cytoscape
+  (function widen() {  // spread the rows out to the width of the view (the layout is tall)
+    var xs0 = D.nodes.map(function (n) { return n.x; }), ys0 = D.nodes.map(function (n) { return n.y; }).concat([D.logit.y]);
+    if (!xs0.length) { return; }
+    var w = Math.max.apply(null, xs0) - Math.min.apply(null, xs0), h = Math.max.apply(null, ys0) - Math.min.apply(null, ys0);
+    var aspect = (cyDiv.clientWidth || 1000) / (cyDiv.clientHeight || 700);
+    if (w <= 0 || h <= 0 || w / h >= aspect) { return; }
+    var s = Math.min(aspect * h / w * 0.92, 2.2);
+    if (s <= 1) { return; }
+    D.nodes.forEach(function (n) { n.x *= s; });
+    D.logit.x *= s;
+    D.columns.forEach(function (c) { c[1] *= s; });
+  })();
   var elements = [], superPos = {};
   var xs = D.nodes.map(function (n) { return n.x; }).concat([D.logit.x]);
   var minX = Math.min.apply(null, xs), maxY = Math.max.apply(null, D.nodes.map(function (n) { return n.y; }).concat([D.logit.y]));
@@ -146,7 +159,7 @@
     { selector: 'node.fc', style: { 'width': 'data(size)', 'height': 'data(size)', 'background-color': 'data(color)', 'border-width': 1, 'border-color': '#fff' } },
     { selector: 'node.err', style: { 'shape': 'round-rectangle', 'border-width': 2, 'border-color': '#333' } },
     { selector: 'node.logit', style: { 'shape': 'diamond', 'width': 26, 'height': 26, 'background-color': '#777', 'font-size': 12, 'text-valign': 'top', 'text-margin-y': -3 } },
-    { selector: 'node.rowlabel', style: { 'width': 1, 'height': 1, 'background-opacity': 0, 'text-valign': 'center', 'text-halign': 'left', 'font-size': 12, 'color': '#777', 'events': 'no' } },
+    { selector: 'node.rowlabel', style: { 'width': 1, 'height': 1, 'background-opacity': 0, 'text-valign': 'center', 'text-halign': 'left', 'font-size': 13, 'color': '#555', 'events': 'no' } },
     { selector: 'node.collabel', style: { 'width': 1, 'height': 1, 'background-opacity': 0, 'text-valign': 'center', 'font-size': 12, 'color': '#555', 'events': 'no' } },
     { selector: 'node.grouped', style: { 'border-width': 3, 'border-color': 'data(gcolor)' } },
     { selector: 'node.only-a', style: { 'border-width': 3, 'border-style': 'dashed', 'border-color': '#e6550d' } },
@@ -159,12 +172,12 @@
     { selector: '.faded', style: { 'opacity': 0.08 } },
     { selector: 'node.hl', style: { 'border-width': 3, 'border-color': '#111', 'z-index': 20 } },
     { selector: 'edge.hl', style: { 'opacity': 0.95, 'z-index': 19 } },
-    { selector: 'node:selected', style: { 'overlay-color': '#f0a000', 'overlay-opacity': 0.35, 'overlay-padding': 5 } },
+    { selector: 'node:selected', style: { 'border-width': 4, 'border-color': '#f0a000', 'border-style': 'solid' } },
     { selector: 'node.match', style: { 'underlay-color': '#ffd400', 'underlay-opacity': 0.8, 'underlay-padding': 6 } },
     { selector: 'node.current', style: { 'underlay-color': '#f07000', 'underlay-opacity': 0.6, 'underlay-padding': 8 } }
   ];
   var cy = cytoscape({
-    container: cyDiv, elements: elements, style: style, layout: { name: 'preset' },
+    container: cyDiv, elements: elements, style: style, layout: { name: 'preset', fit: false },
     autoungrabify: true, boxSelectionEnabled: true, selectionType: 'single', minZoom: 0.05, maxZoom: 6
   });
 
@@ -244,7 +257,7 @@
       });
     });
     ns[1].textContent = (state.nodeStep ? fmt(D.node_thresholds[state.nodeStep]).replace('+', '') : 'all') + ': ' + visN.length + ' nodes';
-    es[1].textContent = (state.edgeStep ? fmt(D.edge_thresholds[state.edgeStep]).replace('+', '') : 'all') + ': ' + visE.length + ' edges';
+    es[1].textContent = (state.edgeStep ? fmt(D.edge_thresholds[state.edgeStep]).replace('+', '') : 'all') + ': ' + visE.length + ' of ' + edges.length + ' edges';
     lastCounts = { nodes: visN.length, edges: visE.length };
     setStatus();
   }
@@ -274,8 +287,8 @@
       if (id !== 'logit') { b.addEventListener('click', function () { focusNode(id); }); } else { b.disabled = true; }
       li.appendChild(b); ul.appendChild(li);
     });
-    if (list.length > 10) { box.appendChild(el('p', { 'class': 'fc-hint' }, '\u2026 and ' + (list.length - 10) + ' more')); }
     box.appendChild(ul);
+    if (list.length > 10) { box.appendChild(el('p', { 'class': 'fc-hint' }, '\u2026 and ' + (list.length - 10) + ' more')); }
     return box;
   }
   function row(t, k, v, cls) {
@@ -348,7 +361,7 @@
     var x = cy.getElementById(id);
     if (!x || !x.length) { return; }
     if (x.hasClass('hidden')) {  // a jump to a node the sliders hide: show everything again
-      state.nodeStep = 0; state.edgeStep = 0; state.trace = false;
+      state.nodeStep = 0; state.edgeStep = 0; state.trace = false;  // (the default edge step may hide its edges)
       ns[0].value = '0'; es[0].value = '0'; traceBtn.classList.remove('on');
       update();
     }
@@ -458,7 +471,16 @@
   es[0].addEventListener('input', function () { state.edgeStep = +es[0].value; update(); });
   traceBtn.addEventListener('click', function () { state.trace = !state.trace; traceBtn.classList.toggle('on', state.trace); update(); });
   kIn.addEventListener('change', function () { var k = parseInt(kIn.value, 10); state.traceK = isFinite(k) && k > 0 ? k : 1; update(); });
-  fitBtn.addEventListener('click', function () { cy.fit(cy.elements(':visible'), 30); });
+  function fitView() {  // from the known positions: cheaper than cy.fit, which measures every label and edge
+    var xs1 = [D.logit.x], ys1 = [D.logit.y];
+    D.nodes.forEach(function (n) { xs1.push(n.x); ys1.push(n.y); });
+    D.rows.forEach(function (r) { ys1.push(r[1]); });
+    var x0 = Math.min.apply(null, xs1) - 90, x1 = Math.max.apply(null, xs1) + 30;
+    var y0 = Math.min.apply(null, ys1) - 30, y1 = Math.max.apply(null, ys1) + (D.columns.length ? 60 : 30);
+    var z = Math.min(cy.width() / (x1 - x0), cy.height() / (y1 - y0), 1.5);
+    cy.viewport({ zoom: z, pan: { x: cy.width() / 2 - z * (x0 + x1) / 2, y: cy.height() / 2 - z * (y0 + y1) / 2 } });
+  }
+  fitBtn.addEventListener('click', fitView);
   if (showSel) { showSel.addEventListener('change', function () { state.show = showSel.value; update(); }); }
   cy.on('tap', 'node.fc', function (ev) { openPanel(ev.target.id()); });
   cy.on('tap', 'node.super', function (ev) {
@@ -488,8 +510,7 @@
   renderGroups();
   markGroups();
   update();
-  cy.fit(undefined, 30);
-  if (cy.zoom() > 1.5) { cy.zoom(1.5); cy.center(); }
+  fitView();
   window.fcExplorer = { cy: cy, state: state, exportText: exportText, update: update, focusNode: focusNode };
   if (window.performance && performance.mark) { performance.mark('fc-ready'); }
   statusEl.setAttribute('data-ready-ms', String(Math.round(window.performance ? performance.now() : 0)));
