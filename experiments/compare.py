@@ -209,7 +209,7 @@ def component_exact(
     from the patched one on (docs/algorithms.md, "Resuming from the patched site"); else, or for a
     model the resumable runner does not know, they re-run the whole model. ``progress``: a bar over
     the patches (None: when stderr is a terminal)."""
-    from feature_circuits.attribution.exact import PatchRunner, show_progress
+    from feature_circuits.attribution.exact import PatchRunner
     from feature_circuits.metrics import logit_diff
     from feature_circuits.progress import progress_bar
 
@@ -225,7 +225,7 @@ def component_exact(
     rows = rows[torch.argsort(rows[:, 1], stable=True)]  # position order: a chunk resumes together
     out: dict[str, torch.Tensor] = {}
     bar = progress_bar(
-        total=len(sites) * rows.shape[0], desc="exact components", unit="patch", enabled=show_progress(progress)
+        total=len(sites) * rows.shape[0], desc="exact components", unit="patch", enabled=progress
     )
     with bar:
         for s in sites:
@@ -346,7 +346,6 @@ def run_compare(
     """Run the component-level (or, with ``features``, feature-level) comparison. ``progress``:
     progress bars over the batches and the exact patches (None: when stderr is a terminal)."""
     from feature_circuits.attribution import ExactOptions, load_for_attribution, method_spec, node_effects
-    from feature_circuits.attribution.exact import show_progress
     from feature_circuits.progress import progress as progress_iter
 
     methods = [Method(m).value for m in methods]
@@ -364,7 +363,7 @@ def run_compare(
     exact_pts: dict[str, list[np.ndarray]] = {}
     score_pts: dict[str, dict[str, list[np.ndarray]]] = {m: {} for m in methods}
     site_kind = {s.name: s.kind.value for s in loaded.sites}
-    show = show_progress(progress)
+    show = progress
     for bi, batch in enumerate(progress_iter(batches, desc="compare", unit="batch", enabled=show)):
         if features:
             t0 = time.perf_counter()

@@ -40,7 +40,9 @@ def write_dataset(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
-def _child(n: int, dataset: str, mode: str, batch_size: int, threads: int) -> dict[str, Any]:
+def _child(
+    n: int, dataset: str, mode: str, batch_size: int, threads: int, nodes_only: bool
+) -> dict[str, Any]:
     """One discovery in this process; returns its peak RSS and timings."""
     t0 = time.perf_counter()
     if mode == "stream":
@@ -52,6 +54,7 @@ def _child(n: int, dataset: str, mode: str, batch_size: int, threads: int) -> di
                 num_examples=n,
                 batch_size=batch_size,
                 threads=threads,
+                nodes_only=nodes_only,
                 progress=False,
                 out=None,
             )
@@ -72,10 +75,13 @@ def _child(n: int, dataset: str, mode: str, batch_size: int, threads: int) -> di
         for batch in make_batches(pairs, loaded.tokenizer, batch_size):
             ne = node_effects(loaded, dicts, batch, Method.RELP)
             node_list.append(ne)
-            edge_list.append(edge_effects(loaded, dicts, batch, ne, node_threshold=0.1, method=Method.RELP))
+            if not nodes_only:
+                edge_list.append(
+                    edge_effects(loaded, dicts, batch, ne, node_threshold=0.1, method=Method.RELP)
+                )
         circuit = build_circuit(
             aggregate_nodes(node_list),
-            aggregate_edges(edge_list),
+            aggregate_edges(edge_list) if edge_list else None,
             node_threshold=0.1,
             edge_threshold=0.02,
             model="embedded",
@@ -90,6 +96,7 @@ def _child(n: int, dataset: str, mode: str, batch_size: int, threads: int) -> di
     return {
         "num_examples": examples,
         "mode": mode,
+        "edges_computed": not nodes_only,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "wall_s": round(time.perf_counter() - t0, 2),
         "nodes": nodes,
@@ -97,7 +104,9 @@ def _child(n: int, dataset: str, mode: str, batch_size: int, threads: int) -> di
     }
 
 
-def run(sizes: list[int], modes: list[str], batch_size: int, threads: int, log=print) -> dict[str, Any]:
+def run(
+    sizes: list[int], modes: list[str], batch_size: int, threads: int, nodes_only: bool = False, log=print
+) -> dict[str, Any]:
     import os
 
     import torch
@@ -109,7 +118,7 @@ def run(sizes: list[int], modes: list[str], batch_size: int, threads: int, log=p
             for n in sizes:
                 cmd = [sys.executable, "-m", "experiments.memory_scaling", "--child", str(n)]
                 cmd += ["--dataset", str(data), "--mode", mode, "--batch-size", str(batch_size)]
-                cmd += ["--threads", str(threads)]
+                cmd += ["--threads", str(threads)] + (["--nodes-only"] if nodes_only else [])
                 res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
                 if res.returncode != 0:
                     raise SystemExit(f"child {mode} {n} failed:\n{res.stderr[-4000:]}")
@@ -135,12 +144,16 @@ def run(sizes: list[int], modes: list[str], batch_size: int, threads: int, log=p
 
 def markdown(report: dict[str, Any]) -> str:
     out = [
-        "| mode | examples | peak RSS (MiB) | wall (s) | nodes | edges |",
-        "|---|---|---|---|---|---|",
+        f"relp on the embedded default, batch size {report['batch_size']}, "
+        f"{report['machine']['torch_threads']} torch thread(s)",
+        "",
+        "| mode | examples | edges computed | peak RSS (MiB) | wall (s) | nodes | edges |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         out.append(
-            f"| {r['mode']} | {r['num_examples']} | {r['peak_rss_mib']:.0f} | {r['wall_s']:.1f} | "
+            f"| {r['mode']} | {r['num_examples']} | {'yes' if r['edges_computed'] else 'no'} | "
+            f"{r['peak_rss_mib']:.0f} | {r['wall_s']:.1f} | "
             f"{r['nodes']} | {r['edges']} |"
         )
     return "\n".join(out) + "\n"
@@ -152,16 +165,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mode", choices=["stream", "lists", "both"], default="stream")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--nodes-only", action="store_true", help="skip the edges (node effects only)")
     ap.add_argument("--out", default=None, help="write the report here (JSON; a .md beside it)")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dataset", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child is not None:
-        print(json.dumps(_child(args.child, args.dataset, args.mode, args.batch_size, args.threads)))
+        row = _child(args.child, args.dataset, args.mode, args.batch_size, args.threads, args.nodes_only)
+        print(json.dumps(row))
         return 0
     modes = ["stream", "lists"] if args.mode == "both" else [args.mode]
     sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
-    report = run(sizes, modes, args.batch_size, args.threads, log=lambda m: print(m, file=sys.stderr))
+    report = run(
+        sizes, modes, args.batch_size, args.threads, args.nodes_only, log=lambda m: print(m, file=sys.stderr)
+    )
     sys.stdout.write(markdown(report))
     if args.out is not None:
         out = Path(args.out)

@@ -22,13 +22,14 @@ __all__ = ["progress", "progress_bar"]
 _T = TypeVar("_T")
 
 
-def progress_bar(*, total: int | None, desc: str, unit: str = "it", enabled: bool = True) -> tqdm:
-    """A bar to advance by hand (``bar.update(n)``); use as a context manager so it closes."""
+def progress_bar(*, total: int | None, desc: str, unit: str = "it", enabled: bool | None = True) -> tqdm:
+    """A bar to advance by hand (``bar.update(n)``); use as a context manager so it closes.
+    ``enabled=None``: shown only when stderr is a terminal (the default of inner passes)."""
     return tqdm(
         total=total,
         desc=desc,
         unit=unit,
-        disable=not enabled,
+        disable=None if enabled is None else not enabled,
         file=sys.stderr,
         mininterval=0.5,
         dynamic_ncols=True,
@@ -37,7 +38,7 @@ def progress_bar(*, total: int | None, desc: str, unit: str = "it", enabled: boo
 
 
 def progress(
-    items: Iterable[_T], *, desc: str, unit: str = "it", total: int | None = None, enabled: bool = True
+    items: Iterable[_T], *, desc: str, unit: str = "it", total: int | None = None, enabled: bool | None = True
 ) -> Iterator[_T]:
     """``items`` with a bar that advances by one per item."""
     if total is None and hasattr(items, "__len__"):

@@ -64,7 +64,7 @@ _NODE_XY = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="screenshots.py", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="screenshots.py", description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument(
         "--circuit", type=Path, help="circuit.json (default: run discovery on the embedded default)"
     )

@@ -145,3 +145,68 @@ def test_lazy_api_discover_then_evaluate(tmp_path, neox_dir, neox_saes, tiny_dat
     assert (tmp_path / "c" / "eval.json").is_file() and (tmp_path / "c" / "eval.html").is_file()
     assert any(line.startswith("wrote ") for line in lines)
     assert fc.DiscoverConfig is DiscoverConfig and fc.evaluate is evaluate and fc.discover is discover
+
+
+def test_discover_streams_batches(monkeypatch, neox_dir, neox_saes, tiny_data):
+    """Discovery holds no per-batch effects: when batch k+1's node effects are computed, batch k's
+    NodeEffects and EdgeEffects are already freed (weak references dead), and the streamed circuit
+    equals the one aggregated from the kept per-batch list."""
+    import weakref
+
+    import feature_circuits.attribution as attribution
+    from feature_circuits.attribution import load_for_attribution
+    from feature_circuits.circuit import aggregate_edges, aggregate_nodes, build_circuit
+    from feature_circuits.data import load_pairs, make_batches
+
+    real_nodes, real_edges = attribution.node_effects, attribution.edge_effects
+    alive: list[weakref.ref] = []
+    live_at_call: list[int] = []
+
+    def nodes_spy(*args, **kwargs):
+        live_at_call.append(sum(r() is not None for r in alive))
+        out = real_nodes(*args, **kwargs)
+        alive.append(weakref.ref(out))
+        return out
+
+    def edges_spy(*args, **kwargs):
+        out = real_edges(*args, **kwargs)
+        alive.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(attribution, "node_effects", nodes_spy)
+    monkeypatch.setattr(attribution, "edge_effects", edges_spy)
+    cfg = DiscoverConfig(
+        method=Method.RELP,
+        model=str(neox_dir),
+        saes=str(neox_saes),
+        dataset=str(tiny_data),
+        num_examples=8,
+        batch_size=2,
+        node_threshold=1e-3,
+        edge_threshold=1e-5,
+        progress=False,
+        out=None,
+    )
+    streamed = discover(cfg)
+    assert len(live_at_call) == 4 and live_at_call == [0, 0, 0, 0]
+    monkeypatch.undo()
+    loaded, dicts = load_for_attribution(str(neox_dir), str(neox_saes), device="cpu")
+    batches = make_batches(load_pairs(tiny_data, loaded.tokenizer, limit=8), loaded.tokenizer, 2)
+    ns = [real_nodes(loaded, dicts, b, Method.RELP) for b in batches]
+    es = [
+        real_edges(loaded, dicts, b, n, node_threshold=1e-3, method=Method.RELP) for b, n in zip(batches, ns)
+    ]
+    listed = build_circuit(
+        aggregate_nodes(ns),
+        aggregate_edges(es),
+        node_threshold=1e-3,
+        edge_threshold=1e-5,
+        model=str(neox_dir),
+        saes=str(neox_saes),
+        method=Method.RELP,
+        dataset=str(tiny_data),
+        split="train",
+        last_resid=loaded.last_resid.name,
+        n_layers=loaded.n_layers,
+    )
+    assert streamed.edges and _graph(streamed) == _graph(listed)

@@ -18,7 +18,6 @@ whole model for every chunk (:func:`full_rerun_logits`, the reference).
 from __future__ import annotations
 
 import math
-import sys
 import time
 
 import torch
@@ -41,12 +40,7 @@ from feature_circuits.model.sites import get_activation, save, set_activation
 from feature_circuits.progress import progress_bar
 from feature_circuits.types import Method, Site
 
-__all__ = ["PatchRunner", "exact_node_effects", "full_rerun_logits", "show_progress"]
-
-
-def show_progress(enabled: bool | None) -> bool:
-    """A pass's progress-bar switch: ``None`` means "when stderr is a terminal"."""
-    return sys.stderr.isatty() if enabled is None else bool(enabled)
+__all__ = ["PatchRunner", "exact_node_effects", "full_rerun_logits"]
 
 
 def full_rerun_logits(
@@ -156,7 +150,7 @@ def exact_node_effects(req: NodeRequest, options: MethodOptions) -> NodeEffects:
         plans.append((s, _site_nodes(delta, eff, max_nodes)))
     n_forwards = 0
     total = sum(int(nodes.shape[0]) for _, nodes in plans)
-    with progress_bar(total=total, desc="exact", unit="patch", enabled=show_progress(opts.progress)) as bar:
+    with progress_bar(total=total, desc="exact", unit="patch", enabled=opts.progress) as bar:
         for s, nodes in plans:
             ae = dictionaries[s.name]
             c, p, delta, eff = clean[s.name], patch[s.name], deltas[s.name], effects[s.name]

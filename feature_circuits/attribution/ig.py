@@ -36,6 +36,7 @@ from feature_circuits.attribution.registry import (
 from feature_circuits.attribution.results import NodeEffects, SiteState, SparseSiteState, State
 from feature_circuits.dictionaries import splice_patched
 from feature_circuits.model.sites import get_activation, save, set_activation
+from feature_circuits.progress import progress_bar
 from feature_circuits.types import Method
 
 __all__ = ["ig_node_effects"]
@@ -50,7 +51,7 @@ def ig_node_effects(req: NodeRequest, options: MethodOptions) -> NodeEffects:
     loaded, dictionaries, batch, metric = req.loaded, req.dictionaries, req.batch, req.metric
     site_list = req.site_list()
     if use_sparse(dictionaries, site_list, req.feature_path):
-        return _sparse_ig(req, steps=steps, max_rows=opts.max_rows, t0=t0)
+        return _sparse_ig(req, steps=steps, max_rows=opts.max_rows, t0=t0, progress=opts.progress)
     run = clean_and_patch(loaded, dictionaries, batch, site_list, metric, req.counterfactual)
     clean, patch = run.clean, run.patch
     b = batch.clean.shape[0]
@@ -59,6 +60,8 @@ def ig_node_effects(req: NodeRequest, options: MethodOptions) -> NodeEffects:
     grads: dict[str, State] = {}
     deltas: dict[str, State] = {}
     effects: dict[str, Tensor] = {}
+    n_chunks = len(site_list) * len(range(0, steps, steps_per_chunk))
+    bar = progress_bar(total=n_chunks, desc="ig", unit="fwd", enabled=opts.progress)
     for s in site_list:
         ae = dictionaries[s.name]
         c, p = clean[s.name], patch[s.name]
@@ -83,9 +86,11 @@ def ig_node_effects(req: NodeRequest, options: MethodOptions) -> NodeEffects:
                 gf_sum += gf.view(n, *c.f.shape).sum(0)
             if gerr is not None:
                 gerr_sum += gerr.view(n, *c.err.shape).sum(0)
+            bar.update(1)
         g_site, d_site = SiteState(gf_sum / steps, gerr_sum / steps), p - c
         grads[s.name], deltas[s.name] = g_site, d_site
         effects[s.name] = g_site.node_product(d_site)
+    bar.close()
     return NodeEffects(
         method=Method.IG,
         effects=effects,
@@ -98,7 +103,9 @@ def ig_node_effects(req: NodeRequest, options: MethodOptions) -> NodeEffects:
     )
 
 
-def _sparse_ig(req: NodeRequest, *, steps: int, max_rows: int, t0: float) -> NodeEffects:
+def _sparse_ig(
+    req: NodeRequest, *, steps: int, max_rows: int, t0: float, progress: bool | None = None
+) -> NodeEffects:
     """:func:`ig_node_effects` on the sparse feature path (same interpolation, same numbers)."""
     loaded, dictionaries, batch, metric = req.loaded, req.dictionaries, req.batch, req.metric
     site_list = req.site_list()
@@ -117,6 +124,8 @@ def _sparse_ig(req: NodeRequest, *, steps: int, max_rows: int, t0: float) -> Nod
     grads: dict[str, State] = {}
     deltas: dict[str, State] = {}
     effects: dict[str, Tensor] = {}
+    n_chunks = len(site_list) * len(range(0, steps, steps_per_chunk))
+    bar = progress_bar(total=n_chunks, desc="ig", unit="fwd", enabled=progress)
     for s in site_list:
         ae = dictionaries[s.name]
         x = acts.pop(s.name)
@@ -142,6 +151,7 @@ def _sparse_ig(req: NodeRequest, *, steps: int, max_rows: int, t0: float) -> Nod
             (g,) = torch.autograd.grad(m.sum(), [zerr], allow_unused=True)
             if g is not None:
                 g_sum += g.view(n, *c.err.shape).sum(0)
+            bar.update(1)
         g_out = g_sum / steps  # d m / d(site output) averaged over the steps = the error gradient
         with torch.no_grad():
             gv = gather_dot(dec.w, c.index, g_out).to(c.values.dtype) * c.mask
@@ -149,6 +159,7 @@ def _sparse_ig(req: NodeRequest, *, steps: int, max_rows: int, t0: float) -> Nod
         d = p - c
         clean[s.name], grads[s.name], deltas[s.name] = c, gs, d
         effects[s.name] = gs.node_product(d)
+    bar.close()
     return NodeEffects(
         method=Method.IG,
         effects=effects,

@@ -7,14 +7,22 @@ its error node is identically zero and its decoder directions are the identity m
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from feature_circuits.circuit.schema import DictionaryInfo
 
 __all__ = ["IdentityDictionary"]
 
 
 class IdentityDictionary(nn.Module):
     """The neuron baseline: features are the raw dimensions, the error is identically zero."""
+
+    #: what circuit.json records for it (set by the loader, feature_circuits.dictionaries.marks)
+    info: DictionaryInfo | None = None
 
     def __init__(self, activation_dim: int):
         super().__init__()

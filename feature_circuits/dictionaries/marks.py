@@ -91,6 +91,8 @@ class MarksAutoEncoder(AutoEncoder):
 
     activation_dim: int
     dict_size: int
+    #: what circuit.json records for it (set by :func:`load_dictionaries`)
+    info: DictionaryInfo | None = None
 
     def decoder_directions(self, like: Tensor) -> Tensor:
         return self.decoder.weight.detach().T.to(like)

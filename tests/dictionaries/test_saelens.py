@@ -125,7 +125,7 @@ def _logits(loaded, ids, dicts=None, sites=()):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_splice_exact_every_architecture(arch, sae_sets, neox_model_dir, capsys):
+def test_splice_exact_every_architecture(arch, sae_sets, neox_model_dir):
     """decode(f) + err in place of every site (attn_z included) leaves the logits unchanged,
     while the SAE itself is a real, lossy reconstruction (features fire, the error is non-zero)."""
     loaded, dicts = load_for_attribution(neox_model_dir, str(sae_sets[arch]), "cpu", torch.float32)
@@ -139,10 +139,7 @@ def test_splice_exact_every_architecture(arch, sae_sets, neox_model_dir, capsys)
     ids = loaded.tokenizer(["the w1 w2 and w3", "a w4 w5 to w6"], return_tensors="pt").input_ids
     base = _logits(loaded, ids)
     spliced = _logits(loaded, ids, dicts, loaded.spliced_sites(dicts))
-    err = float((spliced - base).abs().max())
-    with capsys.disabled():
-        print(f"\n[saelens splice] {arch}: max |logit change| = {err:.3g} (float32)")
-    assert err <= 1e-5
+    assert float((spliced - base).abs().max()) <= 1e-5
     # attn_z_1 is the flattened (b, s, H*dh) o-projection input, and the SAE is lossy there
     z = loaded.site("attn_z_1")
     got = {}
@@ -221,13 +218,14 @@ def test_edges_equal_per_node_loop(arch, sae_sets, neox_model_dir, tmp_path):
     loaded, dicts = load_for_attribution(neox_model_dir, str(src), "cpu", torch.float64)
     batch = _batch()
     nodes = node_effects(loaded, dicts, batch, "atp")
-    threshold = 1e-4
+    threshold = 3e-3
     res = edge_effects(loaded, dicts, batch, nodes, node_threshold=threshold, chunk_size=5)
     n_checked = 0
     for pair in site_pairs(loaded):
         ref, n_sel = _loop_edges(loaded, dicts, batch, nodes, pair, threshold, None)
         n_checked += n_sel
         assert torch.allclose(res.edges[(pair.up, pair.down)].to_dense(), ref, atol=1e-12, rtol=1e-9), pair
+    print(n_checked)
     assert n_checked > 10
 
 
@@ -360,3 +358,30 @@ def test_two_saes_for_one_site_refused(neox, tmp_path):
         load_dictionaries(neox.sites, str(tmp_path / "set"), model=neox)
     one = load_dictionaries(neox.sites, str(tmp_path / "set2"), model=neox)
     assert list(one) == ["resid_0"]  # partial coverage: only the sites the SAEs were trained on
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_decoder_directions_are_decode_differences(rescale, neox, tmp_path):
+    """Row k of decoder_directions is decode(e_k) - decode(0) for every k: the W_dec rows, or the
+    unit-norm rows for a TopK SAE that rescales its activations by the decoder norms."""
+    cfg = sae_lens.TopKSAEConfig(
+        d_in=32,
+        d_sae=D_SAE,
+        k=4,
+        rescale_acts_by_decoder_norm=rescale,
+        metadata=SAEMetadata(hook_name="blocks.1.hook_mlp_out"),
+    )
+    torch.manual_seed(3)
+    sae = sae_lens.TopKSAE(cfg)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(D_SAE, 1) * 3 + 0.1)  # rows of unequal norms
+        sae.b_dec.normal_()
+    sae.save_model(tmp_path / "topk")
+    (ae,) = load_dictionaries(neox.sites, str(tmp_path / "topk"), model=neox, dtype=torch.float64).values()
+    like = torch.zeros(1, dtype=torch.float64)
+    expect = ae.decode(torch.eye(D_SAE, dtype=torch.float64)) - ae.decode(
+        torch.zeros(1, D_SAE, dtype=torch.float64)
+    )
+    assert torch.allclose(ae.decoder_directions(like), expect, atol=1e-12)
+    norms = ae.decoder_directions(like).norm(dim=-1)
+    assert torch.allclose(norms, torch.ones_like(norms)) == rescale

@@ -495,7 +495,8 @@
   });
   cy.on('select unselect', 'node', function () { setStatus(); });
   cy.on('mouseover', 'node.fc, node.super, node.logit', function (ev) {
-    var nb = ev.target.closedNeighborhood().filter(function (x) { return !x.hasClass('hidden'); });
+    var es = ev.target.connectedEdges().filter(function (x) { return !x.hasClass('hidden'); });  // shown edges only
+    var nb = ev.target.union(es).union(es.connectedNodes());
     cy.elements().not(nb).not('.rowlabel, .collabel').addClass('faded');
     nb.addClass('hl');
     statusEl.setAttribute('data-hover', ev.target.id());
