@@ -45,6 +45,7 @@ from torch import Tensor
 from feature_circuits.attribution import edge_effects, load_for_attribution, method_spec, node_effects
 from feature_circuits.attribution.edges import edge_forward, select_nodes, site_pairs
 from feature_circuits.attribution.forward import attribution_sites
+from feature_circuits.attribution.results import effect_values
 from feature_circuits.data import Batch
 from feature_circuits.dictionaries import encode_with_error, splice_with_grad_leaves
 from feature_circuits.metrics import logit_diff
@@ -334,7 +335,7 @@ def max_diff_loop_vs_batched(loop_rows: dict, batched: Any) -> float:
 
 def threshold_for(nodes: Any, n_select: int, downstream: set[str]) -> float:
     """Node threshold selecting about ``n_select`` downstream nodes over all sites of the batch."""
-    vals = torch.cat([nodes.effects[k].abs().flatten() for k in nodes.effects if k in downstream])
+    vals = torch.cat([effect_values(nodes.effects[k]).abs() for k in nodes.effects if k in downstream])
     vals = vals[torch.isfinite(vals)]
     k = max(1, min(n_select, vals.numel()))
     return float(torch.topk(vals, k).values[-1]) * (1 - 1e-6)
@@ -513,7 +514,9 @@ def bench_model(
             **timed[m],
             "node_threshold": thr,
             "ratio_to_floor": timed[m]["median_s"] / floor_s,
-            "n_downstream_nodes": int(sum(int((nodes.effects[k].abs() > thr).sum()) for k in downstream)),
+            "n_downstream_nodes": int(
+                sum(int((effect_values(nodes.effects[k]).abs() > thr).sum()) for k in downstream)
+            ),
         }
     # batched vs per-node loop (relp)
     m = "relp"

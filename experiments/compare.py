@@ -260,7 +260,8 @@ def component_scores(
     nodes = node_effects(
         loaded, neuron_dicts, batch, Method(method), options=options, sites=[s.name for s in sites]
     )
-    return {s.name: nodes.effects[s.name][..., :-1].sum(-1).detach().cpu() for s in sites}
+    effects = nodes.dense().effects  # plain tensors (a no-op unless on the sparse feature path)
+    return {s.name: effects[s.name][..., :-1].sum(-1).detach().cpu() for s in sites}
 
 
 # ---------------------------------------------------------------------------------------- running

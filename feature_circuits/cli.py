@@ -476,12 +476,14 @@ _CONFIG_COMMANDS: dict[str, _ConfigCommand] = {
         config=EvaluateConfig,
         run=_evaluate,
         help="held-out faithfulness/completeness by mean ablation: eval.json + eval.html",
-        description="Faithfulness and completeness of one or more circuits by mean ablation on held-out "
+        description="Faithfulness and completeness of one or more circuits by mean ablation (or --ablation "
+        "zero, patch, resample) on held-out "
         "data. For each --circuit it loads the model and dictionaries the circuit.json names and, when "
         "it names an effects file, every node's effect (so the threshold sweep reaches below the "
         "discovery threshold). Writes eval.json per circuit and one eval.html plot (several circuits on "
-        "one plot). Evaluating on a circuit's own discovery data is refused unless "
-        "--allow-discovery-split is given.",
+        "one plot), with the integrated scores (auc, MIB's cpr and cmd) on a fixed grid of sizes, their "
+        "bootstrap intervals and a random-circuit baseline. Evaluating on a circuit's own discovery "
+        "data is refused unless --allow-discovery-split is given.",
         example="evaluate --circuit out/relp/circuit.json --circuit out/ig --split test",
         quiet="no progress bar",
     ),

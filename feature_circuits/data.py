@@ -24,6 +24,14 @@ Each pair is tokenized once: :func:`load_pairs` validates it with the tokenizer 
 ids on the pair (:attr:`Pair.tokens`, a :class:`TokenizedPair` that remembers which tokenizer made
 it); :func:`make_batches` reuses them and tokenizes only pairs without tokens from that tokenizer.
 
+Each file is tokenized in batched tokenizer calls (a fast tokenizer encodes a list far quicker than
+one text per call). Two readings go beyond the file's letter, both reported in
+:attr:`PairList.report`: answers without a leading space after a prefix that does not end in one
+(the Marks et al. files) are read as ``" " + answer`` when only that reading is valid; and a shipped
+task file that is not valid as it is for the tokenizer (a BPE model) is replaced by the same task
+built for that tokenizer (:mod:`feature_circuits.tasks`; docs/algorithms.md, "Tasks for any
+tokenizer").
+
 Blank lines: trailing blank lines at the end of the file are ignored (an editor's final newline, or
 several); a blank line *between* examples is reported as an error, since it usually means a line was
 lost or a file was concatenated badly.

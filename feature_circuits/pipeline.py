@@ -124,7 +124,9 @@ class DiscoverConfig:
         default="embedded",
         metadata=_help(
             "dictionaries: 'embedded', 'marks' (downloaded Pythia-70M dictionaries), 'neurons' (identity "
-            "baseline), or a Marks-layout root directory"
+            "baseline), a Marks-layout root directory, 'saelens:RELEASE[/SAE_ID],...' (SAELens registry "
+            "SAEs, via sae_lens and the HF cache) or a SAELens directory (cfg.json + "
+            "sae_weights.safetensors, or a directory of them)"
         ),
     )
     dataset: str = field(
@@ -181,7 +183,8 @@ class DiscoverConfig:
     labels: str | None = field(
         default=None,
         metadata=_help(
-            'JSON Lines feature labels {"site": ..., "feature": ..., "label": ...} shown on hover'
+            'labels/groups file shown in circuit.html (JSON Lines: {"site": ..., "feature": ..., "label": '
+            '...} and {"group": ..., "nodes": [ids]}; the page saves it; docs/explorer.md)'
         ),
     )
     out: str | None = field(
@@ -406,7 +409,7 @@ def discover(cfg: DiscoverConfig, *, log: Log = _quiet) -> Circuit:
     labels = (
         None
         if cfg.labels is None
-        else load_labels(cfg.labels, {s.name: int(dicts[s.name].dict_size) for s in loaded.sites})
+        else load_labels(cfg.labels, {name: int(d.dict_size) for name, d in dicts.items()})
     )
 
     t = time.perf_counter()

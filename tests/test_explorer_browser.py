@@ -414,3 +414,14 @@ def test_error_hook_reports_errors(driver, tmp_path):
     WebDriverWait(driver, 30).until(lambda d: errors(d))
     assert any("SyntaxError" in e for e in errors(driver))
     driver.get_log("browser")
+
+
+def test_empty_circuit_says_so(driver, tmp_path):
+    from tests.helpers import small_circuit
+
+    c = small_circuit("sum", node_threshold=100.0)
+    page = render_circuit_html(c, tmp_path / "empty.html")
+    open_page(driver, page)
+    assert text(driver, "#fc-empty").startswith("no node above threshold 100")
+    assert status(driver)["visibleNodes"] == "0"
+    check_clean(driver, page)

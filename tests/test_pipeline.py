@@ -194,7 +194,8 @@ def test_discover_streams_batches(monkeypatch, neox_dir, neox_saes, tiny_data):
     batches = make_batches(load_pairs(tiny_data, loaded.tokenizer, limit=8), loaded.tokenizer, 2)
     ns = [real_nodes(loaded, dicts, b, Method.RELP) for b in batches]
     es = [
-        real_edges(loaded, dicts, b, n, node_threshold=1e-3, method=Method.RELP) for b, n in zip(batches, ns)
+        real_edges(loaded, dicts, b, n, node_threshold=1e-3, method=Method.RELP)
+        for b, n in zip(batches, ns, strict=True)
     ]
     listed = build_circuit(
         aggregate_nodes(ns),

@@ -19,7 +19,6 @@ import torch
 from feature_circuits.attribution.forward import (
     SparseDecoder,
     collect_activations,
-    gather_dot,
     patch_states,
     site_output_grads,
     sparse_site_states,
@@ -109,7 +108,7 @@ def _sparse_gradient_node_effects(
         c, p = sparse_site_states(ae, x, acts_p.pop(s.name, None), dec)
         g = g_out.pop(s.name)
         with torch.no_grad():
-            gv = gather_dot(dec.w, c.index, g).to(c.values.dtype) * c.mask
+            gv = dec.dot(c.index, g).to(c.values.dtype) * c.mask
         gs = SparseSiteState(c.index, c.mask, gv, g.to(c.err.dtype), c.n_features)
         d = p - c
         clean[s.name], grads[s.name], deltas[s.name] = c, gs, d

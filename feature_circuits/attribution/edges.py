@@ -37,9 +37,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from feature_circuits.attribution.registry import METHODS, method_spec
 from feature_circuits.attribution.forward import SparseDecoder, gather_dot
-from feature_circuits.attribution.results import EdgeEffects, NodeEffects, SiteState, SparseSiteState, State
+from feature_circuits.attribution.registry import METHODS, method_spec
+from feature_circuits.attribution.results import EdgeEffects, NodeEffects, SparseSiteState, State
 from feature_circuits.data import Batch
 from feature_circuits.dictionaries import Dictionary, encode_with_error, splice_with_grad_leaves
 from feature_circuits.errors import ConfigError

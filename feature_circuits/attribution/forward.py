@@ -44,16 +44,16 @@ __all__ = [
     "SPARSE_MIN_FEATURES",
     "CleanPatch",
     "SparseDecoder",
-    "collect_activations",
-    "gather_dot",
-    "site_output_grads",
-    "sparse_site_states",
-    "use_sparse",
     "attribution_sites",
     "clean_and_patch",
+    "collect_activations",
     "collect_states",
+    "gather_dot",
     "patch_states",
+    "site_output_grads",
+    "sparse_site_states",
     "spliced_clean_forward",
+    "use_sparse",
     "zero_last_resid_logits",
 ]
 
@@ -178,7 +178,9 @@ FEATURE_PATHS = ("auto", "dense", "sparse")
 SPARSE_MIN_FEATURES = 4096
 
 
-def use_sparse(dictionaries: Mapping[str, Dictionary], sites: Sequence[Site], feature_path: str = "auto") -> bool:
+def use_sparse(
+    dictionaries: Mapping[str, Dictionary], sites: Sequence[Site], feature_path: str = "auto"
+) -> bool:
     """Whether a node pass over ``sites`` runs on the sparse feature path: ``sparse`` / ``dense``
     force it; ``auto``: sparse iff every site's dictionary has at least :data:`SPARSE_MIN_FEATURES`
     features and none is an identity dictionary (neurons are dense by construction)."""
@@ -196,9 +198,18 @@ def use_sparse(dictionaries: Mapping[str, Dictionary], sites: Sequence[Site], fe
 _GATHER_BUDGET = 1 << 22
 
 
+def gather_rows(w: Tensor, index: Tensor) -> Tensor:
+    """``w[index]`` (n, d) for a 1-D ``index``, reading ``w`` (F, d) in its own layout: a
+    transposed view of a contiguous (d, F) weight (the usual decoder) is gathered along its
+    contiguous rows instead of being copied."""
+    if not w.is_contiguous() and w.T.is_contiguous():
+        return w.T.index_select(1, index).T
+    return w.index_select(0, index)
+
+
 @dataclass(frozen=True)
 class SparseDecoder:
-    """A dictionary's affine decode as decoder rows ``w`` (F, d, contiguous) and ``bias``
+    """A dictionary's affine decode as decoder rows ``w`` (F, d; a view, never copied) and ``bias``
     (d,) = decode(0), so that decode(f) = sum_k f_k w[k] + bias over the active k only."""
 
     w: Tensor
@@ -207,37 +218,49 @@ class SparseDecoder:
     @classmethod
     def of(cls, ae: Dictionary, like: Tensor) -> SparseDecoder:
         with torch.no_grad():
-            w = ae.decoder_directions(like).detach().contiguous()
+            w = ae.decoder_directions(like).detach()
             zero = torch.zeros(1, int(ae.dict_size), dtype=like.dtype, device=like.device)
             bias = ae.decode(zero).detach().reshape(-1).to(like.dtype)
         return cls(w, bias)
 
+    def _chunks(self, n_rows: int, k: int) -> range:
+        return range(0, n_rows, max(1, _GATHER_BUDGET // max(k * self.w.shape[1], 1)))
+
     def decode(self, index: Tensor, values: Tensor) -> Tensor:
-        """(..., d): sum over the K slots of values * w[index] plus the bias (padding slots must
-        carry value 0). Differentiable in ``values``."""
+        """(..., d): the sum over the K slots of ``values * w[index]`` plus the bias (padding slots
+        must carry value 0), in row chunks of bounded size."""
         lead, k = index.shape[:-1], index.shape[-1]
-        if k == 0:
-            return self.bias.expand(*lead, self.bias.shape[0]).to(values.dtype).clone()
-        out = torch.nn.functional.embedding_bag(
-            index.reshape(-1, k), self.w, per_sample_weights=values.reshape(-1, k), mode="sum"
-        )
-        return out.reshape(*lead, -1) + self.bias
+        d = self.w.shape[1]
+        idx, vals = index.reshape(-1, k), values.reshape(-1, k).to(self.w.dtype)
+        out = self.bias.to(self.w.dtype).expand(idx.shape[0], d).clone()
+        if k:
+            step = self._chunks(idx.shape[0], k).step
+            for r0 in range(0, idx.shape[0], step):
+                r1 = min(idx.shape[0], r0 + step)
+                rows = gather_rows(self.w, idx[r0:r1].reshape(-1)).view(r1 - r0, k, d)
+                out[r0:r1] += torch.bmm(vals[r0:r1].unsqueeze(1), rows).squeeze(1)
+        return out.reshape(*lead, d)
+
+    def dot(self, index: Tensor, g: Tensor) -> Tensor:
+        """(..., K): ``w[index[..., k]] . g[...]`` -- the K slot features' gradient from the
+        gradient ``g`` (..., d) of the site output (W_dec[:, active]^T g), in row chunks."""
+        lead, k = index.shape[:-1], index.shape[-1]
+        d = self.w.shape[1]
+        idx, gg = index.reshape(-1, k), g.reshape(-1, d).to(self.w.dtype)
+        out = torch.empty(idx.shape[0], k, dtype=self.w.dtype, device=self.w.device)
+        if k:
+            step = self._chunks(idx.shape[0], k).step
+            for r0 in range(0, idx.shape[0], step):
+                r1 = min(idx.shape[0], r0 + step)
+                rows = gather_rows(self.w, idx[r0:r1].reshape(-1)).view(r1 - r0, k, d)
+                out[r0:r1] = torch.bmm(rows, gg[r0:r1].unsqueeze(-1)).squeeze(-1)
+        return out.reshape(*lead, k)
 
 
 def gather_dot(w: Tensor, index: Tensor, g: Tensor) -> Tensor:
-    """(..., K): ``w[index[..., k]] . g[...]`` -- the gradient of the K slot features from the
-    gradient ``g`` (..., d) of the site output (W_dec[:, active]^T g), in row chunks so that the
-    gathered rows never exceed a fixed budget."""
-    lead, k = index.shape[:-1], index.shape[-1]
-    d = g.shape[-1]
-    idx = index.reshape(-1, k)
-    gg = g.reshape(-1, d).to(w.dtype)
-    out = torch.empty(idx.shape[0], k, dtype=w.dtype, device=w.device)
-    step = max(1, _GATHER_BUDGET // max(k * d, 1))
-    for r0 in range(0, idx.shape[0], step):
-        r1 = min(idx.shape[0], r0 + step)
-        out[r0:r1] = torch.bmm(w[idx[r0:r1]], gg[r0:r1].unsqueeze(-1)).squeeze(-1)
-    return out.reshape(*lead, k)
+    """(..., K): ``w[index[..., k]] . g[...]`` for decoder rows ``w`` (F, d) (see
+    :meth:`SparseDecoder.dot`)."""
+    return SparseDecoder(w, w.new_zeros(w.shape[1])).dot(index, g)
 
 
 def _row_union(active: Tensor) -> tuple[Tensor, Tensor]:
@@ -286,7 +309,9 @@ def sparse_site_states(
     return clean, patch
 
 
-def collect_activations(loaded: LoadedModel, ids: Tensor, sites: Sequence[Site]) -> tuple[dict[str, Tensor], Tensor]:
+def collect_activations(
+    loaded: LoadedModel, ids: Tensor, sites: Sequence[Site]
+) -> tuple[dict[str, Tensor], Tensor]:
     """Plain forward on ``ids``: every site's activation (b, s, d) and the logits (detached)."""
     acts: dict[str, Tensor] = {}
     lm = loaded.lm

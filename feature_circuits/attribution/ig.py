@@ -20,7 +20,6 @@ from feature_circuits.attribution.forward import (
     SparseDecoder,
     clean_and_patch,
     collect_activations,
-    gather_dot,
     sparse_site_states,
     use_sparse,
     zero_last_resid_logits,
@@ -154,7 +153,7 @@ def _sparse_ig(
             bar.update(1)
         g_out = g_sum / steps  # d m / d(site output) averaged over the steps = the error gradient
         with torch.no_grad():
-            gv = gather_dot(dec.w, c.index, g_out).to(c.values.dtype) * c.mask
+            gv = dec.dot(c.index, g_out).to(c.values.dtype) * c.mask
         gs = SparseSiteState(c.index, c.mask, gv, g_out, c.n_features)
         d = p - c
         clean[s.name], grads[s.name], deltas[s.name] = c, gs, d

@@ -23,7 +23,15 @@ from torch import Tensor
 
 from feature_circuits.types import Method
 
-__all__ = ["EdgeEffects", "NodeEffects", "SiteState", "SparseSiteState", "State", "dense_effects"]
+__all__ = [
+    "EdgeEffects",
+    "NodeEffects",
+    "SiteState",
+    "SparseSiteState",
+    "State",
+    "dense_effects",
+    "effect_values",
+]
 
 
 @dataclass(frozen=True)
@@ -143,6 +151,13 @@ State = SiteState | SparseSiteState
 def dense_effects(t: Tensor) -> Tensor:
     """A node-effect tensor (b, s, F+1) as a dense tensor (sparse COO input is densified)."""
     return t.to_dense() if t.is_sparse else t
+
+
+def effect_values(t: Tensor) -> Tensor:
+    """The stored values of a node-effect tensor, 1-D: every entry of a dense tensor, the explicit
+    entries of a sparse COO one (the others are exactly 0). For thresholds and counts of
+    ``|effect| > threshold`` (threshold >= 0) without densifying."""
+    return t.coalesce().values() if t.is_sparse else t.reshape(-1)
 
 
 @dataclass(kw_only=True)

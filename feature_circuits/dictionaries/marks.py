@@ -193,7 +193,8 @@ def resolve_sae_source(saes: str | Path | SAESource | None, model_dir: str | Non
     root = Path(name)
     if not root.is_dir():
         raise DictionaryError(
-            f"SAE root {root} does not exist (known names: {[*sorted(KNOWN_SAES), 'neurons']})"
+            f"SAE root {root} does not exist (known names: {[*sorted(KNOWN_SAES), 'neurons']}, "
+            "or saelens:RELEASE[/SAE_ID],... for SAELens SAEs)"
         )
     if (root / "embed").is_dir():
         return SAESource(root=root.parent, model_dir=root.name)

@@ -185,7 +185,7 @@ def compute_means(
     ``per_position`` (every batch must have the same length; see :func:`positions_aligned`), else
     ``P = 1`` (averaged over every token of every example). Sums are accumulated in float64.
     """
-    sites = list(loaded.sites if sites is None else sites)
+    sites = list(loaded.spliced_sites(dictionaries) if sites is None else sites)
     if not batches:
         raise EvaluationError("no evaluation examples")
     lengths = {b.seq_len for b in batches}
@@ -319,7 +319,7 @@ def ablated_metric_values(
     node takes (means ``(P, F)`` / ``(P, d)``, zeros, ...), or :class:`FromInputs` (one plain forward
     per batch on its source tokens, whose features and errors replace the ablated nodes)."""
     lm = loaded.lm
-    sites = list(loaded.sites)
+    sites = list(loaded.spliced_sites(dictionaries))  # partial coverage: the spliced sites only
     dev = loaded.device
     totals = [0.0] * len(configs)
     n_examples = sum(len(b) for b in batches)

@@ -720,10 +720,10 @@ def evaluate_circuit(
     if not variant_list:
         raise EvaluationError("no variants; choose from " + ", ".join(v.value for v in Variant))
     metric_name = src.metric if metric is None else _metric_name(metric)
-    sites = list(loaded.sites)
-    missing = [s.name for s in sites if s.name not in dictionaries]
-    if missing:
-        raise EvaluationError(f"no dictionary for site(s) {missing}")
+    # partial coverage: only the sites with a dictionary are spliced (docs/algorithms.md, "Sites")
+    sites = list(loaded.spliced_sites(dictionaries))
+    if not sites:
+        raise EvaluationError("no dictionary for any site")
     sizes = {s.name: int(dictionaries[s.name].dict_size) for s in sites}
     free = default_free_layers(loaded.n_layers) if free_layers is None else int(free_layers)
     batches = _as_batches(data, loaded, batch_size)
@@ -810,7 +810,7 @@ def _ablation_values(
     if kind is AblationKind.MEAN:
         return means
     if kind is AblationKind.ZERO:
-        return zero_values(loaded.sites, loaded.device, loaded.dtype)
+        return zero_values(loaded.spliced_sites(dictionaries), loaded.device, loaded.dtype)
     if kind is AblationKind.PATCH:
         return FromInputs(tuple(b.patch for b in batches), AblationKind.PATCH)
     return resample_inputs(batches, seed)

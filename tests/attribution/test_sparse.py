@@ -121,7 +121,7 @@ def test_sparse_primitives_match_dense_references():
 
 
 def test_sparse_site_states_error_node_and_zero_patch(neox64):
-    loaded, dicts = neox64
+    _, dicts = neox64
     ae = dicts["mlp_0"]
     x = torch.randn(2, 4, ae.activation_dim, dtype=torch.float64)
     c, p = sparse_site_states(ae, x, None)

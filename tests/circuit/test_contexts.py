@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -87,7 +88,7 @@ def _all_activations(loaded, dicts, ids: torch.Tensor) -> dict[str, torch.Tensor
     return out
 
 
-def _reference(loaded, dicts, batches, docs: list[list[int]] = ()):
+def _reference(loaded, dicts, batches, docs: Sequence[list[int]] = ()):
     """Per node: (mean clean, mean patch, {source: [(activation, seq, pos), ...] sorted, top K})."""
     clean_sum: dict[str, torch.Tensor] = {}
     patch_sum: dict[str, torch.Tensor] = {}
@@ -316,3 +317,51 @@ def test_contexts_file_errors_name_file_and_line(tmp_path, name, content, match)
 def test_missing_contexts_file(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="--contexts: file not found"):
         read_contexts_file(tmp_path / "nope.txt")
+
+
+# --------------------------------------------------------------------------------------------------
+# In discover()
+
+
+def test_discover_records_contexts_for_every_node(tmp_path, neox_dir, neox_saes):
+    from feature_circuits.circuit import load_circuit
+    from feature_circuits.errors import ConfigError
+    from feature_circuits.pipeline import DiscoverConfig, discover
+
+    rows = [
+        {"clean_prefix": f"the w{i} and w{i + 1}", "patch_prefix": f"the w{i + 2} and w{i + 1}"}
+        | {"clean_answer": " is", "patch_answer": " are"}
+        for i in range(6)
+    ]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    extra = _write(tmp_path, "extra.jsonl", '{"text": "then w7 and w9 is w3"}\n{"text": "a w1 to w2"}\n')
+    common = {"model": str(neox_dir), "saes": str(neox_saes), "dataset": str(data), "progress": False}
+    cfg = DiscoverConfig(
+        **common,
+        num_examples=6,
+        batch_size=4,
+        node_threshold=1e-3,
+        nodes_only=True,
+        method=Method.ATP,
+        contexts=str(extra),
+        context_top_k=2,
+        out=str(tmp_path / "out"),
+    )
+    circuit = discover(cfg)
+    assert circuit.nodes and all(n.activation is not None for n in circuit.nodes)
+    assert {c.source for n in circuit.nodes for c in (n.activation.contexts if n.activation else ())} == {
+        "discovery",
+        "contexts",
+    }
+    assert all(
+        sum(c.source == "contexts" for c in n.activation.contexts) <= 2 for n in circuit.nodes if n.activation
+    )
+    stored = load_circuit(tmp_path / "out" / "circuit.json")
+    assert stored.nodes == circuit.nodes and "contexts" in stored.timing_s
+    # a malformed --contexts file fails when the config is made, before any forward
+    bad = _write(tmp_path, "bad.jsonl", '{"text": "ok"}\n{"nope": 1}\n')
+    with pytest.raises(DatasetError, match=r"bad\.jsonl:2: missing key"):
+        DiscoverConfig(**common, contexts=str(bad))
+    with pytest.raises(ConfigError, match="--context-top-k must be >= 0"):
+        DiscoverConfig(**common, context_top_k=-1)

@@ -218,15 +218,14 @@ def test_edges_equal_per_node_loop(arch, sae_sets, neox_model_dir, tmp_path):
     loaded, dicts = load_for_attribution(neox_model_dir, str(src), "cpu", torch.float64)
     batch = _batch()
     nodes = node_effects(loaded, dicts, batch, "atp")
-    threshold = 3e-3
+    threshold = 5e-2
     res = edge_effects(loaded, dicts, batch, nodes, node_threshold=threshold, chunk_size=5)
     n_checked = 0
     for pair in site_pairs(loaded):
         ref, n_sel = _loop_edges(loaded, dicts, batch, nodes, pair, threshold, None)
         n_checked += n_sel
         assert torch.allclose(res.edges[(pair.up, pair.down)].to_dense(), ref, atol=1e-12, rtol=1e-9), pair
-    print(n_checked)
-    assert n_checked > 10
+    assert n_checked >= 10
 
 
 @pytest.fixture(scope="module")
@@ -285,6 +284,22 @@ def test_discover_evaluate_end_to_end_with_neuronpedia(sae_sets, neox_model_dir,
         )
     )
     assert len(results) == 1 and results[0].n_nodes[0] > 0 and results[0].n_nodes[-1] == 0
+
+
+def test_marks_release_neuronpedia_ids(tmp_path, monkeypatch):
+    """``--saes marks`` (the Marks et al. Pythia-70M release) with a Pythia-70M model: every
+    attn/mlp/resid site gets its P70D-SM Neuronpedia id; the embedding none."""
+    from feature_circuits.model import load_model
+    from tests.helpers import save_random_saes
+
+    monkeypatch.setenv("FEATURE_CIRCUITS_SAES", str(tmp_path / "saes"))
+    save_random_saes(tiny_gpt_neox(), tmp_path / "saes", model_dir="pythia-70m-deduped", dict_id="10_32768")
+    model = load_model(save_model(tiny_gpt_neox(), tmp_path / "pythia-70m-deduped"), device="cpu")
+    infos = dictionary_infos(load_dictionaries(model.sites, "marks", model=model))
+    assert infos["resid_1"].neuronpedia == "pythia-70m-deduped/1-res-sm"
+    assert infos["attn_0"].neuronpedia == "pythia-70m-deduped/0-att-sm"
+    assert infos["mlp_1"].neuronpedia == "pythia-70m-deduped/1-mlp-sm"
+    assert infos["embed"].neuronpedia is None and infos["embed"].kind == "marks"
 
 
 def test_marks_and_identity_infos(neox, neox_saes):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,6 +18,7 @@ from feature_circuits.evaluation import (
     eval_json,
     evaluate_circuit,
     parse_ablation,
+    plot_html,
     resample_inputs,
     summary_table,
     zero_values,
@@ -49,7 +49,7 @@ def _hand_from_inputs(loaded, aes, batches, sources, ablate):
         for name in ablate:
             site = by_name[name]
 
-            def record(_m, _i, out, site=site):
+            def record(_m, _i, out, site=site, recorded=recorded):
                 x = out[0] if site.output_is_tuple else out
                 recorded[site.name] = encode_with_error(aes[site.name], x)
 
@@ -62,7 +62,7 @@ def _hand_from_inputs(loaded, aes, batches, sources, ablate):
         for name, nodes in ablate.items():
             site = by_name[name]
 
-            def hook(_m, _i, out, site=site, nodes=nodes):
+            def hook(_m, _i, out, site=site, nodes=nodes, recorded=recorded):
                 x = out[0] if site.output_is_tuple else out
                 f, err = encode_with_error(aes[site.name], x)
                 sf, se = recorded[site.name]
@@ -123,7 +123,9 @@ def test_patch_ablation_takes_the_patch_value(neox, aes, batches):
 def test_resample_sources_are_other_examples_of_the_same_length(neox, eval_pairs):
     pairs = eval_pairs(10)
     pairs[3] = pairs[3].__class__(
-        clean_prefix="the w1 w2 w3 and w4 w5", patch_prefix="a w1 w2 w3 and w4 w6", clean_answer=" is",
+        clean_prefix="the w1 w2 w3 and w4 w5",
+        patch_prefix="a w1 w2 w3 and w4 w6",
+        clean_answer=" is",
         patch_answer=" are",
     )
     batches = make_batches(pairs, neox.tokenizer, 4)
@@ -175,7 +177,7 @@ def _agg(neox, aes, seed=0):
     return AggregatedNodes(aggregation=Aggregation.SUM, effects=eff, num_examples=6, total_effect=1.0)
 
 
-def test_sweep_with_each_kind_scores_and_baseline(neox, aes, eval_pairs):
+def test_sweep_with_each_kind_scores_and_baseline(neox, aes, eval_pairs, tmp_path):
     agg, pairs = _agg(neox, aes), eval_pairs(8)
     kw = {"thresholds": [0.5, 0.9], "batch_size": 4, "variants": ["all_errors_ablated"]}
     plain = evaluate_circuit(neox, aes, agg, pairs, bootstrap=0, baseline_draws=0, **kw)
@@ -207,6 +209,12 @@ def test_sweep_with_each_kind_scores_and_baseline(neox, aes, eval_pairs):
     json.dumps(d, allow_nan=False)
     table = summary_table("c", mean)
     assert "integrated scores" in table and "random:" in table and "mean ablation" in table
+    html = plot_html([("c", mean), ("p", plain)], tmp_path / "eval.html").read_text()
+    assert (
+        "Integrated scores" in html
+        and "c: random baseline" in html
+        and "c (all_errors_ablated): scores" in html
+    )
     results = {}
     for kind in AblationKind:
         r = evaluate_circuit(neox, aes, agg, pairs, bootstrap=0, baseline_draws=0, ablation=kind.value, **kw)
@@ -228,4 +236,3 @@ def test_ablation_errors(neox, aes, eval_pairs):
         evaluate_circuit(neox, aes, agg, eval_pairs(4), means={}, ablation="zero")
     with pytest.raises(EvaluationError, match="bootstrap and baseline_draws must be >= 0"):
         evaluate_circuit(neox, aes, agg, eval_pairs(4), bootstrap=-1)
-    assert np.isfinite(0.0)

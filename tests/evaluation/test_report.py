@@ -55,8 +55,9 @@ def test_eval_json_keys_and_values():
     d = eval_json(_result())
     keys = {"thresholds", "n_nodes", "faithfulness", "completeness", "standard_variant", "variants"}
     keys |= {"below_discovery_threshold", "discovery_node_threshold", "sweep_nodes", "note", "aggregation"}
-    keys |= {"free_layers", "n_nodes_total", "num_examples", "metric", "ablation", "means"}
-    assert set(d) == keys | {"model", "method", "eval_dataset"}
+    keys |= {"free_layers", "n_nodes_total", "num_examples", "metric", "ablation", "means", "version", "seed"}
+    assert set(d) == keys | {"model", "method", "eval_dataset"}  # no grid: no scores, intervals, baseline
+    assert d["version"] == 2 and d["ablation"] == "mean" and d["seed"] == 0
     assert d["faithfulness"] == [1.0, None, 0.0]  # NaN (undefined) as null
     assert d["metric"] == "logit_diff" and d["standard_variant"] == "all_errors_ablated"
     assert d["sweep_nodes"] == "stored" and d["means"] == "per position" and d["aggregation"] == "sum"

@@ -154,3 +154,22 @@ def test_site_kinds_and_lookup(tmp_path):
     assert Site.rank_of("attn_z_0") < Site.rank_of("attn_0")
     with pytest.raises(ValueError, match="Marks"):
         _ = loaded.site("attn_z_0").marks_dir
+
+
+def test_evaluation_over_partial_sites(partial):
+    """The evaluation ablates nodes of the spliced sites only: the full partial circuit is the model
+    (faithfulness 1), the empty one scores 0, and the node counts are over the spliced sites."""
+    from feature_circuits.circuit import aggregate_nodes
+    from feature_circuits.evaluation.sweep import evaluate_circuit
+
+    loaded, dicts = partial
+    batch = patch_batch()
+    agg = aggregate_nodes([node_effects(loaded, dicts, batch, "atp")])
+    assert set(agg.effects) == set(PARTIAL)
+    res = evaluate_circuit(
+        loaded, dicts, agg, [batch], thresholds=(0.0, 1e9), bootstrap=0, baseline_draws=0, free_layers=0
+    )
+    total = sum(int(d.dict_size) + 1 for d in dicts.values())
+    assert res.n_nodes_total == total
+    assert 0 < res.n_nodes[0] <= total and res.n_nodes[-1] == 0
+    assert abs(res.faithfulness[0] - 1.0) < 1e-6 and abs(res.faithfulness[-1]) < 1e-6

@@ -162,8 +162,8 @@
     { selector: 'node.rowlabel', style: { 'width': 1, 'height': 1, 'background-opacity': 0, 'text-valign': 'center', 'text-halign': 'left', 'font-size': 13, 'color': '#555', 'events': 'no' } },
     { selector: 'node.collabel', style: { 'width': 1, 'height': 1, 'background-opacity': 0, 'text-valign': 'center', 'font-size': 12, 'color': '#555', 'events': 'no' } },
     { selector: 'node.grouped', style: { 'border-width': 3, 'border-color': 'data(gcolor)' } },
-    { selector: 'node.only-a', style: { 'border-width': 3, 'border-style': 'dashed', 'border-color': '#e6550d' } },
-    { selector: 'node.only-b', style: { 'border-width': 3, 'border-style': 'dashed', 'border-color': '#31a354' } },
+    { selector: 'node.only-a', style: { 'border-width': 4, 'border-style': 'dashed', 'border-color': '#e6550d' } },
+    { selector: 'node.only-b', style: { 'border-width': 4, 'border-style': 'dashed', 'border-color': '#31a354' } },
     { selector: 'node.super', style: { 'shape': 'round-rectangle', 'width': function (e) { return 16 + 6.5 * String(e.data('label')).length; }, 'height': 22, 'background-color': 'data(color)', 'background-opacity': 0.9, 'label': 'data(label)', 'text-valign': 'center', 'color': '#fff', 'font-size': 11, 'font-weight': 'bold' } },
     { selector: 'edge', style: { 'curve-style': 'unbundled-bezier', 'control-point-distances': 'data(cpd)', 'control-point-weights': 'data(cpw)', 'edge-distances': 'node-position', 'width': 'data(width)', 'line-color': 'data(color)', 'opacity': 'data(op)', 'target-arrow-shape': 'triangle', 'target-arrow-color': 'data(color)', 'arrow-scale': 0.6 } },
     { selector: 'edge.only-a', style: { 'line-style': 'dashed' } },
@@ -344,7 +344,7 @@
       n.act.ctx.forEach(function (c) {
         var d = el('div', { 'class': 'fc-ctx' });
         c[0].forEach(function (tok, i) {
-          d.appendChild(i === c[1] ? el('mark', null, showTok(tok)) : document.createTextNode(showTok(tok)));
+          d.appendChild(el(i === c[1] ? 'mark' : 'span', { 'class': 'fc-tok' }, showTok(tok)));
         });
         d.appendChild(el('span', { 'class': 'fc-act' }, fmt(c[2]) + ' \u00b7 ' + c[3]));
         cbox.appendChild(d);
