@@ -18,7 +18,16 @@ graphs, nnsight bookkeeping) but is coarse: allocations that live < 2 ms can be 
 the allocator keeps from a previous repeat can hide part of a later one (the maximum over the
 repeats is reported).
 
+Shaped models and discovery end to end: besides the Pythia-70M shape, ``--gemma`` builds a
+Gemma-2-2B-shaped model of reduced depth (:data:`GEMMA2_2B_SHAPE` with :data:`GEMMA_BENCH_OVERRIDES`;
+random SAEs of 16384 features). On each shaped model :func:`bench_discovery` runs ``feature-circuits
+discover`` (relp, nodes and edges) on ``--discovery-examples`` random-token pairs in one process and
+under ``torchrun --nproc-per-node 2`` (:mod:`feature_circuits.distributed`), each in fresh processes of
+one thread, and reports its time as a ratio to the dense floor of the same batches, each process's
+peak RSS, the data-parallel speedup and whether both circuits are the same.
+
     feature-circuits bench --out bench/            # embedded default + Pythia-70M-shaped
+    feature-circuits bench --out bench/ --gemma    # + the Gemma-2-2B shape
     feature-circuits bench --out bench/ --quick --skip-pythia
 """
 

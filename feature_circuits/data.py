@@ -10,11 +10,11 @@ A dataset is a JSON Lines file, one example per line::
 the tokenizer of the model it will be run on, because the attribution metric reads the logits of the
 answer tokens at the last prefix position:
 
-* both answers must be exactly one token (with ``add_special_tokens=False``), not the unknown token,
-  and different from each other;
-* the answer token must be what actually follows the prefix, i.e.
-  ``tokens(prefix + answer) == tokens(prefix) + [answer token]`` (otherwise a merge across the
-  boundary, or a missing leading space, means the metric would read the wrong token);
+* each answer must be exactly one token where it stands, after the prefix:
+  ``tokens(prefix + answer) == tokens(prefix) + [answer token]`` after both prefixes (otherwise a
+  merge across the boundary, or a missing leading space, means the metric would read the wrong
+  token); it must not be the unknown token, and the two answers must differ (tokens are taken with
+  ``add_special_tokens=False``);
 * the clean and patch prefixes must have the same number of tokens (position-aligned patching and
   aggregation compare position ``t`` of the clean run with position ``t`` of the patch run).
 
@@ -190,7 +190,7 @@ def _pair_texts(pair: Pair) -> list[str]:
     prefixes = (pair.clean_prefix, pair.patch_prefix)
     answers = {pair.clean_answer, pair.patch_answer}
     answers |= {" " + a for a in answers if not a[:1].isspace()}
-    return [*prefixes, *answers, *(p + a for p in prefixes for a in answers)]
+    return [*prefixes, *(p + a for p in prefixes for a in answers)]
 
 
 def tokenize_pair(
@@ -230,27 +230,32 @@ def tokenize_pair(
     answers: dict[str, int] = {}
     for which in ("clean", "patch"):
         answer = getattr(pair, f"{which}_answer")
-        ids = _ids(tokenizer, answer)
-        if len(ids) != 1:
-            raise fail(
-                f"{which}_answer {answer!r} is {len(ids)} tokens {_tok_str(tokenizer, ids)}, "
-                "expected exactly one (did you forget or add a leading space?)"
-            )
-        (tok,) = ids
-        if unk is not None and tok == unk:
-            raise fail(f"{which}_answer {answer!r} is the unknown token")
-        # The metric reads the answer logit after the prefix: the answer token must be what the
-        # tokenizer produces after this very prefix (no merge across the boundary).
+        # The metric reads the answer logit after the prefix: the answer token is what the tokenizer
+        # produces after this very prefix (so a tokenizer that adds a word-initial marker to a text's
+        # start, such as SentencePiece's dummy prefix, is read in context), after both prefixes.
+        found: int | None = None
         for pwhich in ("clean", "patch"):
+            head = prefixes[pwhich]
             joined = _ids(tokenizer, getattr(pair, f"{pwhich}_prefix") + answer)
-            expected = prefixes[pwhich] + [tok]
-            if joined != expected:
+            if joined[: len(head)] != head:
                 raise fail(
                     f"{which}_answer {answer!r} does not tokenize as a separate token after the "
-                    f"{pwhich}_prefix: tokens(prefix + answer) = {_tok_str(tokenizer, joined)}, "
-                    f"expected tokens(prefix) + [answer] = {_tok_str(tokenizer, expected)}"
+                    f"{pwhich}_prefix: tokens(prefix + answer) = {_tok_str(tokenizer, joined)} does not "
+                    f"start with tokens(prefix) = {_tok_str(tokenizer, head)}"
                 )
-        answers[which] = tok
+            rest = joined[len(head) :]
+            if len(rest) != 1:
+                raise fail(
+                    f"{which}_answer {answer!r} is {len(rest)} tokens {_tok_str(tokenizer, rest)} after the "
+                    f"{pwhich}_prefix, expected exactly one (did you forget or add a leading space?)"
+                )
+            if found is not None and rest[0] != found:
+                raise fail(f"{which}_answer {answer!r} is a different token after the clean and the patch prefix")
+            found = rest[0]
+        assert found is not None
+        if unk is not None and found == unk:
+            raise fail(f"{which}_answer {answer!r} is the unknown token")
+        answers[which] = found
     if answers["clean"] == answers["patch"]:
         raise fail(
             f"clean_answer {pair.clean_answer!r} and patch_answer {pair.patch_answer!r} are the same "

@@ -7,7 +7,7 @@ words into several tokens, so an answer is no longer one token or the clean and 
 longer have equal lengths. :func:`build_task` makes the same task for that tokenizer instead:
 
 1. **Word filter.** Every word list a template draws from is checked with the leading space the
-   word has in the sentence (``" is"``, ``" Mary"``): answer words (agreeing verbs, IOI names) must be
+   word has in the sentence (``" is"``, ``" Mary"``, tokenized after a word): answer words (agreeing verbs, IOI names) must be
    one token; a noun's singular and plural must have the same number of tokens (the varied noun is
    the only clean/patch difference of an SVA prefix); every other word (prepositions, relative-clause
    verbs of ``sva_rc``, places, objects) must contain no unknown token. Dropped words are reported.
@@ -155,8 +155,16 @@ def shipped_size(task: str, split: str, data_dir: str | Path | None = None) -> i
 # Word filter
 
 
+#: The text a word is tokenized after, as in the templates (every sentence starts with a word).
+_CONTEXT = "The"
+
+
 def _spaced(tokenizer: PreTrainedTokenizerBase, word: str) -> list[int]:
-    return token_ids(tokenizer, " " + word)
+    """The tokens of ``" " + word`` after a word, as in a sentence (a SentencePiece tokenizer marks
+    a text's first word, so ``" is"`` alone may be two tokens where ``"The is"`` ends in one)."""
+    head = token_ids(tokenizer, _CONTEXT)
+    full = token_ids(tokenizer, f"{_CONTEXT} {word}")
+    return full[len(head) :] if full[: len(head)] == head else token_ids(tokenizer, " " + word)
 
 
 def _show(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:

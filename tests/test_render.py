@@ -32,6 +32,7 @@ from feature_circuits.render.page import DEFAULT_MAX_EDGES
 from feature_circuits.types import LOGIT_ID
 from tests.helpers import small_circuit
 from tests.render_helpers import SITES, rich_circuit, visible_counts
+from tests.test_pipeline import tiny_data  # noqa: F401 (the pairs file fixture, shared)
 
 BAD = "<script>alert(1)</script><img src=x onerror=alert(2)>"
 
@@ -277,3 +278,23 @@ def test_render_command(tmp_path, capsys):
     assert f"error: {labels}:1: feature 99 is out of range for site resid_1" in err
     assert cli.main(["render"]) == 2
     assert "give one CIRCUIT or --compare A B" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_discover_reads_the_labels_groups_file(tmp_path, capsys, neox_dir, neox_saes, tiny_data):  # noqa: F811
+    """``discover --labels`` takes the file the page saves: labels and groups land in circuit.html; a
+    group member past its dictionary is an error naming the file and line."""
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(
+        dump_labels({("resid_0", 0): "first <i>feature</i>"}, [Group("g", ("resid_0/0", "embed/err"))])
+    )
+    argv = ["discover", "--model", str(neox_dir), "--saes", str(neox_saes), "--dataset", str(tiny_data)]
+    argv += ["--num-examples", "4", "--batch-size", "2", "--node-threshold", "0.001", "--quiet"]
+    assert cli.main([*argv, "--labels", str(labels), "--out", str(tmp_path / "out")]) == 0
+    d = _embedded_data((tmp_path / "out" / "circuit.html").read_text())
+    assert ["resid_0", 0, "first <i>feature</i>"] in d["labels"]
+    assert d["groups"] == [{"name": "g", "nodes": ["resid_0/0", "embed/err"]}]
+    labels.write_text('{"group": "g", "nodes": ["resid_0/999999"]}\n')
+    capsys.readouterr()
+    assert cli.main([*argv, "--labels", str(labels), "--out", str(tmp_path / "out2")]) == 2
+    assert f"{labels}:1: nodes[0]: feature 999999 is out of range for site resid_0" in capsys.readouterr().err

@@ -9,6 +9,11 @@ node thresholds over it, so thresholds below the discovery threshold give larger
 named by the site, of shape (F+1,) under aggregation ``sum`` or (s, F+1) under ``none``, the error
 node last (:func:`feature_circuits.types.error_index`); metadata ``format`` =
 ``feature_circuits.node_effects`` and ``aggregation``.
+
+The file stays dense per site even on the sparse feature path: after aggregation a site holds
+F+1 values (``sum``) -- O(F), independent of the number of examples and positions -- so a sparse
+layout would save little and every reader (the sweeps, compare) reads plain tensors. A sparse
+aggregated tensor handed to :func:`save_effects` is densified.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ def save_effects(effects: Mapping[str, Tensor], path: str | Path, aggregation: A
     tensors = {}
     for site, eff in effects.items():
         _check_site(site, "effects")
+        eff = eff.to_dense() if eff.is_sparse else eff
         if eff.dim() != want:
             raise CircuitError(
                 f"effects[{site!r}] has shape {tuple(eff.shape)}; expected {want} dims for {agg.value}"

@@ -690,6 +690,7 @@ def evaluate_circuit(
     baseline_draws: int = 5,
     auc_sizes: Sequence[int] = AUC_SIZES,
     fractions: Sequence[float] = MIB_FRACTIONS,
+    scores: bool = True,
 ) -> EvalResult:
     """Sweep node thresholds over ``circuit`` and measure faithfulness and completeness by mean
     ablation on ``data`` (pairs, batched by ``batch_size``, or batches), for each variant.
@@ -706,7 +707,7 @@ def evaluate_circuit(
     scores are read on the grid ``auc_sizes`` / ``fractions`` (:class:`~.scores.Grid`); ``bootstrap``
     resamples of the examples give their intervals (0: none) and ``baseline_draws`` random circuits
     per grid size the baseline (0: none); ``seed`` seeds the resample ablation, the bootstrap and
-    the baseline.
+    the baseline. ``scores=False``: only the threshold sweep (no grid, scores, intervals or baseline).
     """
     src = sweep_source(circuit, effects)
     kind = parse_ablation(ablation)
@@ -751,35 +752,29 @@ def evaluate_circuit(
     n_ranked = n_total if ranked_only is None else node_count(ranked_only, sites, free)
     grid = Grid(n_total=n_total, n_ranked=n_ranked, auc_sizes=tuple(auc_sizes), fractions=tuple(fractions))
     standard = STANDARD_VARIANT if STANDARD_VARIANT in variant_list else variant_list[0]
-    extra = _grid_plan(
-        plan,
-        dense,
-        grid,
-        variant_list,
-        standard,
-        sites,
-        dictionaries,
-        free,
-        ranked_only,
-        baseline_draws,
-        seed,
-    )
+    draws = baseline_draws if scores else 0
+    extra = _GridPlan(configs={}, top={}, random={}, draws=0)
+    if scores:
+        extra = _grid_plan(
+            plan, dense, grid, variant_list, standard, sites, dictionaries, free, ranked_only, draws, seed
+        )
     values = _ablation_values(kind, loaded, dictionaries, batches, means, aligned, seed)
     value_of, per_example = _run(
         loaded, dictionaries, batches, plan, extra.configs, values, metric_name, stack, max_rows, progress
     )
     curves = _score(plan, variant_list, value_of)
-    curves = {
-        v: _integrate(c, v, plan, extra, grid, value_of, per_example, bootstrap, seed)
-        for v, c in curves.items()
-    }
-    baseline = _baseline(extra, grid, standard, curves[standard], value_of, baseline_draws, seed)
+    if scores:
+        curves = {
+            v: _integrate(c, v, plan, extra, grid, value_of, per_example, bootstrap, seed)
+            for v, c in curves.items()
+        }
+    baseline = _baseline(extra, grid, standard, curves[standard], value_of, draws, seed)
 
     disc = src.node_threshold
     return EvalResult(
         ablation=kind,
         seed=int(seed),
-        grid=grid,
+        grid=grid if scores else None,
         baseline=baseline,
         thresholds=tuple(thr),
         variants=curves,

@@ -54,6 +54,27 @@ def test_cuda_matches_cpu(make, method, tmp_path):
         assert any(t._nnz() for k, t in e_cpu.edges.items() if k[1] != "logit")  # the test compared something
 
 
+@pytest.mark.parametrize("method", ["atp", "relp", "ig"])
+def test_cuda_sparse_feature_path_matches_cpu_dense(method, tmp_path):
+    d = save_model(tiny_gpt_neox(), tmp_path / "m")
+    saes = save_random_saes(tiny_gpt_neox(), tmp_path / "s") / "tiny"
+    options = method_spec(method).options_from({"steps": 3})
+    got = {}
+    for dev, path in (("cpu", "dense"), ("cuda", "sparse")):
+        loaded, dicts = load_for_attribution(d, saes, dev, torch.float64)
+        batch = _batch(loaded.device)
+        nodes = node_effects(loaded, dicts, batch, method, options=options, feature_path=path)
+        edges = edge_effects(loaded, dicts, batch, nodes, node_threshold=1e-3)
+        got[dev] = (nodes.dense(), edges)
+    (n_cpu, e_cpu), (n_gpu, e_gpu) = got["cpu"], got["cuda"]
+    for k in n_cpu.effects:
+        torch.testing.assert_close(n_gpu.effects[k].cpu(), n_cpu.effects[k], rtol=1e-7, atol=1e-9)
+    for k in e_cpu.edges:
+        a, b = e_cpu.edges[k], e_gpu.edges[k].cpu()
+        a, b = (a.to_dense(), b.to_dense()) if a.is_sparse else (a, b.to_dense() if b.is_sparse else b)
+        torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-9)
+
+
 def test_discover_cli_on_cuda(tmp_path):
     from feature_circuits.cli import main
 

@@ -19,6 +19,7 @@ from feature_circuits.attribution.forward import (
     SparseDecoder,
     _row_union,
     gather_dot,
+    gather_rows,
     sparse_site_states,
     use_sparse,
 )
@@ -114,6 +115,11 @@ def test_sparse_primitives_match_dense_references():
     torch.testing.assert_close(dec.decode(index, vals), f @ w + bias)
     g = torch.randn(2, 3, 8, dtype=torch.float64)
     torch.testing.assert_close(gather_dot(w, index, g), (g @ w.T).gather(-1, index))
+    # a decoder stored as a (d, F) weight (the usual layout) is read through its transposed view
+    w_t = w.T.contiguous().T
+    assert not w_t.is_contiguous()
+    torch.testing.assert_close(gather_rows(w_t, index.reshape(-1)), w[index.reshape(-1)])
+    torch.testing.assert_close(SparseDecoder(w_t, bias).decode(index, vals), f @ w + bias)
     state = SparseSiteState(index, mask, vals, torch.zeros(2, 3, 8, dtype=torch.float64), 50)
     torch.testing.assert_close(state.f, f)
     e, p, j = torch.tensor([0, 1, 1]), torch.tensor([0, 1, 2]), torch.tensor([3, 7, 7])

@@ -52,3 +52,13 @@ def test_effects_file_round_trip(tmp_path):
         save_effects({"layer3": torch.zeros(F + 1)}, tmp_path / "y.safetensors", "sum")
     with pytest.raises(CircuitError, match="unknown aggregation"):
         save_effects({"embed": torch.zeros(F + 1)}, tmp_path / "y.safetensors", "mean")
+
+
+def test_save_effects_densifies_sparse_aggregated_effects(tmp_path):
+    from feature_circuits.circuit import load_effects, save_effects
+
+    dense = torch.tensor([0.0, 1.5, 0.0, -2.0])
+    path = save_effects({"resid_0": dense.to_sparse()}, tmp_path / "e.safetensors", "sum")
+    got = load_effects(path, "sum")["resid_0"]
+    assert not got.is_sparse
+    torch.testing.assert_close(got, dense)

@@ -68,6 +68,12 @@ def test_gemma_scope_resolves_offline():
     assert [(s.hook_name, s.site) for s in att] == [("blocks.5.attn.hook_z", "attn_z_5")]
     wide = get_release("gemma-scope-2b-pt-res-canonical").sae("layer_12/width_1m/canonical")
     assert wide.hook_name == "blocks.12.hook_resid_post"
+    # an SAE id that is a hook name with a suffix (SAEBench trainers) names its hook
+    bench = get_release("sae_bench_gemma-2-2b_topk_width-2pow12_date-1109").saes[0]
+    assert (bench.sae_id, bench.hook_name) == (
+        "blocks.12.hook_resid_post__trainer_0",
+        "blocks.12.hook_resid_post",
+    )
 
 
 def test_wrong_model_unknown_release_and_sae_id_refused():

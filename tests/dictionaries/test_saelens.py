@@ -7,6 +7,7 @@ Neuronpedia id in circuit.json; what the splice cannot do exactly is refused nam
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -104,8 +105,6 @@ def sae_sets(tmp_path_factory) -> dict[str, Path]:
 
 def _default_sites(sae_dir: Path, tmp: Path) -> Path:
     """The same SAEs without the attn_z ones (the default sites only)."""
-    import shutil
-
     out = tmp / f"{sae_dir.name}_default"
     for p in sae_dir.iterdir():
         if not p.name.startswith("attn_z"):
@@ -284,6 +283,63 @@ def test_discover_evaluate_end_to_end_with_neuronpedia(sae_sets, neox_model_dir,
         )
     )
     assert len(results) == 1 and results[0].n_nodes[0] > 0 and results[0].n_nodes[-1] == 0
+    # partial coverage: SAEs at resid_0, resid_1 and attn_z_1 only; the other sites are not spliced
+    part = tmp_path / "partial"
+    for name in ("resid_0", "resid_1", "attn_z_1"):
+        shutil.copytree(sae_sets["topk"] / name, part / name)
+    partial = discover(
+        DiscoverConfig(
+            method=Method.ATP,
+            model=str(neox_model_dir),
+            saes=str(part),
+            dataset=str(tiny_data),
+            num_examples=3,
+            nodes_only=True,
+            node_threshold=1e-4,
+            progress=False,
+            out=None,
+        )
+    )
+    assert set(partial.dictionaries) == {"resid_0", "resid_1", "attn_z_1"}
+    assert partial.sites_without_dictionary == ("embed", "attn_0", "mlp_0", "attn_1", "mlp_1")
+    assert {n.site for n in partial.nodes} <= {"resid_0", "resid_1", "attn_z_1"}
+
+
+def test_registry_release_through_the_hf_cache(tmp_path, monkeypatch):
+    """``--saes saelens:pythia-70m-deduped-res-sm`` loads through sae_lens's ``SAE.from_pretrained``
+    and the Hugging Face cache (here a local cache holding tiny SAEs at the release's paths, hub
+    offline): sites from the hooks, Neuronpedia ids from the registry, the splice exact; a model of
+    another name is refused, and an SAE missing from the cache is a clear error."""
+    import huggingface_hub.constants as hf
+
+    from feature_circuits.dictionaries.registry import get_release
+
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    release = get_release("pythia-70m-deduped-res-sm")
+    repo = tmp_path / "hub" / ("models--" + release.repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    for i, ref in enumerate(release.saes):
+        assert ref.hook_name is not None
+        make_sae("jumprelu", ref.hook_name, 32, seed=i).save_model(repo / "snapshots" / ("0" * 40) / ref.path)
+    model = tiny_gpt_neox(num_hidden_layers=6)
+    d = save_model(model, tmp_path / "pythia-70m-deduped")
+    loaded, dicts = load_for_attribution(d, "saelens:pythia-70m-deduped-res-sm", "cpu", torch.float32)
+    assert list(dicts) == ["embed", *(f"resid_{i}" for i in range(6))]
+    info = dictionary_infos(dicts)["resid_3"]
+    assert info.source == "pythia-70m-deduped-res-sm/blocks.3.hook_resid_post"
+    assert info.neuronpedia == "pythia-70m-deduped/3-res-sm" and info.architecture == "jumprelu"
+    ids = loaded.tokenizer(["the w1 w2 and w3"], return_tensors="pt").input_ids
+    diff = _logits(loaded, ids, dicts, loaded.spliced_sites(dicts)) - _logits(loaded, ids)
+    assert float(diff.abs().max()) <= 1e-5
+    other = save_model(model, tmp_path / "other-model")
+    with pytest.raises(DictionaryError, match="trained on model 'pythia-70m-deduped'"):
+        load_for_attribution(other, "saelens:pythia-70m-deduped-res-sm", "cpu", torch.float32)
+    with pytest.raises(DictionaryError, match=r"att-sm/blocks\.1\.hook_attn_out: cannot load it.*cache"):
+        load_dictionaries(
+            loaded.sites, "saelens:pythia-70m-deduped-att-sm/blocks.1.hook_attn_out", model=loaded
+        )
 
 
 def test_marks_release_neuronpedia_ids(tmp_path, monkeypatch):

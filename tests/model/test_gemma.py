@@ -190,3 +190,62 @@ def test_edges_equal_loop(gemma, method):
         n += k
         assert torch.allclose(res.edges[(pair.up, pair.down)].to_dense(), ref, atol=1e-12, rtol=1e-9), pair
     assert n > 20
+
+
+def test_discover_and_evaluate_end_to_end(gemma, tmp_path):
+    """The pipeline API on a tiny Gemma saved to a local directory, with random SAEs: a circuit with
+    nodes and edges (relp), deterministic, and its evaluation."""
+    import json
+
+    from feature_circuits.pipeline import DiscoverConfig, EvaluateConfig, discover, evaluate
+
+    family, loaded, _dicts, model_dir, saes = gemma
+    rows = [
+        {
+            "clean_prefix": f"the w{i} and w{i + 1}",
+            "patch_prefix": f"the w{i + 2} and w{i + 1}",
+            "clean_answer": " is",
+            "patch_answer": " are",
+        }
+        for i in range(6)
+    ]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def run(out):
+        return discover(
+            DiscoverConfig(
+                method="relp",
+                model=str(model_dir),
+                saes=str(saes.parent),
+                dataset=str(data),
+                num_examples=6,
+                batch_size=3,
+                node_threshold=1e-4,
+                edge_threshold=1e-6,
+                seed=1,
+                progress=False,
+                html=False,
+                out=str(tmp_path / out),
+            )
+        )
+
+    c1 = run("a")
+    assert c1.nodes and any(e.target != "logit" for e in c1.edges), family
+    assert {n.site for n in c1.nodes} <= {s.name for s in loaded.sites}
+    assert c1.sites_without_dictionary == ()
+    c2 = run("b")
+    assert [(n.id, n.effect) for n in c1.nodes] == [(n.id, n.effect) for n in c2.nodes]
+    results = evaluate(
+        EvaluateConfig(
+            circuits=(str(tmp_path / "a"),),
+            split="train",
+            allow_discovery_split=True,
+            num_examples=6,
+            thresholds=(0.0, 1e6),
+            progress=False,
+        ),
+        echo=lambda _line: None,
+    )
+    assert len(results) == 1 and results[0].n_nodes[0] > 0 and results[0].n_nodes[-1] == 0
+    assert results[0].faithfulness[-1] == 0.0
