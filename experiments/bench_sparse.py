@@ -183,9 +183,8 @@ def run_bench_sparse(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m experiments.bench_sparse", description=__doc__.split("\n")[0]
-    )
+    doc = (__doc__ or "").split("\n")[0]
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench_sparse", description=doc)
     ap.add_argument("--out", type=Path, default=None, help="folder for sparse.json and sparse.md")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--method", default="relp", choices=["atp", "relp", "ig"])

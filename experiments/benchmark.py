@@ -791,6 +791,15 @@ def markdown(report: dict[str, Any]) -> str:
                 ]
         for note in r.get("notes", []):
             out += [note, ""]
+    ex = report.get("exact_components")
+    if ex is not None:
+        out += ["## Exact component patching: resumed vs full re-runs", ""]
+        if "error" in ex:
+            out += [f"not measured: {ex['error']}", ""]
+        else:
+            from experiments.bench_exact import MARKDOWN_HEAD, markdown_row
+
+            out += [MARKDOWN_HEAD, markdown_row(ex), ""]
     if report.get("targets"):
         out += ["## Targets", "", "| model | target | value | met |", "|---|---|---|---|"]
         for t in report["targets"]:
@@ -848,6 +857,16 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                     "met": d["speedup"] >= 1.6 and d["same_circuit"],
                 }
             )
+    ex = report.get("exact_components")
+    if ex and "error" not in ex:
+        rows.append(
+            {
+                "model": f"{ex['family']} {ex['n_layers']}x{ex['d_model']}",
+                "target": "exact component patching >= 3x faster than full re-runs",
+                "value": f"{ex['speedup']:.2f}x",
+                "met": ex["speedup"] >= 3,
+            }
+        )
     return rows
 
 
@@ -973,13 +992,17 @@ def run_benchmark(
     nproc: int = 2,
     threads: int = 1,
     methods: tuple[str, ...] = METHODS,
+    exact: bool = True,
+    exact_shape: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Benchmark the embedded default, a Pythia-70M-shaped random model and (``gemma``) a
     Gemma-2-2B-shaped one of reduced depth; writes bench.json and bench.md under ``out``.
     ``pythia_shape`` / ``gemma_shape`` override the shapes, ``n_features`` / ``gemma_features`` the
     SAE sizes (tests use tiny ones); ``discovery_examples`` (0: skip) is the size of the end-to-end
-    discovery run in one and in ``nproc`` processes of ``threads`` threads each."""
+    discovery run in one and in ``nproc`` processes of ``threads`` threads each; ``exact`` adds exact
+    component patching resumed vs full re-runs (:func:`experiments.bench_exact.bench_exact_components`,
+    a 30-layer shape, or ``exact_shape``'s keywords)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device)
@@ -1029,7 +1052,11 @@ def run_benchmark(
     if not skip_pythia:
         key = "pythia-70m-shaped" if pythia_shape is None else "pythia-shaped-custom"
         cfg = dict(PYTHIA_70M_SHAPE if pythia_shape is None else {**PYTHIA_70M_SHAPE, **pythia_shape})
-        report["models"][key] = _bench_shaped(key, "gpt_neox", cfg, n_features=n_features, **common)
+        try:
+            report["models"][key] = _bench_shaped(key, "gpt_neox", cfg, n_features=n_features, **common)
+        except Exception as err:  # recorded, the rest of the report stands
+            report["models"][key] = {"error": f"{type(err).__name__}: {err}"}
+            log(f"{key}: {err}")
     if gemma:
         key = "gemma-2-2b-shaped" if gemma_shape is None else "gemma-shaped-custom"
         over = GEMMA_BENCH_OVERRIDES if gemma_shape is None else gemma_shape
@@ -1045,10 +1072,17 @@ def run_benchmark(
         except Exception as err:
             report["models"][key] = {"error": f"{type(err).__name__}: {err}"}
             log(f"{key}: {err}")
-    report["exact"] = (
-        "exact features and exact components (resuming vs full re-runs) are measured by "
-        "experiments/bench_exact.py"
-    )
+    if exact:
+        log("exact component patching: full re-runs vs resumed (experiments/bench_exact.py)")
+        try:
+            from experiments.bench_exact import bench_exact_components
+
+            small: dict[str, Any] = dict(n_layers=4, d_model=32, n_heads=4, seq_len=6, n_examples=2)
+            shape = {**(small if quick else {}), **(exact_shape or {})}
+            report["exact_components"] = bench_exact_components(device=device, **shape)
+        except Exception as err:  # recorded, the rest of the report stands
+            report["exact_components"] = {"error": f"{type(err).__name__}: {err}"}
+            log(f"exact components: {err}")
     report["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     report["targets"] = targets(report)
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -1095,6 +1129,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(METHODS),
         help="comma-separated node/edge methods to time (default: %(default)s; relp is always run)",
     )
+    p.add_argument(
+        "--no-exact", action="store_true", help="skip exact component patching (resumed vs full re-runs)"
+    )
     p.add_argument("--nproc", type=int, default=2, help="processes of the data-parallel run (default 2)")
     return p
 
@@ -1115,6 +1152,7 @@ def main(argv: list[str] | None = None) -> int:
         embedded_b=args.embedded_batch,
         discovery_examples=args.discovery_examples,
         nproc=args.nproc,
+        exact=not args.no_exact,
         threads=args.threads or 1,
         methods=tuple(dict.fromkeys(["relp", *(m.strip() for m in args.methods.split(",") if m.strip())])),
         log=lambda m: print(m, file=sys.stderr),

@@ -235,7 +235,9 @@ def component_exact(
                 chunk = rows[r0 : r0 + max_rows]
                 e, pos = chunk[:, 0], chunk[:, 1]
                 vec = delta[e.to(delta.device), pos.to(delta.device)]
-                eff[e, pos] = runner.effects(s, e.to(delta.device), pos.to(delta.device), vec).cpu().to(eff.dtype)
+                eff[e, pos] = (
+                    runner.effects(s, e.to(delta.device), pos.to(delta.device), vec).cpu().to(eff.dtype)
+                )
                 bar.update(int(chunk.shape[0]))
             out[s.name] = eff
     return out
@@ -377,7 +379,11 @@ def run_compare(
             for m in methods:
                 t0 = time.perf_counter()
                 ne = node_effects(
-                    loaded, dicts, batch, Method(m), options=method_spec(m).options_from({"steps": steps, "progress": show})
+                    loaded,
+                    dicts,
+                    batch,
+                    Method(m),
+                    options=method_spec(m).options_from({"steps": steps, "progress": show}),
                 )
                 timing[m] += time.perf_counter() - t0
                 _add_node_points(score_pts[m], ne.effects, keep, site_kind)

@@ -207,11 +207,16 @@ class DiscoverConfig:
         default=8,
         metadata=_help(
             "top activating contexts recorded per node and source (discovery prompts, --contexts); "
-            "0 skips the contexts pass"
+            "0 skips the contexts pass",
+            metavar="N",
         ),
     )
-    context_before: int = field(default=8, metadata=_help("tokens kept before the firing token of a context"))
-    context_after: int = field(default=4, metadata=_help("tokens kept after the firing token of a context"))
+    context_before: int = field(
+        default=8, metadata=_help("tokens kept before the firing token of a context", metavar="N")
+    )
+    context_after: int = field(
+        default=4, metadata=_help("tokens kept after the firing token of a context", metavar="N")
+    )
 
     def __post_init__(self) -> None:
         _coerce(self, "method", Method)
@@ -295,6 +300,13 @@ class EvaluateConfig:
     )
     seed: int = field(
         default=0, metadata=_help("seed of the resample ablation, the bootstrap and the baseline")
+    )
+    scores: bool = field(
+        default=True,
+        metadata=_help(
+            "compute the integrated scores (auc, cpr, cmd) on the fixed grid of sizes, their intervals "
+            "and the random baseline"
+        ),
     )
     device: str | None = field(default=None, metadata=_help("cpu, cuda, ... (default: cuda if available)"))
     threads: int | None = field(
@@ -680,6 +692,7 @@ def evaluate(cfg: EvaluateConfig, *, log: Log = _quiet, echo: Log = _quiet) -> l
             seed=cfg.seed,
             bootstrap=cfg.bootstrap,
             baseline_draws=cfg.baseline_draws,
+            scores=cfg.scores,
         ).with_meta(eval_dataset=str(data_path), eval_split=cfg.split, circuit=str(job.path))
         for warning in res.warnings:
             log(f"warning: {job.path}: {warning}")

@@ -68,7 +68,9 @@ class PatchRunner:
     full re-runs. :meth:`effects` returns ``m(patched) - m(clean)`` per row, the clean metric taken
     from the same kind of forward (so effects carry no offset between the two)."""
 
-    def __init__(self, loaded: LoadedModel, batch: Batch, metric, metric_clean: Tensor, *, resume: bool = True):
+    def __init__(
+        self, loaded: LoadedModel, batch: Batch, metric, metric_clean: Tensor, *, resume: bool = True
+    ):
         self.loaded, self.batch, self.metric = loaded, batch, metric
         self.runner: ResumableForward | None = resumable(loaded) if resume else None
         self.clean: CleanRun | None = None
@@ -100,9 +102,7 @@ class PatchRunner:
         return (m - self.metric_clean[rows.to(self.metric_clean.device)]).detach()
 
 
-def _site_nodes(
-    delta: SiteState, eff: Tensor, max_nodes: int | None
-) -> Tensor:
+def _site_nodes(delta: SiteState, eff: Tensor, max_nodes: int | None) -> Tensor:
     """(N, 3) nodes (example, position, index) to patch at a site, in position order: the feature
     nodes with a nonzero delta (at most ``max_nodes``, largest |delta| first; the others' effects
     set to NaN in ``eff``) and every error node (index F)."""

@@ -21,7 +21,8 @@ Choices:
   under ``sum`` the means are over every example and position;
 * ``--contexts`` text: plain text (one document per line) or, for ``.jsonl``/``.json``, JSON Lines
   with a ``"text"`` string; blank lines are skipped; a document is cut into pieces of at most
-  :data:`MAX_DOC_TOKENS` tokens (fewer when the model's positions are fewer), each run on its own.
+  :data:`MAX_DOC_TOKENS` tokens (fewer when the model's positions are fewer), run right-padded in
+  batches of similar length (a piece's real positions are unchanged by padding in a causal model).
 """
 
 from __future__ import annotations
@@ -191,6 +192,24 @@ def _doc_pieces(
     return out
 
 
+#: Tokens per discovery row that a forward of ``--contexts`` pieces may use (with ``2 * batch_size``
+#: rows): short documents share a forward, long ones get fewer rows.
+_TOKENS_PER_ROW = 32
+
+
+def _pack(pieces: list[tuple[int, ...]], budget: int) -> list[list[tuple[int, ...]]]:
+    """Pieces grouped into forwards of at most ``budget`` padded tokens (rows x longest piece),
+    shortest first so that a forward pads little; every piece is in exactly one group."""
+    order = sorted((p for p in pieces if p), key=len)
+    groups: list[list[tuple[int, ...]]] = []
+    for piece in order:
+        if groups and (len(groups[-1]) + 1) * len(piece) <= budget:
+            groups[-1].append(piece)
+        else:
+            groups.append([piece])
+    return groups
+
+
 def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
         value = getattr(tokenizer, attr, None)
@@ -215,8 +234,9 @@ def record_activations(
     """``circuit`` with every node's :class:`NodeActivation` (mean activation on the clean and the
     patch rows of ``batches``, top ``top_k`` contexts per source over the discovery prompts and the
     ``contexts`` file), and ``timing_s["contexts"]``; see the module docstring. ``top_k=0`` (or a
-    circuit without nodes) returns ``circuit`` unchanged. ``batch_size``: documents per forward of
-    the ``contexts`` file; ``enabled``: the progress bar."""
+    circuit without nodes) returns ``circuit`` unchanged. ``batch_size``: the discovery batch size
+    (a forward of the ``contexts`` file runs up to ``2 * batch_size * 32`` padded tokens of document
+    pieces, shortest first); ``enabled``: the progress bar."""
     if top_k < 0 or before < 0 or after < 0:
         raise ValueError(f"top_k, before and after must be >= 0, got {top_k}, {before}, {after}")
     if top_k == 0 or not circuit.nodes:
@@ -267,7 +287,7 @@ def record_activations(
     if docs:
         pieces = _doc_pieces(loaded.tokenizer, docs, _max_tokens(loaded))
         pad = _pad_id(loaded.tokenizer)
-        chunks = [pieces[i : i + batch_size] for i in range(0, len(pieces), batch_size)]
+        chunks = _pack(pieces, budget=2 * batch_size * _TOKENS_PER_ROW)
         for chunk in progress(chunks, desc="feature contexts (--contexts)", unit="batch", enabled=enabled):
             chunk = [p for p in chunk if p]
             if not chunk:

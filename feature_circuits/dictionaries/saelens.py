@@ -1,5 +1,4 @@
-"""SAELens SAEs as dictionaries, through ``sae_lens`` itself (docs/algorithms.md, "Dictionaries and
-the error node").
+"""SAELens SAEs as dictionaries, through ``sae_lens`` itself (docs/algorithms.md, "SAELens SAEs").
 
     dicts = load_saelens("saelens:pythia-70m-deduped-res-sm", loaded)   # registry, via the HF cache
     dicts = load_saelens(Path("my_saes/"), loaded)   # cfg.json + sae_weights.safetensors (or a dir of them)

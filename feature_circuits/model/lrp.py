@@ -1,6 +1,6 @@
 """LRP rules as patched submodules (RelP; docs/algorithms.md, "LRP rules").
 
-``install_lrp(hf_model)`` rewrites submodules of a GPT-NeoX or Llama-family model so that the
+``install_lrp(hf_model)`` rewrites submodules of a GPT-NeoX, Llama-family or Gemma 2 / 3 model so that the
 forward pass is unchanged (bit-identical logits: every rule's forward calls the original op) and,
 while a rule is switched on, the backward pass returns LRP propagation coefficients instead of the
 plain gradient. It must run BEFORE nnsight wraps the model (nnsight fixes each module's forward when
@@ -9,11 +9,16 @@ it wraps), so it is meant to be passed as ``load_model(..., before_wrap=install_
 Rules (custom ``torch.autograd.Function``s, forward = original op):
 
 * LN-rule (LayerNorm, RMSNorm): 1/sigma treated as constant.
-  LayerNorm: grad_x = (g*w - mean(g*w)) / sigma; RMSNorm: grad_x = g*w / rms.
-* Identity-rule (GELU, SiLU): grad_x = g * act(x)/x, with the finite limit 0.5 at x = 0.
+  LayerNorm: grad_x = (g*w - mean(g*w)) / sigma; RMSNorm: grad_x = g*w / rms; Gemma's (1+w) RMSNorm:
+  grad_x = g*(1+w) / rms -- on every norm: pre-, post- and final norms, Gemma 3's q_norm / k_norm.
+* Identity-rule (GELU and its tanh approximation, SiLU): grad_x = g * act(x)/x, with the finite limit
+  0.5 at x = 0.
 * AH-rule (attention): the attention weights are constant, relevance flows through v only
   (the q and k projections' outputs are detached; the detach does not change any value).
-* Half-rule (gated MLP product act(g)*u, Llama family): each factor gets half: grad_a = 0.5*g*b.
+* Half-rule (gated MLP product act(g)*u, Llama-family SwiGLU and Gemma GeGLU): each factor gets half:
+  grad_a = 0.5*g*b.
+* Gemma's soft-caps (attention logits in Gemma 2, final logits) and its sqrt(d_model) embedding scale
+  keep their plain gradient (docs/algorithms.md, "LRP rules", says what that gives).
 * epsilon-rule (optional, on every nn.Linear): the output gradient is scaled by z / (z + eps*sign(z)),
   sign(0) = +1.
 
@@ -277,7 +282,7 @@ def _is_act(m: nn.Module) -> bool:
 
 
 def install_lrp(hf_model: nn.Module) -> LRPController:
-    """Patch the LRP rules into ``hf_model`` (GPT-NeoX or Llama family), all switched off.
+    """Patch the LRP rules into ``hf_model`` (GPT-NeoX, Llama family, Gemma 2 / 3), all switched off.
 
     Idempotent: a second call returns the existing controller. Call before nnsight wraps the model.
     """

@@ -52,7 +52,9 @@ __all__ = [
 _MASKED_IMPLEMENTATIONS = ("eager", "sdpa")
 
 
-def _resumed_attention(impl: str, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, *args, **kwargs):
+def _resumed_attention(
+    impl: str, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, *args, **kwargs
+):
     """The model's own attention function (``impl``: sdpa, or the model's eager one) on queries of
     the resumed positions only: they are put at the end of a query of full length (zeros in front),
     so the attention runs with the full forward's mask and kernel, and the rows of the resumed
@@ -128,12 +130,12 @@ class ResumableForward:
     def __init__(self, model: nn.Module):
         if model.training:
             raise UnsupportedModelError("resumable forward: the model is in training mode (dropout)")
-        config = model.config  # pyright: ignore[reportAttributeAccessIssue]
-        base = getattr(model, "gpt_neox", None) or getattr(model, "model", None)
+        config: Any = model.config
+        base: Any = getattr(model, "gpt_neox", None) or getattr(model, "model", None)
         if base is None or not hasattr(base, "layers"):
             raise UnsupportedModelError(f"resumable forward: {type(model).__name__} has no decoder layers")
         self.model = model
-        self.config = config
+        self.config: Any = config
         self.base_path = "gpt_neox" if hasattr(model, "gpt_neox") else "model"
         self.layers: Sequence[nn.Module] = list(base.layers)
         self.embed: nn.Module = model.get_input_embeddings()  # pyright: ignore[reportAttributeAccessIssue]
@@ -147,7 +149,7 @@ class ResumableForward:
             )
         self.norm: nn.Module = norm
         self.head: nn.Module = head
-        self.rotary: nn.Module = rotary
+        self.rotary: Any = rotary
         self.rotary_by_type = "layer_type" in inspect.signature(rotary.forward).parameters
         impl = getattr(config, "_attn_implementation", None) or "eager"
         if impl not in _MASKED_IMPLEMENTATIONS:
@@ -207,7 +209,9 @@ class ResumableForward:
         else:
             shared = self.rotary(h, position_ids)
             pos_emb = dict.fromkeys(kinds, shared)
-        masks = {t: self._mask(seq, self.sliding_window if t == "sliding_attention" else None, h) for t in kinds}
+        masks = {
+            t: self._mask(seq, self.sliding_window if t == "sliding_attention" else None, h) for t in kinds
+        }
         self.config._attn_implementation = _RESUMED[self.attn_impl]
         try:
             for li in range(start, self.n_layers):
@@ -293,7 +297,10 @@ class ResumableForward:
         else:
             handle = self._patch_hook(site, add)
         prefix = (
-            {li: (clean.keys[li][rows, :, :q0], clean.values[li][rows, :, :q0]) for li in range(start, self.n_layers)}
+            {
+                li: (clean.keys[li][rows, :, :q0], clean.values[li][rows, :, :q0])
+                for li in range(start, self.n_layers)
+            }
             if q0 > 0
             else {}
         )
@@ -311,7 +318,9 @@ class ResumableForward:
     def _patch_hook(self, site: Site, add: Tensor) -> torch.utils.hooks.RemovableHandle:
         module = get_submodule(self.model, site.module_path)
         if not any(module is m or _contains(m, module) for m in self.layers[site.layer : site.layer + 1]):
-            raise UnsupportedModelError(f"resumable forward: site {site.name} ({site.module_path}) is not in layer {site.layer}")
+            raise UnsupportedModelError(
+                f"resumable forward: site {site.name} ({site.module_path}) is not in layer {site.layer}"
+            )
         if site.reads_input:
 
             def pre_hook(_mod: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -365,7 +374,11 @@ def _self_check(runner: ResumableForward) -> str | None:
         embed_site = Site(kind=SiteKind.EMBED, layer=-1, d_model=int(clean.hidden[0].shape[-1]))
         half = torch.full((2,), seq // 2, device=param.device)
         resumed = runner.patched_logits(
-            clean, embed_site, torch.arange(2), half, torch.zeros(2, embed_site.d_model, dtype=clean.hidden[0].dtype)
+            clean,
+            embed_site,
+            torch.arange(2),
+            half,
+            torch.zeros(2, embed_site.d_model, dtype=clean.hidden[0].dtype),
         )
     scale = float(want.abs().max()) + 1.0
     tol = scale * (1e-9 if want.dtype == torch.float64 else 1e-4 if want.dtype == torch.float32 else 3e-2)
@@ -392,7 +405,9 @@ def resumable(loaded: Any) -> ResumableForward | None:
             runner, reason = None, f"resumable forward failed on a probe ({type(err).__name__}: {err})"
         if reason is not None or runner is None:
             warnings.warn(
-                f"exact patching re-runs the whole model for every patch: {reason}", RuntimeWarning, stacklevel=2
+                f"exact patching re-runs the whole model for every patch: {reason}",
+                RuntimeWarning,
+                stacklevel=2,
             )
             got = reason or "unsupported"
         else:

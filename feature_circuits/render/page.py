@@ -338,6 +338,7 @@ def _page(data: dict[str, Any]) -> str:
 <div id="fc-errors"></div>
 <div id="fc-status" data-done="0"></div>
 <script type="application/json" id="fc-data">{_json_for_script(data)}</script>
+{f'<p id="fc-empty">{e(data["empty"])}</p>' if data["empty"] else ""}
 <div id="fc-app"></div>
 <script>{lib}</script>
 <script>{_asset("explorer.js")}</script>

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from dictionary_learning import AutoEncoder
 
 from feature_circuits.attribution import ExactOptions, load_for_attribution, node_effects
 from feature_circuits.attribution.exact import full_rerun_logits
 from feature_circuits.data import Batch
+from feature_circuits.dictionaries.marks import MarksAutoEncoder
 from feature_circuits.metrics import logit_diff
 from feature_circuits.model import resume as resume_mod
 from feature_circuits.model.loading import load_model
@@ -88,7 +88,7 @@ def loaded64(family):
     loaded, dicts = load_for_attribution(path / "model", path / "saes" / "tiny", "cpu", torch.float64)
     torch.manual_seed(7)
     for s in loaded.attn_z_sites:  # attn_z_L: random dictionaries on the attention output projection's input
-        dicts[s.name] = AutoEncoder(s.d_model, 24).to(torch.float64)
+        dicts[s.name] = MarksAutoEncoder(s.d_model, 24).to(torch.float64)
     return name, loaded, dicts
 
 
@@ -166,7 +166,7 @@ def test_resumed_logits_equal_nnsight_reruns(loaded64):
 
 
 def test_clean_run_equals_model(loaded64):
-    name, loaded, _ = loaded64
+    _name, loaded, _ = loaded64
     runner = resumable(loaded)
     assert runner is not None
     ids = _ids(7, 2)
@@ -184,7 +184,9 @@ def test_exact_effects_resume_equal_full_reruns(loaded64):
     name, loaded, dicts = loaded64
     batch = patch_batch(pos=2)
     sites = ["embed", "attn_z_0", "attn_1", "mlp_0", "resid_0", loaded.last_resid.name]  # every kind
-    full = node_effects(loaded, dicts, batch, "exact", sites=sites, options=ExactOptions(resume=False, chunk_size=256))
+    full = node_effects(
+        loaded, dicts, batch, "exact", sites=sites, options=ExactOptions(resume=False, chunk_size=256)
+    )
     res = node_effects(loaded, dicts, batch, "exact", sites=sites, options=ExactOptions(chunk_size=100))
     assert set(res.effects) == set(sites)
     for k in full.effects:
@@ -195,11 +197,15 @@ def test_exact_effects_resume_equal_full_reruns(loaded64):
 
 
 def test_exact_resume_zero_ablation_and_max_nodes(loaded64):
-    name, loaded, dicts = loaded64
+    _name, loaded, dicts = loaded64
     sites = ["embed", loaded.last_resid.name]
     kw = {"counterfactual": False, "sites": sites}
-    full = node_effects(loaded, dicts, patch_batch(), "exact", options=ExactOptions(resume=False, max_nodes=15), **kw)
-    res = node_effects(loaded, dicts, patch_batch(), "exact", options=ExactOptions(max_nodes=15, chunk_size=9), **kw)
+    full = node_effects(
+        loaded, dicts, patch_batch(), "exact", options=ExactOptions(resume=False, max_nodes=15), **kw
+    )
+    res = node_effects(
+        loaded, dicts, patch_batch(), "exact", options=ExactOptions(max_nodes=15, chunk_size=9), **kw
+    )
     for k in sites:
         assert torch.isnan(res.effects[k]).any()
         torch.testing.assert_close(res.effects[k], full.effects[k], atol=1e-10, rtol=0, equal_nan=True)
@@ -212,7 +218,9 @@ def test_float32_resume_matches_full_reruns(tmp_path):
     loaded, dicts = load_for_attribution(tmp_path / "m", tmp_path / "s" / "tiny", "cpu", torch.float32)
     batch = patch_batch(pos=3)
     sites = ["embed", "attn_0", "mlp_1", "resid_1"]
-    full = node_effects(loaded, dicts, batch, "exact", sites=sites, options=ExactOptions(resume=False, chunk_size=256))
+    full = node_effects(
+        loaded, dicts, batch, "exact", sites=sites, options=ExactOptions(resume=False, chunk_size=256)
+    )
     res = node_effects(loaded, dicts, batch, "exact", sites=sites)
     for k in full.effects:
         torch.testing.assert_close(res.effects[k], full.effects[k], atol=1e-6, rtol=0)
@@ -222,8 +230,10 @@ def test_unsupported_model_falls_back_to_full_reruns(tmp_path):
     save_model(tiny_gpt_neox(seed=4), tmp_path / "m")
     save_random_saes(tiny_gpt_neox(seed=4), tmp_path / "s")
     loaded, dicts = load_for_attribution(tmp_path / "m", tmp_path / "s" / "tiny", "cpu", torch.float64)
-    want = node_effects(loaded, dicts, patch_batch(), "exact", options=ExactOptions(resume=False), sites=["mlp_1"])
-    loaded.hf_model.train()  # dropout: the runner refuses (dropout rates are 0 here, so outputs are unchanged)
+    want = node_effects(
+        loaded, dicts, patch_batch(), "exact", options=ExactOptions(resume=False), sites=["mlp_1"]
+    )
+    loaded.hf_model.train()  # refused (dropout rates are 0 here: outputs are unchanged)
     try:
         with pytest.warns(RuntimeWarning, match="re-runs the whole model"):
             assert resumable(loaded) is None
@@ -236,7 +246,7 @@ def test_unsupported_model_falls_back_to_full_reruns(tmp_path):
 
 def test_self_check_rejects_a_wrong_runner(tmp_path, monkeypatch):
     """The probe comparison catches a runner that does not reproduce the model (here: no causal mask)."""
-    model = tiny_llama(seed=6).to(torch.float64)
+    model = tiny_llama(seed=6).double()
     runner = ResumableForward(model)
     assert resume_mod._self_check(runner) is None
     monkeypatch.setattr(runner, "attn_impl", "eager")
@@ -265,15 +275,19 @@ def test_exact_progress_bar(tmp_path, capsys):
     save_random_saes(tiny_gpt_neox(seed=5), tmp_path / "s")
     loaded, dicts = load_for_attribution(tmp_path / "m", tmp_path / "s" / "tiny", "cpu", torch.float64)
     capsys.readouterr()
-    node_effects(loaded, dicts, patch_batch(), "exact", sites=["resid_1"], options=ExactOptions(progress=True))
+    node_effects(
+        loaded, dicts, patch_batch(), "exact", sites=["resid_1"], options=ExactOptions(progress=True)
+    )
     assert "exact" in capsys.readouterr().err
-    node_effects(loaded, dicts, patch_batch(), "exact", sites=["resid_1"], options=ExactOptions(progress=False))
+    node_effects(
+        loaded, dicts, patch_batch(), "exact", sites=["resid_1"], options=ExactOptions(progress=False)
+    )
     assert "exact" not in capsys.readouterr().err
 
 
 def test_resumable_on_plain_hf_model():
     """``resumable`` takes an HF model too, and the runner starts each site kind where it should."""
-    model = tiny_gpt_neox(seed=8).to(torch.float64)
+    model = tiny_gpt_neox(seed=8).double()
     runner = resumable(model)
     assert runner is not None
     loaded_sites = {s.name: s for s in load_sites(model)}

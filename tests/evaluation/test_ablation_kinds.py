@@ -11,7 +11,7 @@ import torch
 from feature_circuits.circuit import AggregatedNodes
 from feature_circuits.data import make_batches
 from feature_circuits.dictionaries import encode_with_error
-from feature_circuits.errors import EvaluationError
+from feature_circuits.errors import ConfigError, EvaluationError
 from feature_circuits.evaluation import (
     AblationKind,
     FromInputs,
@@ -26,6 +26,7 @@ from feature_circuits.evaluation import (
 from feature_circuits.evaluation.ablation import ablated_metric, ablated_metric_values, ablated_metrics
 from feature_circuits.evaluation.masks import keep_masks
 from feature_circuits.model.sites import get_submodule
+from feature_circuits.pipeline import EvaluateConfig
 from feature_circuits.types import Aggregation
 
 
@@ -179,7 +180,13 @@ def _agg(neox, aes, seed=0):
 
 def test_sweep_with_each_kind_scores_and_baseline(neox, aes, eval_pairs, tmp_path):
     agg, pairs = _agg(neox, aes), eval_pairs(8)
-    kw = {"thresholds": [0.5, 0.9], "batch_size": 4, "variants": ["all_errors_ablated"]}
+    kw = {
+        "thresholds": [0.5, 0.9],
+        "batch_size": 4,
+        "variants": ["all_errors_ablated"],
+        "auc_sizes": (1, 10, 100),  # a small grid keeps the test fast
+        "fractions": (0.1, 0.5, 1.0),
+    }
     plain = evaluate_circuit(neox, aes, agg, pairs, bootstrap=0, baseline_draws=0, **kw)
     mean = evaluate_circuit(neox, aes, agg, pairs, bootstrap=30, baseline_draws=3, **kw)
     # the grid, the baseline and the bootstrap do not change the sweep (they run in forwards of their own)
@@ -187,17 +194,17 @@ def test_sweep_with_each_kind_scores_and_baseline(neox, aes, eval_pairs, tmp_pat
     assert plain.intervals is None and plain.baseline is None and plain.scores is not None
     assert mean.scores == plain.scores
     grid = mean.grid
-    assert grid is not None and grid.n_total == 6 * 65 and grid.sizes[0] == 0 and grid.sizes[-1] == 390
+    assert grid is not None and grid.n_total == 6 * 65 and grid.sizes == (1, 10, 39, 100, 195, 390)
     f = mean.standard.grid_faithfulness
-    assert f[0] == 0.0 and f[-1] == 1.0 and len(f) == len(grid.sizes)
+    assert f[-1] == 1.0 and len(f) == len(grid.sizes)
     assert mean.scores is not None and 0 < mean.scores.cpr < 1 and mean.scores.cmd > 0
     iv = mean.intervals
     assert iv is not None and iv.draws == 30 and len(iv.faithfulness) == 2
     lo, hi = iv.scores["cpr"]
-    assert lo <= hi and iv.grid_faithfulness[0] == (0.0, 0.0)
+    assert lo <= hi and iv.grid_faithfulness[-1] == (1.0, 1.0)
     b = mean.baseline
     assert b is not None and b.draws == 3 and len(b.grid_faithfulness_mean) == len(grid.sizes)
-    assert b.grid_faithfulness_mean[0] == 0.0 and b.grid_faithfulness_mean[-1] == 1.0
+    assert b.grid_faithfulness_mean[-1] == 1.0 and b.grid_faithfulness_std[-1] == 0.0
     again = evaluate_circuit(neox, aes, agg, pairs, bootstrap=30, baseline_draws=3, **kw)
     assert again.intervals == iv and again.baseline == b  # seeded
     other = evaluate_circuit(neox, aes, agg, pairs, bootstrap=30, baseline_draws=3, seed=1, **kw)
@@ -229,6 +236,10 @@ def test_sweep_with_each_kind_scores_and_baseline(neox, aes, eval_pairs, tmp_pat
 
 
 def test_ablation_errors(neox, aes, eval_pairs):
+    for bad in ({"ablation": "noise"}, {"bootstrap": -1}, {"baseline_draws": -2}):
+        with pytest.raises(ConfigError, match=r"--ablation|--bootstrap|--baseline-draws"):
+            EvaluateConfig(circuits=("c.json",), **bad)
+    assert EvaluateConfig(circuits=("c.json",), ablation="resample").ablation == "resample"
     with pytest.raises(EvaluationError, match="unknown ablation 'noise'; choose from mean, zero"):
         parse_ablation("noise")
     agg = _agg(neox, aes)

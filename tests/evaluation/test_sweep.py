@@ -22,10 +22,16 @@ from feature_circuits.evaluation import (
     compute_means,
     default_free_layers,
     eval_json,
-    evaluate_circuit,
 )
+from feature_circuits.evaluation import evaluate_circuit as _evaluate_circuit
 from feature_circuits.metrics import MetricName
 from feature_circuits.types import Aggregation, Method
+
+
+def evaluate_circuit(*args, **kw):
+    """The threshold sweep alone (``scores=False``) unless a test asks: these tests check the sweep;
+    the integrated scores, intervals and baseline have theirs (test_scores.py, test_ablation_kinds.py)."""
+    return _evaluate_circuit(*args, **{"scores": False, **kw})
 
 
 def _node(site, pos, feat, eff):

@@ -19,7 +19,15 @@ TINY = {
 
 def test_bench_sparse_tiny(tmp_path):
     report = run_bench_sparse(
-        tmp_path, n_features=256, active=8, batch_size=2, seq_len=6, shape=TINY, repeats=1, warmup=0, log=str
+        tmp_path,
+        n_features=256,
+        active=8,
+        batch_size=2,
+        seq_len=6,
+        shape=TINY,
+        repeats=1,
+        warmup=0,
+        log=lambda _: None,
     )
     assert report["n_sites"] == 4 and report["dict_size"] == 256  # embed + attn, mlp, resid of 1 layer
     for name in ("floor", "dense", "sparse"):

@@ -74,6 +74,10 @@ def test_quick_benchmark_tiny(tmp_path):
     md = (tmp_path / "bench.md").read_text()
     assert "ratio to floor" in md and "## Targets" in md
     assert "Data-parallel speedup of 2 processes" in md and "data-parallel discovery" in md
+    ex = data["exact_components"]  # experiments/bench_exact.py, tiny in quick mode
+    assert "error" not in ex, ex.get("error")
+    assert ex["n_layers"] == 4 and ex["max_abs_diff"] < 1e-4 and ex["speedup"] > 0
+    assert "resumed vs full re-runs" in md
 
 
 def test_floor_matches_atp_llama(llama_dir, tmp_path):

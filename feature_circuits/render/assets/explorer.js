@@ -58,7 +58,8 @@
   });
   meta.appendChild(mt);
   head.appendChild(meta);
-  if (D.empty) { head.appendChild(el('div', { id: 'fc-empty' }, D.empty)); }
+  var emptyNote = document.getElementById('fc-empty');  // written into the page by Python (readable without script)
+  if (emptyNote) { head.appendChild(emptyNote); }
   app.appendChild(head);
 
   var bar = el('div', { id: 'fc-toolbar' });
