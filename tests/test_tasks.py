@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from feature_circuits.data import DatasetError, load_pairs, resolve_dataset, tokenize_pair
+from feature_circuits.data import DatasetError, load_pairs, resolve_dataset, tokenize_pair, tokenize_pairs
 from feature_circuits.tasks import (
     TASKS,
     TaskBuild,
@@ -80,13 +80,12 @@ def test_the_tokenizer_splits_some_task_words(bpe):
     from feature_circuits.data import Pair
 
     rows = [json.loads(line) for line in (DATA_DIR / "sva_rc_train.jsonl").read_text().splitlines()]
-    invalid = 0
-    for row in rows:
-        try:
-            tokenize_pair(Pair(**row), bpe)
-        except DatasetError:
-            invalid += 1
+    checked = tokenize_pairs([Pair(**row) for row in rows], bpe)
+    invalid = sum(isinstance(t, DatasetError) for t in checked)
     assert 0 < invalid < len(rows)
+    first_bad = next(i for i, t in enumerate(checked) if isinstance(t, DatasetError))
+    with pytest.raises(DatasetError):
+        tokenize_pair(Pair(**rows[first_bad]), bpe)  # the batched check agrees with the one-pair check
     pairs = load_pairs(resolve_dataset("sva_rc", "train"), bpe)
     assert pairs.build is not None and pairs.build.shipped_valid == len(rows) - invalid
 

@@ -138,10 +138,11 @@ class ResumableForward:
         self.config: Any = config
         self.base_path = "gpt_neox" if hasattr(model, "gpt_neox") else "model"
         self.layers: Sequence[nn.Module] = list(base.layers)
-        self.embed: nn.Module = model.get_input_embeddings()  # pyright: ignore[reportAttributeAccessIssue]
+        hf: Any = model
+        self.embed: nn.Module = hf.get_input_embeddings()
         self.emb_dropout: nn.Module | None = getattr(base, "emb_dropout", None)
         norm = getattr(base, "final_layer_norm", None) or getattr(base, "norm", None)
-        head = model.get_output_embeddings()  # pyright: ignore[reportAttributeAccessIssue]
+        head = hf.get_output_embeddings()
         rotary = getattr(base, "rotary_emb", None)
         if norm is None or head is None or rotary is None:
             raise UnsupportedModelError(

@@ -217,3 +217,13 @@ def test_hook_names():
 def test_hooks_without_a_site_are_refused(hook, match):
     with pytest.raises(ConfigError, match=match):
         site_for_hook(hook, Architecture.GEMMA2, n_layers=3)
+
+
+def test_docs_table_lists_every_row():
+    """docs/hooks.md shows HOOK_TABLE: every (hook, site, module tensor) row of every family."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "hooks.md").read_text()
+    for row in HOOK_TABLE:
+        for arch in (Architecture.GPT_NEOX, Architecture.LLAMA, Architecture.GEMMA2):
+            assert f"| `{row.hook}` | `{row.site}` | {row.tensor[arch]} |" in text, (row.hook, arch)
