@@ -108,7 +108,7 @@ def _sparse_gradient_node_effects(
         c, p = sparse_site_states(ae, x, acts_p.pop(s.name, None), dec)
         g = g_out.pop(s.name)
         with torch.no_grad():
-            gv = dec.dot(c.index, g).to(c.values.dtype) * c.mask
+            gv = dec.dot(c.index, g, c.mask).to(c.values.dtype)
         gs = SparseSiteState(c.index, c.mask, gv, g.to(c.err.dtype), c.n_features)
         d = p - c
         clean[s.name], grads[s.name], deltas[s.name] = c, gs, d

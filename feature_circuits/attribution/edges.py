@@ -253,6 +253,7 @@ class SparseUpstream:
 
     w: Tensor
     index: Tensor
+    mask: Tensor
     delta_f: Tensor
     delta_err: Tensor
     n_features: int
@@ -261,7 +262,7 @@ class SparseUpstream:
         """Edge values (n, s_u, K+1) for VJP rows ``g`` (n, s_u, d) of examples ``ce``, and their
         upstream node columns (n, s_u, K+1) (K: the error node)."""
         idx = self.index[ce]
-        feat = gather_dot(self.w, idx, g) * self.delta_f[ce]
+        feat = gather_dot(self.w, idx, g, self.mask[ce]) * self.delta_f[ce]
         err = (g * self.delta_err[ce]).sum(-1, keepdim=True)
         cols = torch.cat([idx, torch.full_like(idx[..., :1], self.n_features)], -1)
         return torch.cat([feat, err], -1), cols
@@ -271,7 +272,12 @@ def sparse_upstream(ae: Dictionary, delta: SparseSiteState, like: Tensor) -> Spa
     """:class:`SparseUpstream` of a site on the sparse feature path (padding slots get delta 0)."""
     w = SparseDecoder.of(ae, like).w
     return SparseUpstream(
-        w, delta.index, (delta.values * delta.mask).to(like.dtype), delta.err.to(like.dtype), delta.n_features
+        w,
+        delta.index,
+        delta.mask & (delta.values != 0),  # a slot with no delta has no edge: not gathered
+        (delta.values * delta.mask).to(like.dtype),
+        delta.err.to(like.dtype),
+        delta.n_features,
     )
 
 

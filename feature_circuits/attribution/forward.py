@@ -18,6 +18,7 @@ feature gradients are gathered rows (:func:`gather_dot`), never an F-wide matmul
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -223,44 +224,58 @@ class SparseDecoder:
             bias = ae.decode(zero).detach().reshape(-1).to(like.dtype)
         return cls(w, bias)
 
-    def _chunks(self, n_rows: int, k: int) -> range:
-        return range(0, n_rows, max(1, _GATHER_BUDGET // max(k * self.w.shape[1], 1)))
+    def _slots(self, index: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Flat (row, feature) of the real slots (all slots when ``mask`` is None)."""
+        k = index.shape[-1]
+        flat = index.reshape(-1)
+        if mask is None:
+            sel = torch.arange(flat.shape[0], device=flat.device)
+        else:
+            sel = mask.reshape(-1).nonzero().squeeze(1)
+        return sel, flat[sel] if k else flat[:0]
 
-    def decode(self, index: Tensor, values: Tensor) -> Tensor:
-        """(..., d): the sum over the K slots of ``values * w[index]`` plus the bias (padding slots
-        must carry value 0), in row chunks of bounded size."""
+    def decode(self, index: Tensor, values: Tensor, mask: Tensor | None = None) -> Tensor:
+        """(..., d): the sum over the slots of ``values * w[index]`` plus the bias. Only the real
+        slots (``mask``; default all, so padding slots must then carry value 0) are gathered, in
+        chunks of bounded size."""
         lead, k = index.shape[:-1], index.shape[-1]
         d = self.w.shape[1]
-        idx, vals = index.reshape(-1, k), values.reshape(-1, k).to(self.w.dtype)
-        out = self.bias.to(self.w.dtype).expand(idx.shape[0], d).clone()
+        n_rows = math.prod(lead)
+        out = self.bias.to(self.w.dtype).expand(n_rows, d).clone()
         if k:
-            step = self._chunks(idx.shape[0], k).step
-            for r0 in range(0, idx.shape[0], step):
-                r1 = min(idx.shape[0], r0 + step)
-                rows = gather_rows(self.w, idx[r0:r1].reshape(-1)).view(r1 - r0, k, d)
-                out[r0:r1] += torch.bmm(vals[r0:r1].unsqueeze(1), rows).squeeze(1)
+            sel, cols = self._slots(index, mask)
+            vals = values.reshape(-1).to(self.w.dtype)[sel]
+            row = sel // k
+            step = max(1, _GATHER_BUDGET // max(d, 1))
+            for i0 in range(0, sel.shape[0], step):
+                i1 = min(sel.shape[0], i0 + step)
+                part = gather_rows(self.w, cols[i0:i1]) * vals[i0:i1, None]
+                out.index_add_(0, row[i0:i1], part)
         return out.reshape(*lead, d)
 
-    def dot(self, index: Tensor, g: Tensor) -> Tensor:
-        """(..., K): ``w[index[..., k]] . g[...]`` -- the K slot features' gradient from the
-        gradient ``g`` (..., d) of the site output (W_dec[:, active]^T g), in row chunks."""
+    def dot(self, index: Tensor, g: Tensor, mask: Tensor | None = None) -> Tensor:
+        """(..., K): ``w[index[..., k]] . g[...]`` -- the slot features' gradient from the gradient
+        ``g`` (..., d) of the site output (W_dec[:, active]^T g); 0 at padding slots when ``mask`` is
+        given (only the real slots are gathered, in chunks of bounded size)."""
         lead, k = index.shape[:-1], index.shape[-1]
         d = self.w.shape[1]
-        idx, gg = index.reshape(-1, k), g.reshape(-1, d).to(self.w.dtype)
-        out = torch.empty(idx.shape[0], k, dtype=self.w.dtype, device=self.w.device)
+        gg = g.reshape(-1, d).to(self.w.dtype)
+        out = torch.zeros(index.numel(), dtype=self.w.dtype, device=self.w.device)
         if k:
-            step = self._chunks(idx.shape[0], k).step
-            for r0 in range(0, idx.shape[0], step):
-                r1 = min(idx.shape[0], r0 + step)
-                rows = gather_rows(self.w, idx[r0:r1].reshape(-1)).view(r1 - r0, k, d)
-                out[r0:r1] = torch.bmm(rows, gg[r0:r1].unsqueeze(-1)).squeeze(-1)
+            sel, cols = self._slots(index, mask)
+            row = sel // k
+            step = max(1, _GATHER_BUDGET // max(d, 1))
+            for i0 in range(0, sel.shape[0], step):
+                i1 = min(sel.shape[0], i0 + step)
+                part = (gather_rows(self.w, cols[i0:i1]) * gg[row[i0:i1]]).sum(-1)
+                out[sel[i0:i1]] = part
         return out.reshape(*lead, k)
 
 
-def gather_dot(w: Tensor, index: Tensor, g: Tensor) -> Tensor:
+def gather_dot(w: Tensor, index: Tensor, g: Tensor, mask: Tensor | None = None) -> Tensor:
     """(..., K): ``w[index[..., k]] . g[...]`` for decoder rows ``w`` (F, d) (see
     :meth:`SparseDecoder.dot`)."""
-    return SparseDecoder(w, w.new_zeros(w.shape[1])).dot(index, g)
+    return SparseDecoder(w, w.new_zeros(w.shape[1])).dot(index, g, mask)
 
 
 def _row_union(active: Tensor) -> tuple[Tensor, Tensor]:
@@ -298,14 +313,14 @@ def sparse_site_states(
         del active
         vc = fc.gather(-1, index) * mask
         del fc
-        err_c = x_clean - dec.decode(index, vc)
+        err_c = x_clean - dec.decode(index, vc, mask)
         clean = SparseSiteState(index, mask, vc, err_c, n)
         if fp is None or x_patch is None:
             patch = SparseSiteState(index, mask, torch.zeros_like(vc), torch.zeros_like(err_c), n)
         else:
             vp = fp.gather(-1, index) * mask
             del fp
-            patch = SparseSiteState(index, mask, vp, x_patch - dec.decode(index, vp), n)
+            patch = SparseSiteState(index, mask, vp, x_patch - dec.decode(index, vp, mask), n)
     return clean, patch
 
 

@@ -139,7 +139,7 @@ def _sparse_ig(
             zv = ((1 - alpha) * c.values + alpha * p.values).reshape(n * b, *c.values.shape[1:])
             zerr = ((1 - alpha) * c.err + alpha * p.err).reshape(n * b, *c.err.shape[1:])
             with torch.no_grad():
-                base = dec.decode(c.index.repeat(n, 1, 1), zv)
+                base = dec.decode(c.index.repeat(n, 1, 1), zv, c.mask.repeat(n, 1, 1))
             zerr = zerr.requires_grad_(True)
             sub = batch.select(torch.arange(b).repeat(n))
             with lm.trace(sub.clean.to(loaded.device)):
@@ -153,7 +153,7 @@ def _sparse_ig(
             bar.update(1)
         g_out = g_sum / steps  # d m / d(site output) averaged over the steps = the error gradient
         with torch.no_grad():
-            gv = dec.dot(c.index, g_out).to(c.values.dtype) * c.mask
+            gv = dec.dot(c.index, g_out, c.mask).to(c.values.dtype)
         gs = SparseSiteState(c.index, c.mask, gv, g_out, c.n_features)
         d = p - c
         clean[s.name], grads[s.name], deltas[s.name] = c, gs, d

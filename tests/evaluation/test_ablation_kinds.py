@@ -4,11 +4,12 @@ with each kind, its integrated scores, intervals and random baseline; mean ablat
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import torch
 
-from feature_circuits.circuit import AggregatedNodes
+from feature_circuits.circuit import AggregatedNodes, Circuit, Node
 from feature_circuits.data import make_batches
 from feature_circuits.dictionaries import encode_with_error
 from feature_circuits.errors import ConfigError, EvaluationError
@@ -27,7 +28,7 @@ from feature_circuits.evaluation.ablation import ablated_metric, ablated_metric_
 from feature_circuits.evaluation.masks import keep_masks
 from feature_circuits.model.sites import get_submodule
 from feature_circuits.pipeline import EvaluateConfig
-from feature_circuits.types import Aggregation
+from feature_circuits.types import Aggregation, Method
 
 
 def _ablate(sites, s, nodes):
@@ -209,11 +210,10 @@ def test_sweep_with_each_kind_scores_and_baseline(neox, aes, eval_pairs, tmp_pat
     assert again.intervals == iv and again.baseline == b  # seeded
     other = evaluate_circuit(neox, aes, agg, pairs, bootstrap=30, baseline_draws=3, seed=1, **kw)
     assert other.intervals != iv and other.baseline != b
-    d = eval_json(mean)
+    d = json.loads(json.dumps(eval_json(mean), allow_nan=False))  # plain JSON (no NaN)
     assert d["version"] == 2 and d["ablation"] == "mean" and set(d["scores"]) == {"auc", "cpr", "cmd"}
     assert d["intervals"]["cpr"] == list(iv.scores["cpr"]) and d["baseline"]["draws"] == 3
     assert set(d["baseline"]["scores"]["auc"]) == {"mean", "std"} and d["grid"]["n_nodes"] == list(grid.sizes)
-    json.dumps(d, allow_nan=False)
     table = summary_table("c", mean)
     assert "integrated scores" in table and "random:" in table and "mean ablation" in table
     html = plot_html([("c", mean), ("p", plain)], tmp_path / "eval.html").read_text()
@@ -236,7 +236,8 @@ def test_sweep_with_each_kind_scores_and_baseline(neox, aes, eval_pairs, tmp_pat
 
 
 def test_ablation_errors(neox, aes, eval_pairs):
-    for bad in ({"ablation": "noise"}, {"bootstrap": -1}, {"baseline_draws": -2}):
+    bads: list[dict[str, Any]] = [{"ablation": "noise"}, {"bootstrap": -1}, {"baseline_draws": -2}]
+    for bad in bads:
         with pytest.raises(ConfigError, match=r"--ablation|--bootstrap|--baseline-draws"):
             EvaluateConfig(circuits=("c.json",), **bad)
     assert EvaluateConfig(circuits=("c.json",), ablation="resample").ablation == "resample"
@@ -247,3 +248,37 @@ def test_ablation_errors(neox, aes, eval_pairs):
         evaluate_circuit(neox, aes, agg, eval_pairs(4), means={}, ablation="zero")
     with pytest.raises(EvaluationError, match="bootstrap and baseline_draws must be >= 0"):
         evaluate_circuit(neox, aes, agg, eval_pairs(4), bootstrap=-1)
+
+
+def test_stored_circuit_without_effects_caps_the_grid(neox, aes, eval_pairs):
+    nodes = (
+        Node.feature_node("mlp_1", 3, 0.9),
+        Node.feature_node("resid_1", 7, -0.5),
+        Node.error_node("attn_1", 0.2),
+    )
+    circ = Circuit(
+        model="m",
+        saes="s",
+        method=Method.RELP,
+        dataset="d",
+        split="train",
+        num_examples=4,
+        edge_threshold=0.01,
+        total_effect=1.0,
+        edges=(),
+        aggregation=Aggregation.SUM,
+        node_threshold=0.1,
+        nodes=nodes,
+    )
+    res = evaluate_circuit(
+        neox, aes, circ, eval_pairs(4), thresholds=[0.05], variants=["all_errors_ablated"], bootstrap=20
+    )
+    grid = res.grid
+    assert grid is not None and grid.n_ranked == 3 and grid.sizes == (0, 1, 2, 3)
+    assert grid.capped == (False, False, False, True)  # larger sizes keep the 3 stored nodes
+    stored = res.standard.stored
+    assert stored is not None and res.standard.grid_faithfulness[-1] == stored.faithfulness
+    d = eval_json(res)
+    assert d["grid"]["capped"] == [False, False, False, True] and d["grid"]["n_ranked"] == 3
+    assert "circuit_faithfulness" in d["intervals"]
+    assert "only the 3 stored nodes are ranked" in summary_table("c", res)

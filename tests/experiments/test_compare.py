@@ -304,3 +304,28 @@ def test_feature_level(tmp_path, ioi_model_dir):
     x_feat, _ = result.points["atp"]["resid features"]
     assert x_err.size < x_feat.size
     assert json.loads(json.dumps(result.to_json()))["pcc"]["atp"].keys() == set(result.kinds)
+
+
+def test_component_exact_resumed_equals_full_reruns(ioi_loaded, ioi_batch, capsys):
+    """Resumed component patching (the default) gives the full re-runs' effects, every component."""
+    loaded, _ = ioi_loaded
+    capsys.readouterr()
+    resumed = component_exact(loaded, ioi_batch, max_rows=17, progress=True)
+    assert "exact components" in capsys.readouterr().err
+    full = component_exact(loaded, ioi_batch, max_rows=64, resume=False, progress=False)
+    assert set(resumed) == set(full) == {s.name for s in loaded.sites if s.layer >= 0}
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], atol=1e-6, rtol=0)
+    assert max(float(v.abs().max()) for v in full.values()) > 1e-3
+
+
+def test_component_exact_resumed_llama_float64(tmp_path):
+    tok = tiny_tokenizer(IOI_WORDS)
+    tiny_llama(seed=2, vocab_size=len(tok)).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    loaded, _ = load_for_attribution(tmp_path / "m", "neurons", device="cpu", dtype=torch.float64)
+    batch = make_batches(build_ioi_pairs(loaded.tokenizer, 3, seed=1), loaded.tokenizer, 3)[0]
+    resumed = component_exact(loaded, batch)
+    full = component_exact(loaded, batch, resume=False)
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], atol=1e-10, rtol=0)
