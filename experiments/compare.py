@@ -209,7 +209,7 @@ def component_exact(
     from the patched one on (docs/algorithms.md, "Resuming from the patched site"); else, or for a
     model the resumable runner does not know, they re-run the whole model. ``progress``: a bar over
     the patches (None: when stderr is a terminal)."""
-    from feature_circuits.attribution.exact import PatchRunner
+    from feature_circuits.attribution.exact import PatchRunner, position_chunks
     from feature_circuits.metrics import logit_diff
     from feature_circuits.progress import progress_bar
 
@@ -231,8 +231,12 @@ def component_exact(
         for s in sites:
             delta = patch_acts[s.name] - clean_acts[s.name]  # (b, s, d)
             eff = torch.zeros(b, seq, dtype=delta.dtype)
-            for r0 in range(0, rows.shape[0], max_rows):
-                chunk = rows[r0 : r0 + max_rows]
+            if runner.resumed:
+                chunks = position_chunks(rows[:, 1], max_rows)
+            else:
+                chunks = [(r0, min(r0 + max_rows, rows.shape[0])) for r0 in range(0, rows.shape[0], max_rows)]
+            for r0, r1 in chunks:
+                chunk = rows[r0:r1]
                 e, pos = chunk[:, 0], chunk[:, 1]
                 vec = delta[e.to(delta.device), pos.to(delta.device)]
                 eff[e, pos] = (

@@ -250,7 +250,9 @@ def tokenize_pair(
                     f"{pwhich}_prefix, expected exactly one (did you forget or add a leading space?)"
                 )
             if found is not None and rest[0] != found:
-                raise fail(f"{which}_answer {answer!r} is a different token after the clean and the patch prefix")
+                raise fail(
+                    f"{which}_answer {answer!r} is a different token after the clean and the patch prefix"
+                )
             found = rest[0]
         assert found is not None
         if unk is not None and found == unk:

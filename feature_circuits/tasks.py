@@ -7,10 +7,11 @@ words into several tokens, so an answer is no longer one token or the clean and 
 longer have equal lengths. :func:`build_task` makes the same task for that tokenizer instead:
 
 1. **Word filter.** Every word list a template draws from is checked with the leading space the
-   word has in the sentence (``" is"``, ``" Mary"``, tokenized after a word): answer words (agreeing verbs, IOI names) must be
-   one token; a noun's singular and plural must have the same number of tokens (the varied noun is
-   the only clean/patch difference of an SVA prefix); every other word (prepositions, relative-clause
-   verbs of ``sva_rc``, places, objects) must contain no unknown token. Dropped words are reported.
+   word has in the sentence (``" is"``, ``" Mary"``, tokenized after a word): answer words
+   (agreeing verbs, IOI names) must be one token; a noun's singular and plural must have the same
+   number of tokens (the varied noun is the only clean/patch difference of an SVA prefix); every
+   other word (prepositions, relative-clause verbs of ``sva_rc``, places, objects) must contain no
+   unknown token. Dropped words are reported.
 2. **The same seeded sampler and hold-out rule** as the shipped files, over the kept words only
    (:func:`feature_circuits.toy.grammar.generate_sva_pairs` / ``generate_ioi_pairs``, seed 0 by
    default): train and test come from disjoint combinations exactly as in the shipped files.

@@ -10,8 +10,8 @@ with a nonzero delta are run (the others have IE exactly 0).
 The patched forwards resume (docs/algorithms.md, "Resuming from the patched site"): they start at
 the patched site from the clean run's state and run only the positions from the patched one on,
 with the clean keys and values of the earlier positions as a cache
-(:mod:`feature_circuits.model.resume`). Nodes are taken in position order, so a chunk shares its
-earliest position. ``ExactOptions(resume=False)``, or a model the runner does not know, re-runs the
+(:mod:`feature_circuits.model.resume`). Nodes are taken in position order, one chunk per position
+(:func:`position_chunks`). ``ExactOptions(resume=False)``, or a model the runner does not know, re-runs the
 whole model for every chunk (:func:`full_rerun_logits`, the reference).
 """
 
@@ -40,7 +40,7 @@ from feature_circuits.model.sites import get_activation, save, set_activation
 from feature_circuits.progress import progress_bar
 from feature_circuits.types import Method, Site
 
-__all__ = ["PatchRunner", "exact_node_effects", "full_rerun_logits"]
+__all__ = ["PatchRunner", "exact_node_effects", "full_rerun_logits", "position_chunks"]
 
 
 def full_rerun_logits(
@@ -102,6 +102,20 @@ class PatchRunner:
         return (m - self.metric_clean[rows.to(self.metric_clean.device)]).detach()
 
 
+def position_chunks(positions: Tensor, max_rows: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` slices of position-sorted rows: one chunk per position (rows at one
+    position resume together from it; a chunk mixing positions would resume all its rows from the
+    earliest), split into pieces of at most ``max_rows``."""
+    pos = positions.tolist()
+    chunks: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(pos) + 1):
+        if i == len(pos) or pos[i] != pos[start] or i - start >= max_rows:
+            chunks.append((start, i))
+            start = i
+    return chunks
+
+
 def _site_nodes(delta: SiteState, eff: Tensor, max_nodes: int | None) -> Tensor:
     """(N, 3) nodes (example, position, index) to patch at a site, in position order: the feature
     nodes with a nonzero delta (at most ``max_nodes``, largest |delta| first; the others' effects
@@ -155,8 +169,13 @@ def exact_node_effects(req: NodeRequest, options: MethodOptions) -> NodeEffects:
             ae = dictionaries[s.name]
             c, p, delta, eff = clean[s.name], patch[s.name], deltas[s.name], effects[s.name]
             n_feat = c.f.shape[-1]
-            for start in range(0, nodes.shape[0], chunk_size):
-                chunk = nodes[start : start + chunk_size]
+            chunks = position_chunks(nodes[:, 1], chunk_size) if runner.resumed else None
+            if chunks is None:  # full re-runs: position order does not matter, fill every chunk
+                chunks = [
+                    (i, min(i + chunk_size, nodes.shape[0])) for i in range(0, nodes.shape[0], chunk_size)
+                ]
+            for start, stop in chunks:
+                chunk = nodes[start:stop]
                 e, pos, j = chunk[:, 0], chunk[:, 1], chunk[:, 2]
                 with torch.no_grad():
                     vec = torch.zeros(chunk.shape[0], c.err.shape[-1], dtype=c.err.dtype, device=c.err.device)

@@ -307,3 +307,12 @@ def test_load_model_default_dtype_runner(tmp_path):
     save_model(tiny_llama(seed=2), tmp_path / "m")
     loaded = load_model(tmp_path / "m")
     assert resumable(loaded) is not None
+
+
+def test_position_chunks():
+    from feature_circuits.attribution.exact import position_chunks
+
+    pos = torch.tensor([0, 0, 0, 2, 3, 3, 3, 3, 3])
+    assert position_chunks(pos, 128) == [(0, 3), (3, 4), (4, 9)]
+    assert position_chunks(pos, 2) == [(0, 2), (2, 3), (3, 4), (4, 6), (6, 8), (8, 9)]
+    assert position_chunks(torch.tensor([], dtype=torch.long), 4) == []

@@ -13,7 +13,7 @@ from feature_circuits.dictionaries import splice_with_grad_leaves
 from feature_circuits.model.loading import load_model
 from feature_circuits.model.lrp import get_lrp_controller, install_lrp
 from feature_circuits.model.sites import get_activation, save, set_activation
-from feature_circuits.types import Architecture, LRPConfig
+from feature_circuits.types import Architecture, LRPConfig, Method
 from tests.attribution.test_edges import _loop_edges
 from tests.helpers import patch_batch, save_model, save_random_saes
 from tests.model.archs import tiny_gemma2, tiny_gemma3
@@ -218,7 +218,7 @@ def test_discover_and_evaluate_end_to_end(gemma, tmp_path):
     def run(out):
         return discover(
             DiscoverConfig(
-                method="relp",
+                method=Method.RELP,
                 model=str(model_dir),
                 saes=str(saes.parent),
                 dataset=str(data),
