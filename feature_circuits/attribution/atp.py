@@ -34,7 +34,7 @@ from feature_circuits.attribution.registry import (
     options_as,
     register,
 )
-from feature_circuits.attribution.results import NodeEffects, SiteState, SparseSiteState, State
+from feature_circuits.attribution.results import NodeEffects, SiteState, State
 from feature_circuits.types import LRPConfig, Method
 
 __all__ = ["atp_node_effects", "gradient_node_effects"]
@@ -104,12 +104,10 @@ def _sparse_gradient_node_effects(
     for s in site_list:
         ae = dictionaries[s.name]
         x = acts.pop(s.name)
-        dec = SparseDecoder.of(ae, x)
-        c, p = sparse_site_states(ae, x, acts_p.pop(s.name, None), dec)
-        g = g_out.pop(s.name)
-        with torch.no_grad():
-            gv = dec.dot(c.index, g, c.mask).to(c.values.dtype)
-        gs = SparseSiteState(c.index, c.mask, gv, g.to(c.err.dtype), c.n_features)
+        c, p, gs = sparse_site_states(
+            ae, x, acts_p.pop(s.name, None), SparseDecoder.of(ae, x), grad=g_out.pop(s.name)
+        )
+        assert gs is not None  # a gradient was given
         d = p - c
         clean[s.name], grads[s.name], deltas[s.name] = c, gs, d
         effects[s.name] = gs.node_product(d)

@@ -10,9 +10,10 @@ with a nonzero delta are run (the others have IE exactly 0).
 The patched forwards resume (docs/algorithms.md, "Resuming from the patched site"): they start at
 the patched site from the clean run's state and run only the positions from the patched one on,
 with the clean keys and values of the earlier positions as a cache
-(:mod:`feature_circuits.model.resume`). Nodes are taken in position order, one chunk per position
-(:func:`position_chunks`). ``ExactOptions(resume=False)``, or a model the runner does not know, re-runs the
-whole model for every chunk (:func:`full_rerun_logits`, the reference).
+(:mod:`feature_circuits.model.resume`). Nodes are taken in position order and chunks end at a change
+of position once large enough (:func:`position_chunks`). ``ExactOptions(resume=False)``, or a
+model the runner does not know, re-runs the whole model for every chunk (:func:`full_rerun_logits`,
+the reference).
 """
 
 from __future__ import annotations
@@ -102,15 +103,17 @@ class PatchRunner:
         return (m - self.metric_clean[rows.to(self.metric_clean.device)]).detach()
 
 
-def position_chunks(positions: Tensor, max_rows: int) -> list[tuple[int, int]]:
-    """``(start, stop)`` slices of position-sorted rows: one chunk per position (rows at one
-    position resume together from it; a chunk mixing positions would resume all its rows from the
-    earliest), split into pieces of at most ``max_rows``."""
+def position_chunks(positions: Tensor, max_rows: int, min_rows: int | None = None) -> list[tuple[int, int]]:
+    """``(start, stop)`` slices of position-sorted rows for resumed forwards: a chunk resumes all its
+    rows from its earliest position, so a chunk ends at a change of position once it holds
+    ``min_rows`` rows (default ``max_rows // 8``: fewer, larger forwards cost less than the positions
+    they recompute), and always at ``max_rows``."""
+    min_rows = max(1, max_rows // 8) if min_rows is None else max(1, min_rows)
     pos = positions.tolist()
     chunks: list[tuple[int, int]] = []
     start = 0
     for i in range(1, len(pos) + 1):
-        if i == len(pos) or pos[i] != pos[start] or i - start >= max_rows:
+        if i == len(pos) or i - start >= max_rows or (pos[i] != pos[i - 1] and i - start >= min_rows):
             chunks.append((start, i))
             start = i
     return chunks

@@ -234,42 +234,47 @@ class SparseDecoder:
             sel = mask.reshape(-1).nonzero().squeeze(1)
         return sel, flat[sel] if k else flat[:0]
 
-    def decode(self, index: Tensor, values: Tensor, mask: Tensor | None = None) -> Tensor:
-        """(..., d): the sum over the slots of ``values * w[index]`` plus the bias. Only the real
-        slots (``mask``; default all, so padding slots must then carry value 0) are gathered, in
-        chunks of bounded size."""
+    def apply(
+        self,
+        index: Tensor,
+        mask: Tensor | None,
+        values: Sequence[Tensor] = (),
+        grads: Sequence[Tensor] = (),
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Decodes (..., d) of each of ``values`` (sum over the slots of ``v * w[index]`` plus the
+        bias) and slot dots (..., K) ``w[index[..., k]] . g[...]`` of each of ``grads`` (the slot
+        features' gradient from the site output's, W_dec[:, active]^T g; 0 at padding slots), with
+        ONE gather of the decoder rows of the real slots (``mask``; None: every slot, so padding
+        slots must then carry value 0), in chunks of bounded size."""
         lead, k = index.shape[:-1], index.shape[-1]
         d = self.w.shape[1]
         n_rows = math.prod(lead)
-        out = self.bias.to(self.w.dtype).expand(n_rows, d).clone()
+        decs = [self.bias.to(self.w.dtype).expand(n_rows, d).clone() for _ in values]
+        dots = [torch.zeros(index.numel(), dtype=self.w.dtype, device=self.w.device) for _ in grads]
         if k:
             sel, cols = self._slots(index, mask)
-            vals = values.reshape(-1).to(self.w.dtype)[sel]
             row = sel // k
+            vals = [v.reshape(-1).to(self.w.dtype)[sel] for v in values]
+            gs = [g.reshape(-1, d).to(self.w.dtype) for g in grads]
             step = max(1, _GATHER_BUDGET // max(d, 1))
             for i0 in range(0, sel.shape[0], step):
                 i1 = min(sel.shape[0], i0 + step)
-                part = gather_rows(self.w, cols[i0:i1]) * vals[i0:i1, None]
-                out.index_add_(0, row[i0:i1], part)
-        return out.reshape(*lead, d)
+                rows = gather_rows(self.w, cols[i0:i1])
+                r = row[i0:i1]
+                for out, v in zip(decs, vals, strict=True):
+                    out.index_add_(0, r, rows * v[i0:i1, None])
+                for out, g in zip(dots, gs, strict=True):
+                    out[sel[i0:i1]] = (rows * g[r]).sum(-1)
+        return [x.reshape(*lead, d) for x in decs], [x.reshape(*lead, k) for x in dots]
+
+    def decode(self, index: Tensor, values: Tensor, mask: Tensor | None = None) -> Tensor:
+        """(..., d): the sum over the slots of ``values * w[index]`` plus the bias (:meth:`apply`)."""
+        return self.apply(index, mask, values=[values])[0][0]
 
     def dot(self, index: Tensor, g: Tensor, mask: Tensor | None = None) -> Tensor:
         """(..., K): ``w[index[..., k]] . g[...]`` -- the slot features' gradient from the gradient
-        ``g`` (..., d) of the site output (W_dec[:, active]^T g); 0 at padding slots when ``mask`` is
-        given (only the real slots are gathered, in chunks of bounded size)."""
-        lead, k = index.shape[:-1], index.shape[-1]
-        d = self.w.shape[1]
-        gg = g.reshape(-1, d).to(self.w.dtype)
-        out = torch.zeros(index.numel(), dtype=self.w.dtype, device=self.w.device)
-        if k:
-            sel, cols = self._slots(index, mask)
-            row = sel // k
-            step = max(1, _GATHER_BUDGET // max(d, 1))
-            for i0 in range(0, sel.shape[0], step):
-                i1 = min(sel.shape[0], i0 + step)
-                part = (gather_rows(self.w, cols[i0:i1]) * gg[row[i0:i1]]).sum(-1)
-                out[sel[i0:i1]] = part
-        return out.reshape(*lead, k)
+        ``g`` (..., d) of the site output (:meth:`apply`)."""
+        return self.apply(index, mask, grads=[g])[1][0]
 
 
 def gather_dot(w: Tensor, index: Tensor, g: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -297,12 +302,18 @@ def _row_union(active: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def sparse_site_states(
-    ae: Dictionary, x_clean: Tensor, x_patch: Tensor | None, dec: SparseDecoder | None = None
-) -> tuple[SparseSiteState, SparseSiteState]:
+    ae: Dictionary,
+    x_clean: Tensor,
+    x_patch: Tensor | None,
+    dec: SparseDecoder | None = None,
+    grad: Tensor | None = None,
+) -> tuple[SparseSiteState, SparseSiteState, SparseSiteState | None]:
     """Clean and patch states of one site on the sparse path, sharing one index: per row the
     features active (non-zero) in the clean or the patch activation. ``x_patch=None``: the zero
     patch state (no counterfactual). The encoder runs dense (one site at a time); the features
-    are kept at their slots and decoded sparsely for the error node."""
+    are kept at their slots and decoded sparsely for the error node. With ``grad`` (the gradient
+    of the site output, (b, s, d)) also the gradient state (slot features: decoder rows . grad;
+    error node: grad), from the same gather of decoder rows; else None."""
     dec = SparseDecoder.of(ae, x_clean) if dec is None else dec
     n = int(ae.dict_size)
     with torch.no_grad():
@@ -313,15 +324,19 @@ def sparse_site_states(
         del active
         vc = fc.gather(-1, index) * mask
         del fc
-        err_c = x_clean - dec.decode(index, vc, mask)
-        clean = SparseSiteState(index, mask, vc, err_c, n)
-        if fp is None or x_patch is None:
-            patch = SparseSiteState(index, mask, torch.zeros_like(vc), torch.zeros_like(err_c), n)
+        vp = None if fp is None else fp.gather(-1, index) * mask
+        del fp
+        values = [vc] if vp is None else [vc, vp]
+        decs, dots = dec.apply(index, mask, values, [] if grad is None else [grad])
+        clean = SparseSiteState(index, mask, vc, x_clean - decs[0], n)
+        if vp is None or x_patch is None:
+            patch = SparseSiteState(index, mask, torch.zeros_like(vc), torch.zeros_like(clean.err), n)
         else:
-            vp = fp.gather(-1, index) * mask
-            del fp
-            patch = SparseSiteState(index, mask, vp, x_patch - dec.decode(index, vp, mask), n)
-    return clean, patch
+            patch = SparseSiteState(index, mask, vp, x_patch - decs[1], n)
+        g_state = None
+        if grad is not None:
+            g_state = SparseSiteState(index, mask, dots[0].to(vc.dtype), grad.to(clean.err.dtype), n)
+    return clean, patch, g_state
 
 
 def collect_activations(

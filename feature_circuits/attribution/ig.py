@@ -129,7 +129,7 @@ def _sparse_ig(
         ae = dictionaries[s.name]
         x = acts.pop(s.name)
         dec = SparseDecoder.of(ae, x)
-        c, p = sparse_site_states(ae, x, acts_p.pop(s.name, None), dec)
+        c, p, _ = sparse_site_states(ae, x, acts_p.pop(s.name, None), dec)
         g_sum = torch.zeros_like(c.err)
         for k0 in range(0, steps, steps_per_chunk):
             ks = list(range(k0, min(steps, k0 + steps_per_chunk)))

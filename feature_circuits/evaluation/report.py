@@ -452,8 +452,8 @@ def plot_html(results: Sequence[tuple[str, EvalResult]], path: Path) -> Path:
         subplot_titles=(
             "Faithfulness",
             "Completeness",
-            "Faithfulness of the top-k circuits on the grid (dotted: random, same nodes per site)",
-            "Integrated scores (auc, cpr: higher is better; cmd: lower)",
+            "Top-k circuits on the grid (dotted: random)",
+            "Integrated scores (hollow: random; cmd: lower is better)",
         ),
         vertical_spacing=0.14,
     )

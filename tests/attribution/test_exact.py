@@ -313,6 +313,8 @@ def test_position_chunks():
     from feature_circuits.attribution.exact import position_chunks
 
     pos = torch.tensor([0, 0, 0, 2, 3, 3, 3, 3, 3])
-    assert position_chunks(pos, 128) == [(0, 3), (3, 4), (4, 9)]
+    assert position_chunks(pos, 128, min_rows=1) == [(0, 3), (3, 4), (4, 9)]
+    assert position_chunks(pos, 128, min_rows=4) == [(0, 4), (4, 9)]  # ends at a position change
+    assert position_chunks(pos, 128) == [(0, 9)]  # min_rows 16: one chunk
     assert position_chunks(pos, 2) == [(0, 2), (2, 3), (3, 4), (4, 6), (6, 8), (8, 9)]
     assert position_chunks(torch.tensor([], dtype=torch.long), 4) == []

@@ -130,7 +130,11 @@ def test_sparse_site_states_error_node_and_zero_patch(neox64):
     _, dicts = neox64
     ae = dicts["mlp_0"]
     x = torch.randn(2, 4, ae.activation_dim, dtype=torch.float64)
-    c, p = sparse_site_states(ae, x, None)
+    g = torch.randn_like(x)
+    c, p, gs = sparse_site_states(ae, x, None, grad=g)
+    assert gs is not None
+    torch.testing.assert_close(gs.values, (g @ ae.decoder_directions(x).T).gather(-1, c.index) * c.mask)
+    assert sparse_site_states(ae, x, None)[2] is None
     f_ref, err_ref = encode_with_error(ae, x)
     torch.testing.assert_close(c.f, f_ref, rtol=0, atol=0)
     torch.testing.assert_close(c.err, err_ref, rtol=1e-12, atol=1e-13)

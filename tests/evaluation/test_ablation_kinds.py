@@ -220,6 +220,7 @@ def test_sweep_with_each_kind_scores_and_baseline(neox, aes, eval_pairs, tmp_pat
     assert (
         "Integrated scores" in html
         and "c: random baseline" in html
+        and "Integrated scores (hollow" in html
         and "c (all_errors_ablated): scores" in html
     )
     results = {}
@@ -278,7 +279,7 @@ def test_stored_circuit_without_effects_caps_the_grid(neox, aes, eval_pairs):
     assert grid.capped == (False, False, False, True)  # larger sizes keep the 3 stored nodes
     stored = res.standard.stored
     assert stored is not None and res.standard.grid_faithfulness[-1] == stored.faithfulness
-    d = eval_json(res)
+    d = json.loads(json.dumps(eval_json(res), allow_nan=False))
     assert d["grid"]["capped"] == [False, False, False, True] and d["grid"]["n_ranked"] == 3
     assert "circuit_faithfulness" in d["intervals"]
     assert "only the 3 stored nodes are ranked" in summary_table("c", res)

@@ -68,6 +68,11 @@ def test_full_coverage_pairs_are_the_table(family, tmp_path):
     want = _legacy_pairs(loaded.n_layers, loaded.parallel_residual)
     assert site_pairs(loaded) == want
     assert site_pairs(loaded, [s.name for s in loaded.sites]) == want
+    # residual dictionaries every second layer: the pairs skip the layers in between
+    assert site_pairs(loaded, ["embed", "resid_0", "resid_2"]) == [
+        SitePair("embed", "resid_0"),
+        SitePair("resid_0", "resid_2"),
+    ]
 
 
 def test_partial_pairs_skip_sites_without_dictionary(partial):
