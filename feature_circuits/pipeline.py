@@ -456,7 +456,10 @@ def discover(cfg: DiscoverConfig, *, log: Log = _quiet) -> Circuit:
     timing["data"] = time.perf_counter() - t
 
     metric = get_metric(cfg.metric)
-    options = method_spec(cfg.method).options_from({"steps": cfg.steps})
+    # exact and ig draw their own bars (per patch chunk, per step); hidden with --no-progress and off rank 0
+    options = method_spec(cfg.method).options_from(
+        {"steps": cfg.steps, "progress": None if cfg.progress and main_rank else False}
+    )
     node_acc = NodeAccumulator(cfg.aggregation)
     edge_acc = EdgeAccumulator(cfg.aggregation) if cfg.computes_edges else None
     t_nodes = t_edges = 0.0

@@ -181,7 +181,7 @@ def test_hand_pruned_circuit_evaluates_differently_and_warns(
     assert pruned.warnings and "not in circuit.json (removed by hand?)" in pruned.warnings[0]
     assert any("removed by hand" in line for line in logged)
     doc = json.loads((pruned_dir / "eval.json").read_text())
-    assert list(doc)[:2] == ["circuit", "warnings"] and doc["circuit"]["threshold"] == 0.001
+    assert list(doc)[:3] == ["version", "circuit", "warnings"] and doc["circuit"]["threshold"] == 0.001
     assert "the circuit as stored" in (pruned_dir / "eval.html").read_text()
 
 

@@ -16,6 +16,9 @@ LAYERS = {
     "feature_circuits.outputs": 0,  # output directories, atomic writes
     "feature_circuits.runtime": 0,  # threads and seeds
     "feature_circuits.toy": 0,  # the shipped files' paths (toy/__init__.py)
+    "feature_circuits.progress": 0,  # progress bars
+    "feature_circuits.dictionary_info": 0,  # what was spliced at a site (loaders and circuit.json)
+    "feature_circuits.distributed": 0,  # torch.distributed: ranks, sharding, gathering
     "feature_circuits.model": 1,
     "feature_circuits.dictionaries": 1,
     "feature_circuits.data": 1,
@@ -25,6 +28,7 @@ LAYERS = {
     "feature_circuits.toy.grammar": 0,
     "feature_circuits.toy.train_model": 2,
     "feature_circuits.toy.train_saes": 2,
+    "feature_circuits.memory": 2,  # memory estimate and --batch-size auto (of a loaded model and its SAEs)
     "feature_circuits.circuit": 3,
     "feature_circuits.evaluation": 4,
     "feature_circuits.render": 5,

@@ -49,6 +49,7 @@ from pydantic import (
     model_validator,
 )
 
+from feature_circuits.dictionary_info import DictionaryInfo
 from feature_circuits.errors import CircuitError
 from feature_circuits.metrics import MetricName
 from feature_circuits.types import ERROR_TOKEN, LOGIT_ID, Aggregation, Method, Site, SiteKind, error_index
@@ -141,27 +142,6 @@ class NodeActivation(BaseModel):
     """Mean activation on the patch (counterfactual) inputs."""
     contexts: tuple[Context, ...] = ()
     """Top activating contexts, strongest first."""
-
-
-class DictionaryInfo(BaseModel):
-    """What was spliced at one site: the dictionary's family, where it came from, its size, and its
-    Neuronpedia id when it has one."""
-
-    model_config = _BASE
-
-    kind: str
-    """Dictionary family: ``marks`` (dictionary_learning layout), ``saelens`` or ``identity``."""
-    source: str
-    """Where it was loaded from: a directory, or ``RELEASE/SAE_ID`` for a SAELens registry SAE."""
-    n_features: Annotated[int, Field(ge=0)]
-    """Number of features ``F``."""
-    architecture: str | None = None
-    """SAE architecture (``standard``, ``jumprelu``, ``topk``, ``gated``, ...) when known."""
-    hook_name: str | None = None
-    """The TransformerLens hook the SAE was trained on (SAELens SAEs)."""
-    neuronpedia: str | None = None
-    """Neuronpedia id of the SAE (``MODEL/SAE``, e.g. ``gemma-2-2b/20-gemmascope-res-16k``); a feature's
-    page is ``https://www.neuronpedia.org/{neuronpedia}/{feature}``."""
 
 
 class Node(BaseModel):

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from feature_circuits.circuit.schema import DictionaryInfo
+    from feature_circuits.dictionary_info import DictionaryInfo
 
 __all__ = ["IdentityDictionary"]
 

@@ -12,7 +12,7 @@ its decoder directions are the columns of ``W_dec`` (:meth:`MarksAutoEncoder.dec
 directory (this module), ``neurons`` (identity dictionaries), and SAELens SAEs
 (:mod:`feature_circuits.dictionaries.saelens`): ``saelens:RELEASE[/SAE_ID],...``, one directory in
 sae_lens's format (``cfg.json`` + ``sae_weights.safetensors``) or a directory of them. Every
-dictionary it returns carries a :class:`~feature_circuits.circuit.schema.DictionaryInfo` (``.info``:
+dictionary it returns carries a :class:`~feature_circuits.dictionary_info.DictionaryInfo` (``.info``:
 what circuit.json records per site, :func:`dictionary_infos`).
 """
 
@@ -28,10 +28,10 @@ from dictionary_learning import AutoEncoder
 from torch import Tensor
 
 from feature_circuits import toy
-from feature_circuits.circuit.schema import DictionaryInfo
 from feature_circuits.dictionaries.base import Dictionary
 from feature_circuits.dictionaries.download import DEFAULT_DICT_ID, DEFAULT_MODEL_DIR, marks_sae_root
 from feature_circuits.dictionaries.identity import IdentityDictionary
+from feature_circuits.dictionary_info import DictionaryInfo
 from feature_circuits.errors import DictionaryError
 from feature_circuits.types import Site, SiteKind
 
@@ -245,7 +245,7 @@ def load_dictionaries(
     Marks-layout directory, ``neurons`` (identity dictionaries), or SAELens SAEs
     (``saelens:RELEASE[/SAE_ID],...``, a sae_lens directory or a directory of them; these need
     ``model``, and cover only the sites they were trained on). Each dictionary has ``.info``
-    (:class:`~feature_circuits.circuit.schema.DictionaryInfo`)."""
+    (:class:`~feature_circuits.dictionary_info.DictionaryInfo`)."""
     if is_saelens_source(saes):
         if model is None:
             raise DictionaryError(f"--saes {saes}: SAELens SAEs are resolved against the model; pass model=")

@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from feature_circuits.circuit.schema import DictionaryInfo
 from feature_circuits.dictionaries.registry import (
     INSTALL_HINT,
     RegistrySAE,
@@ -47,6 +46,7 @@ from feature_circuits.dictionaries.registry import (
     is_saelens_spec,
     resolve_saelens_spec,
 )
+from feature_circuits.dictionary_info import DictionaryInfo
 from feature_circuits.errors import DictionaryError
 
 if TYPE_CHECKING:

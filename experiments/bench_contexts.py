@@ -4,7 +4,7 @@
 
 Prints the median of ``--repeats`` runs of each pass, in seconds, and their ratio:
 
-    .venv/bin/python scripts/bench_contexts.py [--repeats 3] [--device cpu] [--contexts FILE]
+    .venv/bin/python -m experiments.bench_contexts [--repeats 3] [--device cpu] [--contexts FILE]
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Screenshots of the circuit explorer for docs/, and the page's size and load time.
 
-    python scripts/screenshots.py                       # discover on the embedded default (relp), then shoot
-    python scripts/screenshots.py --circuit out/circuit.json --labels labels.jsonl
+    python -m experiments.screenshots              # discover on the embedded default (relp), then shoot
+    python -m experiments.screenshots --circuit out/circuit.json --labels labels.jsonl
 
 Writes ``docs/explorer.png`` (the whole circuit) and ``docs/explorer-panel.png`` (the side panel of
 the node with the largest |effect| at the last residual site, the answer's strongest input, open),
@@ -64,7 +64,9 @@ _NODE_XY = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="screenshots.py", description=(__doc__ or "").split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m experiments.screenshots", description=(__doc__ or "").split("\n\n")[0]
+    )
     ap.add_argument(
         "--circuit", type=Path, help="circuit.json (default: run discovery on the embedded default)"
     )
