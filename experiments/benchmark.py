@@ -578,11 +578,14 @@ def bench_model(
 # ---------------------------------------------------------------------- discovery, data-parallel
 
 #: Run in a subprocess (one process, or every rank under torchrun): ``feature-circuits discover``, then
-#: this process's peak RSS on stderr.
-_DISCOVER_RSS = """import resource, sys
+#: this process's peak RSS into ``$FC_RSS_DIR/rank<RANK>.kib`` (a file per rank: the ranks' stderr
+#: streams interleave, so a line printed there can be cut in two).
+_DISCOVER_RSS = """import os, resource, sys
+from pathlib import Path
 from feature_circuits.cli import main
 rc = main(["discover", *sys.argv[1:]])
-print("PEAK_RSS_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+Path(os.environ["FC_RSS_DIR"], "rank" + os.environ.get("RANK", "0") + ".kib").write_text(str(rss))
 sys.exit(rc)
 """
 
@@ -616,14 +619,17 @@ def write_random_pairs(
 def _discover_once(args: list[str], out: Path, nproc: int, threads: int, device: str) -> dict[str, Any]:
     """``feature-circuits discover ARGS --out OUT`` in fresh processes (``nproc`` > 1: torchrun on
     127.0.0.1); its timings (rank 0's circuit.json), wall time and each process's peak RSS."""
-    import re
     import socket
     import subprocess
 
     script = out.parent / "_discover_rss.py"
     script.write_text(_DISCOVER_RSS)
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(root)}
+    rss_dir = out.parent / f"_rss_{out.name}"
+    rss_dir.mkdir(parents=True, exist_ok=True)
+    for old in rss_dir.glob("rank*.kib"):
+        old.unlink()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(root), "FC_RSS_DIR": str(rss_dir)}
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     if nproc > 1:
@@ -643,7 +649,8 @@ def _discover_once(args: list[str], out: Path, nproc: int, threads: int, device:
         raise RuntimeError(f"discover ({nproc} process(es)) failed:\n{res.stderr[-3000:]}")
     circuit = json.loads((out / "circuit.json").read_text())
     timing = circuit["timing_s"]
-    rss = [int(x) / 1024 for x in re.findall(r"PEAK_RSS_KIB (\d+)", res.stderr)]
+    ranks = sorted(rss_dir.glob("rank*.kib"), key=lambda f: int(f.stem.removeprefix("rank")))
+    rss = [int(f.read_text()) / 1024 for f in ranks]
     return {
         "processes": nproc,
         "threads_per_process": threads,
