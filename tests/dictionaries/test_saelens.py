@@ -6,7 +6,6 @@ Neuronpedia id in circuit.json; what the splice cannot do exactly is refused nam
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from feature_circuits.types import Method  # noqa: E402
 from tests.attribution.test_edges import _loop_edges  # noqa: E402
 from tests.helpers import CLEAN, save_model, tiny_gpt_neox, tiny_llama  # noqa: E402
 from tests.helpers import patch_batch as _batch  # noqa: E402
+from tests.test_pipeline import tiny_data  # noqa: E402, F401 (the pairs file fixture, shared)
 
 ARCHS = ("standard", "jumprelu", "topk", "gated", "batchtopk")
 D_SAE = 48
@@ -227,23 +227,7 @@ def test_edges_equal_per_node_loop(arch, sae_sets, neox_model_dir, tmp_path):
     assert n_checked >= 10
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    rows = [
-        {
-            "clean_prefix": f"the w{i} and w{i + 1}",
-            "patch_prefix": f"the w{i + 2} and w{i + 1}",
-            "clean_answer": " is",
-            "patch_answer": " are",
-        }
-        for i in range(8)
-    ]
-    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def test_discover_evaluate_end_to_end_with_neuronpedia(sae_sets, neox_model_dir, tiny_data, tmp_path):
+def test_discover_evaluate_end_to_end_with_neuronpedia(sae_sets, neox_model_dir, tiny_data, tmp_path):  # noqa: F811 (the imported fixture)
     src = _default_sites(sae_sets["topk"], tmp_path)
     circuit = discover(
         DiscoverConfig(
