@@ -84,9 +84,9 @@ def bench_sparse_nodes(
         max_eff = max(max_eff, float(eff.abs().max()))
         c = sparse.clean[site]
         assert isinstance(c, SparseSiteState)
-        slots += int(c.mask.sum())
-        rows += c.mask.shape[0] * c.mask.shape[1]
-        k_max = max(k_max, int(c.mask.shape[-1]))
+        slots += int(c.col.numel())
+        rows += c.n_rows
+        k_max = max(k_max, int(c.crow.diff().max()) if c.n_rows else 0)
     del dense, sparse
     d, s, fl = timed["dense"], timed["sparse"], timed["floor"]
     return {

@@ -20,9 +20,10 @@ backwards that are d wide, not F wide. Only the upstream features with a non-zer
 are multiplied out. Future positions are structurally zero and not stored; exact zeros are dropped.
 
 On the sparse feature path (node effects with :class:`SparseSiteState`; docs/algorithms.md,
-"Sparse feature path") an upstream row's features are its K active slots: the edge values of a
-row are the K gathered decoder rows dotted with the VJP (never a (d, F) product), and the
-downstream gradients are read at their slots.
+"Sparse feature path") an upstream row's features are its active slots with a non-zero delta:
+the edge values of a chunk are one SDDMM of the VJP rows with the decoder rows of those slots
+(never a (d, F) product, never a (slots x d) gather), and the downstream gradients are read at
+their slots.
 
 :func:`edge_forward` is the unfactored form (features and errors of both sites as tensors in the
 graph), kept as the one-backward-per-node reference the tests and the benchmark compare against.
@@ -37,9 +38,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from feature_circuits.attribution.forward import SparseDecoder, gather_dot
+from feature_circuits.attribution.forward import SparseDecoder
 from feature_circuits.attribution.registry import METHODS, method_spec
-from feature_circuits.attribution.results import EdgeEffects, NodeEffects, SparseSiteState, State
+from feature_circuits.attribution.results import EdgeEffects, NodeEffects, SparseSiteState, State, row_offsets
 from feature_circuits.data import Batch
 from feature_circuits.dictionaries import Dictionary, encode_with_error, splice_with_grad_leaves
 from feature_circuits.errors import ConfigError
@@ -247,35 +248,59 @@ UpstreamFactors = tuple[Tensor, Tensor, Tensor, Tensor]
 
 @dataclass(frozen=True)
 class SparseUpstream:
-    """What a sparse upstream site contributes to every edge out of it: its decoder rows ``w``
-    (F, d), the shared slot ``index`` / ``mask`` (b, s, K), the feature deltas at the slots and the
-    error delta (b, s, d)."""
+    """What a sparse upstream site contributes to every edge out of it: its decoder (rows ``w``
+    (F, d)), the flat slots (``row`` = e * s + p, feature ``col``; :class:`SparseSiteState`'s
+    layout) of the features whose delta is non-zero (the only ones with a non-zero edge), their
+    deltas, the CSR offsets of those slots per row, and the error delta (b, s, d)."""
 
-    w: Tensor
-    index: Tensor
-    mask: Tensor
+    dec: SparseDecoder
+    row: Tensor
+    col: Tensor
     delta_f: Tensor
+    crow: Tensor
     delta_err: Tensor
     n_features: int
 
-    def values(self, g: Tensor, ce: Tensor) -> tuple[Tensor, Tensor]:
-        """Edge values (n, s_u, K+1) for VJP rows ``g`` (n, s_u, d) of examples ``ce``, and their
-        upstream node columns (n, s_u, K+1) (K: the error node)."""
-        idx = self.index[ce]
-        feat = gather_dot(self.w, idx, g, self.mask[ce]) * self.delta_f[ce]
-        err = (g * self.delta_err[ce]).sum(-1, keepdim=True)
-        cols = torch.cat([idx, torch.full_like(idx[..., :1], self.n_features)], -1)
-        return torch.cat([feat, err], -1), cols
+    def edge_values(self, g: Tensor, ce: Tensor, cp: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Edges for VJP rows ``g`` (n, s_u, d) of downstream nodes in examples ``ce`` at positions
+        ``cp`` (n,): flat ``(i, q, col, value)`` over the upstream nodes (position ``q`` <= cp[i]:
+        later positions are structurally zero; ``col`` F is the error node), non-zero values only.
+        Feature values are ``(w[col] . g[i, q]) * delta`` for the slots of row (ce[i], q): one
+        SDDMM (:meth:`SparseDecoder.dot`) over the chunk, no (slots x d) gather."""
+        n, su, d = g.shape
+        s = self.delta_err.shape[1]
+        q = torch.arange(su, device=g.device)
+        past = q.view(1, -1) <= cp.view(-1, 1)  # (n, s_u)
+        up_rows = ce.view(-1, 1) * s + q.view(1, -1)  # (n, s_u): the upstream row of each VJP row
+        counts = (self.crow[1:] - self.crow[:-1])[up_rows] * past
+        flat_counts = counts.reshape(-1)
+        crow = torch.cat([flat_counts.new_zeros(1), flat_counts.cumsum(0)])
+        vjp_row = torch.repeat_interleave(torch.arange(n * su, device=g.device), flat_counts)
+        slot = self.crow[up_rows.reshape(-1)][vjp_row] + (
+            torch.arange(vjp_row.shape[0], device=g.device) - crow[vjp_row]
+        )
+        col = self.col[slot]
+        feat = self.dec.dot(crow, col, g.reshape(n * su, d)) * self.delta_f[slot]
+        err = (g * self.delta_err[ce]).sum(-1)  # (n, s_u)
+        ei, eq = past.nonzero().unbind(1)
+        i = torch.cat([vjp_row // su, ei])
+        qq = torch.cat([vjp_row % su, eq])
+        cols = torch.cat([col, torch.full_like(ei, self.n_features)])
+        vals = torch.cat([feat.to(err.dtype), err[ei, eq]])
+        keep = vals != 0
+        return i[keep], qq[keep], cols[keep], vals[keep]
 
 
 def sparse_upstream(ae: Dictionary, delta: SparseSiteState, like: Tensor) -> SparseUpstream:
-    """:class:`SparseUpstream` of a site on the sparse feature path (padding slots get delta 0)."""
-    w = SparseDecoder.of(ae, like).w
+    """:class:`SparseUpstream` of a site on the sparse feature path."""
+    keep = delta.values != 0  # a slot with no delta has no edge: not gathered
+    row = delta.row[keep]
     return SparseUpstream(
-        w,
-        delta.index,
-        delta.mask & (delta.values != 0),  # a slot with no delta has no edge: not gathered
-        (delta.values * delta.mask).to(like.dtype),
+        SparseDecoder.of(ae, like),
+        row,
+        delta.col[keep],
+        delta.values[keep].to(like.dtype),
+        row_offsets(row, delta.n_rows),
         delta.err.to(like.dtype),
         delta.n_features,
     )
@@ -355,15 +380,15 @@ def down_edges(
                 fac = factors[u]
                 g = gxu[cr, ce]  # (n, s_u, d)
                 if isinstance(fac, SparseUpstream):
-                    vals, cols = fac.values(g, ce)
+                    n_i, su, col, val = fac.edge_values(g, ce, cp)
                 else:
                     w_act, df_act, derr, cols = fac
                     vals = torch.cat([(g @ w_act.T) * df_act[ce], (g * derr[ce]).sum(-1, keepdim=True)], -1)
-                vals = vals.masked_fill(future, 0)  # future positions are structurally zero
-                n_i, su, k = vals.nonzero().unbind(1)
-                col = cols[n_i, su, k] if cols.dim() == 3 else cols[k]
+                    vals = vals.masked_fill(future, 0)  # future positions are structurally zero
+                    n_i, su, k = vals.nonzero().unbind(1)
+                    col, val = cols[k], vals[n_i, su, k]
                 found[u][0].append(torch.stack([ce[n_i], cp[n_i], cj[n_i], su, col]))
-                found[u][1].append(vals[n_i, su, k])
+                found[u][1].append(val)
     return {
         u: torch.sparse_coo_tensor(
             torch.cat(idx, 1), torch.cat(val), shapes[u], check_invariants=False

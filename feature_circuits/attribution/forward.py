@@ -18,14 +18,17 @@ feature gradients are gathered rows (:func:`gather_dot`), never an F-wide matmul
 
 from __future__ import annotations
 
-import math
+import contextlib
+import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from feature_circuits.attribution.results import SiteState, SparseSiteState
+from feature_circuits.attribution.results import SiteState, SparseSiteState, row_offsets
 from feature_circuits.data import Batch
 from feature_circuits.dictionaries import (
     Dictionary,
@@ -41,6 +44,7 @@ from feature_circuits.model.sites import get_activation, save, set_activation
 from feature_circuits.types import LRPConfig, Site
 
 __all__ = [
+    "ENCODE_BUDGET",
     "FEATURE_PATHS",
     "SPARSE_MIN_FEATURES",
     "CleanPatch",
@@ -195,110 +199,157 @@ def use_sparse(
     )
 
 
-#: Elements of the largest temporary (rows x K x d) a gather may build at once.
+#: Elements of the largest dense (rows x F) encoder output the sparse path holds at once: the
+#: encoder runs over row chunks of at most this many elements, so that the F-wide activations
+#: never exist for the whole batch (a chunk's are reduced to its active slots before the next).
+ENCODE_BUDGET = 1 << 22
+
+#: dtypes whose sparse products run as CSR kernels (``sparse_csr @ dense``, ``sampled_addmm``);
+#: others (half, bfloat16) use the gather fallback
+_CSR_DTYPES = (torch.float32, torch.float64)
+
+#: Elements of the largest temporary (slots x d) the gather fallback builds at once.
 _GATHER_BUDGET = 1 << 22
 
 
-def gather_rows(w: Tensor, index: Tensor) -> Tensor:
-    """``w[index]`` (n, d) for a 1-D ``index``, reading ``w`` (F, d) in its own layout: a
-    transposed view of a contiguous (d, F) weight (the usual decoder) is gathered along its
-    contiguous rows instead of being copied."""
-    if not w.is_contiguous() and w.T.is_contiguous():
-        return w.T.index_select(1, index).T
-    return w.index_select(0, index)
+def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": it is what the path uses
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+
+#: per dictionary: the SparseDecoder of each (dtype, device), with the parameter versions it was
+#: made from (a changed parameter invalidates it)
+_DECODERS: weakref.WeakKeyDictionary[Any, dict[tuple[torch.dtype, torch.device], tuple[tuple, SparseDecoder]]]
+_DECODERS = weakref.WeakKeyDictionary()
+
+
+def _param_versions(ae: Dictionary) -> tuple:
+    if not isinstance(ae, torch.nn.Module):
+        return ()
+    return tuple((p.data_ptr(), p._version) for p in ae.parameters())
 
 
 @dataclass(frozen=True)
 class SparseDecoder:
-    """A dictionary's affine decode as decoder rows ``w`` (F, d; a view, never copied) and ``bias``
-    (d,) = decode(0), so that decode(f) = sum_k f_k w[k] + bias over the active k only."""
+    """A dictionary's affine decode as decoder rows ``w`` (F, d, contiguous rows) and ``bias`` (d,)
+    = decode(0), so that decode(f) = sum_k f_k w[k] + bias over the active k only.
+
+    Products with the flat (row, feature) slots of :class:`SparseSiteState` are CSR kernels:
+    decode is ``csr(values) @ w`` and the slot features' gradient ``w[col] . g[row]`` is
+    ``sampled_addmm`` (an SDDMM): no F-wide product and no (slots x d) gather."""
 
     w: Tensor
     bias: Tensor
 
     @classmethod
     def of(cls, ae: Dictionary, like: Tensor) -> SparseDecoder:
+        """The decoder of ``ae`` in ``like``'s dtype and device (cached per dictionary: the rows
+        are the dictionary's own weight when it is stored row-major, else one contiguous copy)."""
+        key = (like.dtype, like.device)
+        versions = _param_versions(ae)
+        try:
+            cached = _DECODERS.setdefault(ae, {}).get(key)
+        except TypeError:  # not weak-referenceable: no cache
+            cached = None
+        if cached is not None and cached[0] == versions:
+            return cached[1]
         with torch.no_grad():
-            w = ae.decoder_directions(like).detach()
+            w = ae.decoder_directions(like).detach().contiguous()
             zero = torch.zeros(1, int(ae.dict_size), dtype=like.dtype, device=like.device)
             bias = ae.decode(zero).detach().reshape(-1).to(like.dtype)
-        return cls(w, bias)
+        dec = cls(w, bias)
+        with contextlib.suppress(TypeError):
+            _DECODERS[ae][key] = (versions, dec)
+        return dec
 
-    def _slots(self, index: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Flat (row, feature) of the real slots (all slots when ``mask`` is None)."""
-        k = index.shape[-1]
-        flat = index.reshape(-1)
-        if mask is None:
-            sel = torch.arange(flat.shape[0], device=flat.device)
-        else:
-            sel = mask.reshape(-1).nonzero().squeeze(1)
-        return sel, flat[sel] if k else flat[:0]
-
-    def apply(
-        self,
-        index: Tensor,
-        mask: Tensor | None,
-        values: Sequence[Tensor] = (),
-        grads: Sequence[Tensor] = (),
-    ) -> tuple[list[Tensor], list[Tensor]]:
-        """Decodes (..., d) of each of ``values`` (sum over the slots of ``v * w[index]`` plus the
-        bias) and slot dots (..., K) ``w[index[..., k]] . g[...]`` of each of ``grads`` (the slot
-        features' gradient from the site output's, W_dec[:, active]^T g; 0 at padding slots), with
-        ONE gather of the decoder rows of the real slots (``mask``; None: every slot, so padding
-        slots must then carry value 0), in chunks of bounded size."""
-        lead, k = index.shape[:-1], index.shape[-1]
+    def decode(self, row: Tensor, col: Tensor, values: Tensor, n_rows: int) -> Tensor:
+        """(n_rows, d): per row the sum over its slots of ``values * w[col]``, plus the bias."""
         d = self.w.shape[1]
-        n_rows = math.prod(lead)
-        decs = [self.bias.to(self.w.dtype).expand(n_rows, d).clone() for _ in values]
-        dots = [torch.zeros(index.numel(), dtype=self.w.dtype, device=self.w.device) for _ in grads]
-        if k:
-            sel, cols = self._slots(index, mask)
-            row = sel // k
-            vals = [v.reshape(-1).to(self.w.dtype)[sel] for v in values]
-            gs = [g.reshape(-1, d).to(self.w.dtype) for g in grads]
-            step = max(1, _GATHER_BUDGET // max(d, 1))
-            for i0 in range(0, sel.shape[0], step):
-                i1 = min(sel.shape[0], i0 + step)
-                rows = gather_rows(self.w, cols[i0:i1])
-                r = row[i0:i1]
-                for out, v in zip(decs, vals, strict=True):
-                    out.index_add_(0, r, rows * v[i0:i1, None])
-                for out, g in zip(dots, gs, strict=True):
-                    out[sel[i0:i1]] = (rows * g[r]).sum(-1)
-        return [x.reshape(*lead, d) for x in decs], [x.reshape(*lead, k) for x in dots]
+        v = values.to(self.w.dtype)
+        if self.w.dtype in _CSR_DTYPES:
+            out = _csr(row_offsets(row, n_rows), col, v, (n_rows, self.w.shape[0])) @ self.w
+            return out + self.bias
+        out = self.bias.expand(n_rows, d).clone()
+        step = max(1, _GATHER_BUDGET // max(d, 1))
+        for i0 in range(0, col.shape[0], step):
+            i1 = min(col.shape[0], i0 + step)
+            out.index_add_(0, row[i0:i1], gather_rows(self.w, col[i0:i1]) * v[i0:i1, None])
+        return out
 
-    def decode(self, index: Tensor, values: Tensor, mask: Tensor | None = None) -> Tensor:
-        """(..., d): the sum over the slots of ``values * w[index]`` plus the bias (:meth:`apply`)."""
-        return self.apply(index, mask, values=[values])[0][0]
-
-    def dot(self, index: Tensor, g: Tensor, mask: Tensor | None = None) -> Tensor:
-        """(..., K): ``w[index[..., k]] . g[...]`` -- the slot features' gradient from the gradient
-        ``g`` (..., d) of the site output (:meth:`apply`)."""
-        return self.apply(index, mask, grads=[g])[1][0]
-
-
-def gather_dot(w: Tensor, index: Tensor, g: Tensor, mask: Tensor | None = None) -> Tensor:
-    """(..., K): ``w[index[..., k]] . g[...]`` for decoder rows ``w`` (F, d) (see
-    :meth:`SparseDecoder.dot`)."""
-    return SparseDecoder(w, w.new_zeros(w.shape[1])).dot(index, g, mask)
+    def dot(self, crow: Tensor, col: Tensor, g: Tensor) -> Tensor:
+        """(slots,): ``w[col[i]] . g[r]`` for every slot ``i`` of CSR row ``r`` (``crow`` its
+        offsets, ``g`` (rows, d) the gradient of the site output at each row): the slot features'
+        gradient, W_dec[:, active]^T g."""
+        g = g.to(self.w.dtype)
+        n_rows = g.shape[0]
+        if col.numel() == 0:
+            return g.new_zeros(0)
+        if self.w.dtype in _CSR_DTYPES:
+            pattern = _csr(crow, col, g.new_zeros(col.shape[0]), (n_rows, self.w.shape[0]))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.sparse.sampled_addmm(pattern, g, self.w.T, beta=0.0).values()
+        row = torch.repeat_interleave(torch.arange(n_rows, device=g.device), crow.diff())
+        out = g.new_empty(col.shape[0])
+        step = max(1, _GATHER_BUDGET // max(g.shape[1], 1))
+        for i0 in range(0, col.shape[0], step):
+            i1 = min(col.shape[0], i0 + step)
+            out[i0:i1] = (gather_rows(self.w, col[i0:i1]) * g[row[i0:i1]]).sum(-1)
+        return out
 
 
-def _row_union(active: Tensor) -> tuple[Tensor, Tensor]:
-    """(b, s, F) bool -> (index, mask) of shape (b, s, K), K the largest row count: each row's
-    active features in increasing order, padded with feature 0 and mask False."""
-    b, s, _ = active.shape
-    flat = active.reshape(b * s, -1)
-    counts = flat.sum(-1)
-    k = int(counts.max()) if counts.numel() else 0
-    index = torch.zeros(b * s, k, dtype=torch.long, device=active.device)
-    mask = torch.zeros(b * s, k, dtype=torch.bool, device=active.device)
-    if k:
-        row, col = flat.nonzero().unbind(1)  # row-major: rows in order, columns increasing
-        starts = torch.cumsum(counts, 0) - counts
-        slot = torch.arange(row.shape[0], device=row.device) - starts[row]
-        index[row, slot] = col
-        mask[row, slot] = True
-    return index.reshape(b, s, k), mask.reshape(b, s, k)
+def gather_rows(w: Tensor, index: Tensor) -> Tensor:
+    """``w[index]`` (n, d) for a 1-D ``index``, reading ``w`` (F, d) in its own layout: a
+    transposed view of a contiguous (d, F) weight is gathered along its contiguous rows instead of
+    being copied."""
+    if not w.is_contiguous() and w.T.is_contiguous():
+        return w.T.index_select(1, index).T
+    return w.index_select(0, index)
+
+
+def gather_dot(w: Tensor, row: Tensor, col: Tensor, g: Tensor) -> Tensor:
+    """(slots,): ``w[col[i]] . g[row[i]]`` for decoder rows ``w`` (F, d), a sorted flat ``row``
+    index into ``g`` (rows, d) and feature ``col`` (see :meth:`SparseDecoder.dot`)."""
+    dec = SparseDecoder(w.contiguous(), w.new_zeros(w.shape[1]))
+    return dec.dot(row_offsets(row, g.shape[0]), col, g)
+
+
+def _active_slots(
+    ae: Dictionary, x_clean: Tensor, x_patch: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The dense encoder on row chunks of both activations (at most :data:`ENCODE_BUDGET` F-wide
+    elements at once, clean and patch rows of a chunk in one encode): ``(row, col, clean values,
+    patch values)`` of the features non-zero in the clean or the patch activation, rows
+    ascending, features ascending within a row. ``x_patch=None``: clean only (patch values None)."""
+    d = x_clean.shape[-1]
+    xc = x_clean.reshape(-1, d)
+    xp = None if x_patch is None else x_patch.reshape(-1, d)
+    n_rows = xc.shape[0]
+    per_row = int(ae.dict_size) * (1 if xp is None else 2)
+    step = max(1, ENCODE_BUDGET // max(per_row, 1))
+    rows: list[Tensor] = []
+    cols: list[Tensor] = []
+    vcs: list[Tensor] = []
+    vps: list[Tensor] = []
+    for r0 in range(0, n_rows, step):
+        r1 = min(n_rows, r0 + step)
+        if xp is None:
+            fc, fp = ae.encode(xc[r0:r1]), None
+            active = fc != 0
+        else:  # one encoder product for both inputs (encoders are row-wise; larger GEMMs are faster)
+            fc, fp = ae.encode(torch.cat([xc[r0:r1], xp[r0:r1]])).split(r1 - r0)
+            active = torch.logical_or(fc, fp)
+        r, c = active.nonzero().unbind(1)
+        del active
+        rows.append(r + r0)
+        cols.append(c)
+        vcs.append(fc[r, c])
+        if fp is not None:
+            vps.append(fp[r, c])
+        del fc, fp
+    vp = torch.cat(vps) if x_patch is not None else None
+    return torch.cat(rows), torch.cat(cols), torch.cat(vcs), vp
 
 
 def sparse_site_states(
@@ -310,32 +361,26 @@ def sparse_site_states(
 ) -> tuple[SparseSiteState, SparseSiteState, SparseSiteState | None]:
     """Clean and patch states of one site on the sparse path, sharing one index: per row the
     features active (non-zero) in the clean or the patch activation. ``x_patch=None``: the zero
-    patch state (no counterfactual). The encoder runs dense (one site at a time); the features
-    are kept at their slots and decoded sparsely for the error node. With ``grad`` (the gradient
-    of the site output, (b, s, d)) also the gradient state (slot features: decoder rows . grad;
-    error node: grad), from the same gather of decoder rows; else None."""
+    patch state (no counterfactual). The encoder runs dense (one site and one row chunk at a
+    time); the features are kept at their slots and decoded sparsely for the error node. With
+    ``grad`` (the gradient of the site output, (b, s, d)) also the gradient state (slot features:
+    decoder rows . grad; error node: grad); else None."""
     dec = SparseDecoder.of(ae, x_clean) if dec is None else dec
     n = int(ae.dict_size)
+    b, s, d = x_clean.shape
     with torch.no_grad():
-        fc = ae.encode(x_clean)
-        fp = None if x_patch is None else ae.encode(x_patch)
-        active = fc != 0 if fp is None else (fc != 0) | (fp != 0)
-        index, mask = _row_union(active)
-        del active
-        vc = fc.gather(-1, index) * mask
-        del fc
-        vp = None if fp is None else fp.gather(-1, index) * mask
-        del fp
-        values = [vc] if vp is None else [vc, vp]
-        decs, dots = dec.apply(index, mask, values, [] if grad is None else [grad])
-        clean = SparseSiteState(index, mask, vc, x_clean - decs[0], n)
+        row, col, vc, vp = _active_slots(ae, x_clean, x_patch)
+        dec_c = dec.decode(row, col, vc, b * s).view(b, s, d).to(x_clean.dtype)
+        clean = SparseSiteState(row, col, vc, x_clean - dec_c, n)
         if vp is None or x_patch is None:
-            patch = SparseSiteState(index, mask, torch.zeros_like(vc), torch.zeros_like(clean.err), n)
+            patch = clean.with_values(torch.zeros_like(vc), torch.zeros_like(clean.err))
         else:
-            patch = SparseSiteState(index, mask, vp, x_patch - decs[1], n)
+            dec_p = dec.decode(row, col, vp, b * s).view(b, s, d).to(x_patch.dtype)
+            patch = clean.with_values(vp, x_patch - dec_p)
         g_state = None
         if grad is not None:
-            g_state = SparseSiteState(index, mask, dots[0].to(vc.dtype), grad.to(clean.err.dtype), n)
+            dots = dec.dot(clean.crow, col, grad.reshape(b * s, d))
+            g_state = clean.with_values(dots.to(vc.dtype), grad.to(clean.err.dtype))
     return clean, patch, g_state
 
 

@@ -32,7 +32,7 @@ from feature_circuits.attribution.registry import (
     options_as,
     register,
 )
-from feature_circuits.attribution.results import NodeEffects, SiteState, SparseSiteState, State
+from feature_circuits.attribution.results import NodeEffects, SiteState, State
 from feature_circuits.dictionaries import splice_patched
 from feature_circuits.model.sites import get_activation, save, set_activation
 from feature_circuits.progress import progress_bar
@@ -131,15 +131,18 @@ def _sparse_ig(
         dec = SparseDecoder.of(ae, x)
         c, p, _ = sparse_site_states(ae, x, acts_p.pop(s.name, None), dec)
         g_sum = torch.zeros_like(c.err)
+        n_rows = c.n_rows
         for k0 in range(0, steps, steps_per_chunk):
             ks = list(range(k0, min(steps, k0 + steps_per_chunk)))
             n = len(ks)
             alpha = torch.tensor([k / steps for k in ks], dtype=c.values.dtype, device=c.values.device)
-            alpha = alpha.view(n, 1, 1, 1)
-            zv = ((1 - alpha) * c.values + alpha * p.values).reshape(n * b, *c.values.shape[1:])
-            zerr = ((1 - alpha) * c.err + alpha * p.err).reshape(n * b, *c.err.shape[1:])
-            with torch.no_grad():
-                base = dec.decode(c.index.repeat(n, 1, 1), zv, c.mask.repeat(n, 1, 1))
+            zv = (1 - alpha.view(n, 1)) * c.values + alpha.view(n, 1) * p.values  # (n, slots)
+            a4 = alpha.view(n, 1, 1, 1)
+            zerr = ((1 - a4) * c.err + a4 * p.err).reshape(n * b, *c.err.shape[1:])
+            with torch.no_grad():  # step k's rows follow step k-1's: (n*b, s, d)
+                offs = torch.arange(n, device=c.row.device).view(n, 1) * n_rows
+                base = dec.decode((c.row + offs).reshape(-1), c.col.repeat(n), zv.reshape(-1), n * n_rows)
+                base = base.view(n * b, *c.err.shape[1:]).to(zerr.dtype)
             zerr = zerr.requires_grad_(True)
             sub = batch.select(torch.arange(b).repeat(n))
             with lm.trace(sub.clean.to(loaded.device)):
@@ -153,8 +156,8 @@ def _sparse_ig(
             bar.update(1)
         g_out = g_sum / steps  # d m / d(site output) averaged over the steps = the error gradient
         with torch.no_grad():
-            gv = dec.dot(c.index, g_out, c.mask).to(c.values.dtype)
-        gs = SparseSiteState(c.index, c.mask, gv, g_out, c.n_features)
+            gv = dec.dot(c.crow, c.col, g_out.reshape(n_rows, -1)).to(c.values.dtype)
+        gs = c.with_values(gv, g_out)
         d = p - c
         clean[s.name], grads[s.name], deltas[s.name] = c, gs, d
         effects[s.name] = gs.node_product(d)

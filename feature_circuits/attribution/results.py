@@ -6,8 +6,8 @@ index ``0..F-1`` are features, index ``F`` is the site's error node. Tensors kee
 position (s) axes; aggregation is done later (:mod:`feature_circuits.circuit.aggregate`).
 
 A site's state is dense (:class:`SiteState`, features (b, s, F)) or sparse
-(:class:`SparseSiteState`, features kept at the K features active in the clean or the patch input
-of each (example, position)): the sparse feature path of
+(:class:`SparseSiteState`, features kept only where they are active in the clean or the patch
+input of an (example, position), in a flat (row, feature) layout): the sparse feature path of
 :mod:`feature_circuits.attribution.forward`. Both expose ``f`` (dense features, materialised on
 demand for a sparse state), ``err``, ``shape`` and ``node_product``; :meth:`NodeEffects.dense`
 turns a sparse result into a dense one for readers that want plain tensors.
@@ -31,6 +31,7 @@ __all__ = [
     "State",
     "dense_effects",
     "effect_values",
+    "row_offsets",
 ]
 
 
@@ -67,16 +68,18 @@ class SiteState:
 
 @dataclass(frozen=True)
 class SparseSiteState:
-    """A site's state with sparse features: row (example ``e``, position ``p``) holds ``K`` slots,
-    slot ``k`` is feature ``index[e, p, k]`` with value ``values[e, p, k]``; ``mask[e, p, k]`` is
-    False for padding slots (value 0). ``err`` (b, s, d) is dense, ``n_features`` is F.
+    """A site's state with sparse features in a flat (row, feature) layout: slot ``i`` is feature
+    ``col[i]`` of row ``row[i] = e * s + p`` (example ``e``, position ``p``) with value
+    ``values[i]``; rows ascend and, within a row, features ascend (the order of ``nonzero`` on a
+    (b*s, F) mask, i.e. a CSR matrix). ``err`` (b, s, d) is dense, ``n_features`` is F.
 
-    Every state of one site in one batch (clean, patch, delta, gradient) shares one ``index``: the
-    features active in the clean or the patch input of that row, so arithmetic is slot by slot.
+    Every state of one site in one batch (clean, patch, delta, gradient) shares one ``row`` /
+    ``col``: the features active in the clean or the patch input of that row, so arithmetic is
+    slot by slot. Nothing is padded: memory is O(active slots + b s d).
     """
 
-    index: Tensor
-    mask: Tensor
+    row: Tensor
+    col: Tensor
     values: Tensor
     err: Tensor
     n_features: int
@@ -84,64 +87,85 @@ class SparseSiteState:
     @property
     def shape(self) -> tuple[int, int, int]:
         """(b, s, F) of the (dense) features."""
-        b, s, _ = self.index.shape
+        b, s, _ = self.err.shape
         return int(b), int(s), int(self.n_features)
+
+    @property
+    def n_rows(self) -> int:
+        """b * s."""
+        b, s, _ = self.shape
+        return b * s
+
+    @property
+    def crow(self) -> Tensor:
+        """(b*s + 1,) CSR row offsets: row ``r``'s slots are ``crow[r]:crow[r+1]``."""
+        return row_offsets(self.row, self.n_rows)
 
     @property
     def f(self) -> Tensor:
         """The dense (b, s, F) features (materialised: O(b s F) memory; for readers only)."""
         b, s, n = self.shape
-        out = torch.zeros(b, s, n, dtype=self.values.dtype, device=self.values.device)
-        return out.scatter_add_(-1, self.index, self.values * self.mask)
+        out = torch.zeros(b * s, n, dtype=self.values.dtype, device=self.values.device)
+        return out.index_put_((self.row, self.col), self.values).view(b, s, n)
 
     def _check_same_index(self, other: State) -> SparseSiteState:
         if not isinstance(other, SparseSiteState):
             raise TypeError("a sparse site state combines only with a sparse one of the same site")
-        if other.index is not self.index and not torch.equal(other.index, self.index):
+        same = (other.row is self.row or torch.equal(other.row, self.row)) and (
+            other.col is self.col or torch.equal(other.col, self.col)
+        )
+        if not same:
             raise ValueError("sparse site states of one site must share one feature index")
         return other
 
+    def with_values(self, values: Tensor, err: Tensor) -> SparseSiteState:
+        """A state on the same slots with other ``values`` (n,) and ``err`` (b, s, d)."""
+        return SparseSiteState(self.row, self.col, values, err, self.n_features)
+
     def __sub__(self, other: State) -> SparseSiteState:
         other = self._check_same_index(other)
-        return SparseSiteState(
-            self.index, self.mask, self.values - other.values, self.err - other.err, self.n_features
-        )
+        return self.with_values(self.values - other.values, self.err - other.err)
 
     def detach(self) -> SparseSiteState:
-        return SparseSiteState(
-            self.index, self.mask, self.values.detach(), self.err.detach(), self.n_features
-        )
+        return self.with_values(self.values.detach(), self.err.detach())
 
     def dense(self) -> SiteState:
         return SiteState(self.f, self.err)
 
     def values_at(self, e: Tensor, p: Tensor, j: Tensor) -> Tensor:
         """Feature values at nodes (e[i], p[i], j[i]) (0 where feature j is not a slot of the row)."""
-        if self.index.shape[-1] == 0:
+        _, s, n = self.shape
+        if self.col.numel() == 0:
             return torch.zeros(e.shape[0], dtype=self.values.dtype, device=self.values.device)
-        hit = (self.index[e, p] == j.unsqueeze(1)) & self.mask[e, p]  # (n, K)
-        return (self.values[e, p] * hit).sum(-1)
+        keys = self.row * n + self.col  # strictly increasing: rows ascend, features ascend in a row
+        want = (e * s + p) * n + j
+        at = torch.searchsorted(keys, want).clamp(max=keys.shape[0] - 1)
+        hit = keys[at] == want
+        return torch.where(hit, self.values[at], torch.zeros_like(self.values[at]))
 
     def node_product(self, other: State) -> Tensor:
-        """Sparse COO (b, s, F+1), coalesced: slotwise product for features (every unmasked slot is
-        an entry), dot product over d for the error node (index F, one entry per row)."""
+        """Sparse COO (b, s, F+1), coalesced: slotwise product for features (every slot is an
+        entry), dot product over d for the error node (index F, one entry per row)."""
         other = self._check_same_index(other)
         b, s, n = self.shape
         feat = self.values * other.values
-        err = (self.err * other.err).sum(-1)
-        e, p, k = self.mask.nonzero().unbind(1)
-        ee, pe = torch.meshgrid(
-            torch.arange(b, device=err.device), torch.arange(s, device=err.device), indexing="ij"
-        )
+        err = (self.err * other.err).sum(-1).reshape(-1)
+        rows = torch.arange(b * s, device=err.device)
         idx = torch.cat(
             [
-                torch.stack([e, p, self.index[e, p, k]]),
-                torch.stack([ee.reshape(-1), pe.reshape(-1), torch.full_like(ee.reshape(-1), n)]),
+                torch.stack([self.row // s, self.row % s, self.col]),
+                torch.stack([rows // s, rows % s, torch.full_like(rows, n)]),
             ],
             1,
         )
-        vals = torch.cat([feat[e, p, k], err.reshape(-1)])
+        vals = torch.cat([feat, err])
         return torch.sparse_coo_tensor(idx, vals, (b, s, n + 1), check_invariants=False).coalesce()
+
+
+def row_offsets(row: Tensor, n_rows: int) -> Tensor:
+    """(n_rows + 1,) CSR offsets of a sorted flat ``row`` index (slots of row r: [out[r], out[r+1]))."""
+    counts = torch.bincount(row, minlength=n_rows)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
 
 #: A site's state on either feature path.

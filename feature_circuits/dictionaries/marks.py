@@ -97,6 +97,15 @@ class MarksAutoEncoder(AutoEncoder):
     def decoder_directions(self, like: Tensor) -> Tensor:
         return self.decoder.weight.detach().T.to(like)
 
+    def store_decoder_row_major(self) -> None:
+        """Keep ``W_dec`` (d, F) with the same shape and values but column-major storage, so that
+        each feature's decoder row (a row of :meth:`decoder_directions`, (F, d)) is contiguous: the
+        sparse feature path then reads the decoder rows in place (its CSR kernels want (F, d) rows)
+        instead of copying the decoder. ``decode`` is the same product either way."""
+        w = self.decoder.weight
+        if not w.T.is_contiguous():
+            w.data = w.data.T.contiguous().T
+
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
@@ -173,6 +182,7 @@ def load_autoencoder(
     ae = MarksAutoEncoder(d, n_feat)
     ae.load_state_dict({k: sd[k] for k in _KEYS})
     ae.to(device=device, dtype=dtype).eval()
+    ae.store_decoder_row_major()
     for p in ae.parameters():
         p.requires_grad_(False)
     return ae
@@ -245,13 +255,29 @@ def load_dictionaries(
     Marks-layout directory, ``neurons`` (identity dictionaries), or SAELens SAEs
     (``saelens:RELEASE[/SAE_ID],...``, a sae_lens directory or a directory of them; these need
     ``model``, and cover only the sites they were trained on). Each dictionary has ``.info``
-    (:class:`~feature_circuits.dictionary_info.DictionaryInfo`)."""
+    (:class:`~feature_circuits.dictionary_info.DictionaryInfo`).
+
+    For a ``model`` split over devices (loaded with a ``device_map``), each site's dictionary goes
+    on the device of that site's activation (:meth:`LoadedModel.site_device`: the splice adds the
+    dictionary's output to the module's), not on ``device``."""
+
+    def site_device(name: str) -> torch.device | str:
+        if model is None or not model.site_devices:
+            return device
+        return model.site_device(name)
+
     if is_saelens_source(saes):
         if model is None:
             raise DictionaryError(f"--saes {saes}: SAELens SAEs are resolved against the model; pass model=")
         from feature_circuits.dictionaries.saelens import load_saelens
 
-        return dict(load_saelens(str(saes), model, device=device, dtype=dtype))
+        sae_dicts = load_saelens(str(saes), model, device=device, dtype=dtype)
+        for name, sae_dict in sae_dicts.items():
+            where = torch.device(site_device(name))
+            if where != torch.device(device):
+                # the sae_lens SAE holds every weight, and its own .to() keeps its cfg.device in step
+                sae_dict.sae.to(device=where)
+        return dict(sae_dicts)
     source = resolve_sae_source(saes)
     if source is not None and source.missing_hint and not (source.root / source.model_dir).is_dir():
         raise DictionaryError(
@@ -261,12 +287,14 @@ def load_dictionaries(
     out: dict[str, Dictionary] = {}
     for site in sites:
         if source is None:
-            ident = IdentityDictionary(site.d_model).to(device=device, dtype=dtype)
+            ident = IdentityDictionary(site.d_model).to(device=site_device(site.name), dtype=dtype)
             ident.info = DictionaryInfo(kind="identity", source="neurons", n_features=site.d_model)
             out[site.name] = ident
             continue
         ckpt = find_checkpoint(source.root / source.model_dir / site.marks_dir, source.dict_id, site.name)
-        ae = load_autoencoder(ckpt, d_model=site.d_model, site=site.name, device=device, dtype=dtype)
+        ae = load_autoencoder(
+            ckpt, d_model=site.d_model, site=site.name, device=site_device(site.name), dtype=dtype
+        )
         ae.info = DictionaryInfo(
             kind="marks",
             source=str(ckpt.parent),

@@ -17,7 +17,7 @@ from feature_circuits.attribution import (
 from feature_circuits.attribution.forward import (
     SPARSE_MIN_FEATURES,
     SparseDecoder,
-    _row_union,
+    _active_slots,
     gather_dot,
     gather_rows,
     sparse_site_states,
@@ -62,8 +62,8 @@ def test_sparse_node_effects_equal_dense(neox64, method, counterfactual):
         assert isinstance(c, SparseSiteState)
         # every feature that is active in the clean or patch input is a slot; nothing else is
         clean_f, patch_f = dense.clean[site].f, dense.clean[site].f + dense.deltas[site].f
-        assert int(c.mask.sum()) == int(((clean_f != 0) | (patch_f != 0)).sum())
-        torch.testing.assert_close(as_dense.clean[site].f, clean_f, rtol=0, atol=0)
+        assert c.col.numel() == int(((clean_f != 0) | (patch_f != 0)).sum())
+        torch.testing.assert_close(as_dense.clean[site].f, clean_f, rtol=1e-12, atol=1e-15)
         torch.testing.assert_close(as_dense.deltas[site].f, dense.deltas[site].f, rtol=0, atol=1e-15)
         torch.testing.assert_close(as_dense.deltas[site].err, dense.deltas[site].err, rtol=0, atol=1e-14)
         # gradients are stored at the active slots only, equal to the dense gradient there
@@ -99,31 +99,85 @@ def test_sparse_edge_effects_equal_dense(neox64, method):
         torch.testing.assert_close(aggregate_edges([es])[key].to_dense(), t.to_dense())
 
 
-def test_sparse_primitives_match_dense_references():
+def _flat(f):
+    """(row, col, values) of the non-zero entries of f (b, s, F), rows ascending."""
+    row, col = (f.reshape(-1, f.shape[-1]) != 0).nonzero().unbind(1)
+    return row, col, f.reshape(-1, f.shape[-1])[row, col]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_sparse_primitives_match_dense_references(dtype):
+    """CSR kernels (float32/64) and the gather fallback (half, bfloat16) against dense products."""
     torch.manual_seed(0)
     f = torch.relu(torch.randn(2, 3, 50, dtype=torch.float64) - 1.0)
     f[1, 2] = 0  # a row with no active feature
-    index, mask = _row_union(f != 0)
-    assert index.shape[-1] == int((f != 0).sum(-1).max())
-    for e in range(2):
-        for p in range(3):
-            assert index[e, p][mask[e, p]].tolist() == (f[e, p] != 0).nonzero().squeeze(1).tolist()
-    vals = f.gather(-1, index) * mask
+    f[0, 0, 49] = 2.0  # the last feature
+    row, col, vals = _flat(f)
     w = torch.randn(50, 8, dtype=torch.float64)
     bias = torch.randn(8, dtype=torch.float64)
-    dec = SparseDecoder(w, bias)
-    torch.testing.assert_close(dec.decode(index, vals), f @ w + bias)
-    g = torch.randn(2, 3, 8, dtype=torch.float64)
-    torch.testing.assert_close(gather_dot(w, index, g), (g @ w.T).gather(-1, index))
+    g = torch.randn(6, 8, dtype=torch.float64)
+    rtol, atol = (0.0, 1e-12) if dtype is torch.float64 else (2e-2, 5e-2)
+    dec = SparseDecoder(w.to(dtype), bias.to(dtype))
+    got = dec.decode(row, col, vals.to(dtype), 6)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), f.reshape(6, 50) @ w + bias, rtol=rtol, atol=atol)
+    crow = torch.tensor([0, *torch.bincount(row, minlength=6).cumsum(0).tolist()])
+    dots = dec.dot(crow, col, g.to(dtype))
+    torch.testing.assert_close(dots.double(), (g @ w.T)[row, col], rtol=rtol, atol=atol)
+    by_rows = gather_dot(w.to(dtype), row, col, g.to(dtype)).double()
+    torch.testing.assert_close(by_rows, (g @ w.T)[row, col], rtol=rtol, atol=atol)
     # a decoder stored as a (d, F) weight (the usual layout) is read through its transposed view
     w_t = w.T.contiguous().T
     assert not w_t.is_contiguous()
-    torch.testing.assert_close(gather_rows(w_t, index.reshape(-1)), w[index.reshape(-1)])
-    torch.testing.assert_close(SparseDecoder(w_t, bias).decode(index, vals), f @ w + bias)
-    state = SparseSiteState(index, mask, vals, torch.zeros(2, 3, 8, dtype=torch.float64), 50)
+    torch.testing.assert_close(gather_rows(w_t, col), w[col])
+    state = SparseSiteState(row, col, vals, torch.zeros(2, 3, 8, dtype=torch.float64), 50)
+    assert state.shape == (2, 3, 50) and state.crow.tolist() == crow.tolist()
     torch.testing.assert_close(state.f, f)
-    e, p, j = torch.tensor([0, 1, 1]), torch.tensor([0, 1, 2]), torch.tensor([3, 7, 7])
+    e, p, j = torch.tensor([0, 1, 1, 0, 1]), torch.tensor([0, 1, 2, 0, 2]), torch.tensor([3, 7, 7, 49, 49])
     torch.testing.assert_close(state.values_at(e, p, j), f[e, p, j])
+    eff = state.node_product(state).to_dense()
+    torch.testing.assert_close(eff[..., :50], f * f)
+
+
+def test_active_slots_in_row_chunks(neox64, monkeypatch):
+    """The encoder runs over row chunks (bounded F-wide memory): the same slots and values, in
+    row-major order, whatever the chunk size."""
+    from feature_circuits.attribution import forward
+
+    _, dicts = neox64
+    ae = dicts["resid_0"]
+    torch.manual_seed(1)
+    x, xp = torch.randn(2, 2, 5, ae.activation_dim, dtype=torch.float64)
+    fc, fp = ae.encode(x), ae.encode(xp)
+    active = ((fc != 0) | (fp != 0)).reshape(10, -1)
+    want_row, want_col = active.nonzero().unbind(1)
+    for budget in (1, int(ae.dict_size) * 3, 1 << 22):
+        monkeypatch.setattr(forward, "ENCODE_BUDGET", budget)
+        row, col, vc, vp = _active_slots(ae, x, xp)
+        assert vp is not None
+        assert row.tolist() == want_row.tolist() and col.tolist() == want_col.tolist()
+        torch.testing.assert_close(vc, fc.reshape(10, -1)[row, col], rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(vp, fp.reshape(10, -1)[row, col], rtol=1e-12, atol=1e-15)
+
+
+def test_sparse_decoder_is_cached_and_follows_weight_changes(neox64):
+    _, dicts = neox64
+    ae = dicts["attn_0"]
+    x = torch.zeros(1, 1, ae.activation_dim, dtype=torch.float64)
+    a, b = SparseDecoder.of(ae, x), SparseDecoder.of(ae, x)
+    assert a is b
+    assert a.w.is_contiguous()
+    torch.testing.assert_close(a.w, ae.decoder_directions(x), rtol=0, atol=0)
+    saved = ae.decoder.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            ae.decoder.weight.mul_(2.0)
+        c = SparseDecoder.of(ae, x)
+        assert c is not a
+        torch.testing.assert_close(c.w, 2.0 * saved.T, rtol=0, atol=0)
+    finally:
+        with torch.no_grad():
+            ae.decoder.weight.copy_(saved)
 
 
 def test_sparse_site_states_error_node_and_zero_patch(neox64):
@@ -133,7 +187,8 @@ def test_sparse_site_states_error_node_and_zero_patch(neox64):
     g = torch.randn_like(x)
     c, p, gs = sparse_site_states(ae, x, None, grad=g)
     assert gs is not None
-    torch.testing.assert_close(gs.values, (g @ ae.decoder_directions(x).T).gather(-1, c.index) * c.mask)
+    ref = (g @ ae.decoder_directions(x).T).reshape(-1, int(ae.dict_size))
+    torch.testing.assert_close(gs.values, ref[c.row, c.col])
     assert sparse_site_states(ae, x, None)[2] is None
     f_ref, err_ref = encode_with_error(ae, x)
     torch.testing.assert_close(c.f, f_ref, rtol=0, atol=0)
