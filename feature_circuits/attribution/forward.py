@@ -53,6 +53,7 @@ __all__ = [
     "clean_and_patch",
     "collect_activations",
     "collect_states",
+    "encode_budget",
     "gather_dot",
     "patch_states",
     "site_output_grads",
@@ -199,10 +200,18 @@ def use_sparse(
     )
 
 
-#: Elements of the largest dense (rows x F) encoder output the sparse path holds at once: the
-#: encoder runs over row chunks of at most this many elements, so that the F-wide activations
-#: never exist for the whole batch (a chunk's are reduced to its active slots before the next).
-ENCODE_BUDGET = 1 << 22
+#: Elements of the largest dense (rows x F) encoder output the sparse path holds at once, per
+#: device type (others: the CPU's): the encoder runs over row chunks of at most this many
+#: elements, so that the F-wide activations never exist for the whole batch (a chunk's are reduced
+#: to its active slots before the next). On the CPU 2^21 (8 MB of float32: 64 rows of 32768
+#: features) keeps the transient below the model's own forward; a GPU wants larger products.
+ENCODE_BUDGET = {"cpu": 1 << 21, "cuda": 1 << 25}
+
+
+def encode_budget(device: torch.device) -> int:
+    """:data:`ENCODE_BUDGET` of ``device``'s type."""
+    return ENCODE_BUDGET.get(device.type, ENCODE_BUDGET["cpu"])
+
 
 #: dtypes whose sparse products run as CSR kernels (``sparse_csr @ dense``, ``sampled_addmm``);
 #: others (half, bfloat16) use the gather fallback
@@ -318,7 +327,7 @@ def gather_dot(w: Tensor, row: Tensor, col: Tensor, g: Tensor) -> Tensor:
 def _active_slots(
     ae: Dictionary, x_clean: Tensor, x_patch: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """The dense encoder on row chunks of both activations (at most :data:`ENCODE_BUDGET` F-wide
+    """The dense encoder on row chunks of both activations (at most :func:`encode_budget` F-wide
     elements at once, clean and patch rows of a chunk in one encode): ``(row, col, clean values,
     patch values)`` of the features non-zero in the clean or the patch activation, rows
     ascending, features ascending within a row. ``x_patch=None``: clean only (patch values None)."""
@@ -327,7 +336,7 @@ def _active_slots(
     xp = None if x_patch is None else x_patch.reshape(-1, d)
     n_rows = xc.shape[0]
     per_row = int(ae.dict_size) * (1 if xp is None else 2)
-    step = max(1, ENCODE_BUDGET // max(per_row, 1))
+    step = max(1, encode_budget(xc.device) // max(per_row, 1))
     rows: list[Tensor] = []
     cols: list[Tensor] = []
     vcs: list[Tensor] = []

@@ -152,7 +152,7 @@ def test_active_slots_in_row_chunks(neox64, monkeypatch):
     active = ((fc != 0) | (fp != 0)).reshape(10, -1)
     want_row, want_col = active.nonzero().unbind(1)
     for budget in (1, int(ae.dict_size) * 3, 1 << 22):
-        monkeypatch.setattr(forward, "ENCODE_BUDGET", budget)
+        monkeypatch.setitem(forward.ENCODE_BUDGET, "cpu", budget)
         row, col, vc, vp = _active_slots(ae, x, xp)
         assert vp is not None
         assert row.tolist() == want_row.tolist() and col.tolist() == want_col.tolist()
