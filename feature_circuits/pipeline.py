@@ -26,6 +26,7 @@ torch: the heavy modules are imported by the stage functions.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -100,9 +101,82 @@ def parse_batch_size(text: str) -> int | Literal["auto"]:
         raise ConfigError(f"--batch-size must be an integer >= 1 or auto, got {text!r}") from None
 
 
+#: accelerate's placement strategies (the same as ``feature_circuits.model.loading.DEVICE_MAP_STRATEGIES``,
+#: repeated here because this module imports no torch)
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+DeviceMapSpec = str | dict[str, int | str]
+
+
+def parse_device_map(text: str | Mapping[str, object]) -> DeviceMapSpec:
+    """``--device-map``: a placement strategy (``auto``, ``balanced``, ``balanced_low_0``,
+    ``sequential``), a JSON object (module path -> GPU index, ``"cuda:N"``, ``"cpu"`` or ``"disk"``)
+    or a file holding one. The devices themselves are checked when the model is loaded."""
+    if isinstance(text, Mapping):
+        raw: object = dict(text)
+        where = "--device-map"
+    else:
+        spec = text.strip()
+        if spec in DEVICE_MAP_STRATEGIES:
+            return spec
+        if spec.startswith("{"):
+            where = "--device-map"
+            try:
+                raw = json.loads(spec)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"--device-map: not valid JSON ({err.msg}, column {err.colno})") from None
+        elif Path(spec).expanduser().is_file():
+            where = f"--device-map {spec}"
+            try:
+                raw = json.loads(Path(spec).expanduser().read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError) as err:
+                raise ConfigError(f"{where}: not readable ({err})") from None
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{where}:{err.lineno}: not valid JSON ({err.msg})") from None
+        else:
+            raise ConfigError(
+                f"--device-map must be one of {list(DEVICE_MAP_STRATEGIES)}, a JSON object or a JSON file, "
+                f"got {text!r}"
+            )
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"{where}: expected a non-empty JSON object of module path -> device, got {raw!r}")
+    out: dict[str, int | str] = {}
+    for module, device in raw.items():
+        if isinstance(device, bool) or not isinstance(device, (int, str)):
+            raise ConfigError(
+                f"{where}: {module!r} -> {device!r}: a device is a GPU index or a string "
+                "('cuda:N', 'cpu', 'disk')"
+            )
+        out[str(module)] = device
+    return out
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"--{name.replace('_', '-')} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_device_map(cfg: DiscoverConfig | EvaluateConfig) -> None:
+    """``device_map``: parsed (a JSON text or file given as a string becomes its object);
+    ``offload_folder`` only with it."""
+    if cfg.device_map is not None:
+        object.__setattr__(cfg, "device_map", parse_device_map(cfg.device_map))
+    elif cfg.offload_folder is not None:
+        raise ConfigError("--offload-folder needs --device-map")
+
+
+#: ``--device-map`` / ``--offload-folder`` of discover and evaluate
+_DEVICE_MAP_HELP = _help(
+    "split the model over devices with accelerate (for a model that does not fit one device): "
+    "auto, balanced, balanced_low_0 or sequential, or a JSON object / JSON file of module path -> "
+    "device (a GPU index, cuda:N, cpu, or disk with --offload-folder); each site's dictionary goes "
+    "on its module's device, --device is then not used (docs/methods.md, 'Models that do not fit "
+    "one device')",
+    parse=str,  # parsed by __post_init__ (parse_device_map), whose errors name the option
+    metavar="STRATEGY|JSON|FILE",
+)
+_OFFLOAD_HELP = _help(
+    "with --device-map: directory for the weights of modules offloaded to disk", metavar="DIR"
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,6 +247,8 @@ class DiscoverConfig:
     steps: int = field(default=10, metadata=_help("integration steps for --method ig"))
     seed: int = field(default=0, metadata=_help("seed for torch, random and numpy"))
     device: str | None = field(default="cpu", metadata=_help("cpu, cuda, cuda:N or auto"))
+    device_map: DeviceMapSpec | None = field(default=None, metadata=_DEVICE_MAP_HELP)
+    offload_folder: str | None = field(default=None, metadata=_OFFLOAD_HELP)
     dtype: DType = field(default="float32", metadata=_help("model and dictionary dtype"))
     threads: int | None = field(
         default=None,
@@ -224,6 +300,7 @@ class DiscoverConfig:
         _coerce(self, "metric", MetricName)
         _check_choice("split", self.split, ("train", "test"))
         _check_choice("dtype", self.dtype, ("float32", "float64", "bfloat16", "float16"))
+        _check_device_map(self)
         _check_min("num_examples", self.num_examples, 1)
         if self.batch_size != "auto":
             if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
@@ -309,6 +386,8 @@ class EvaluateConfig:
         ),
     )
     device: str | None = field(default=None, metadata=_help("cpu, cuda, ... (default: cuda if available)"))
+    device_map: DeviceMapSpec | None = field(default=None, metadata=_DEVICE_MAP_HELP)
+    offload_folder: str | None = field(default=None, metadata=_OFFLOAD_HELP)
     threads: int | None = field(
         default=None,
         metadata=_help(
@@ -336,6 +415,7 @@ class EvaluateConfig:
         _check_min("free_layers", self.free_layers, 0)
         _check_min("threads", self.threads, 1)
         _check_choice("ablation", self.ablation, ("mean", "zero", "patch", "resample"))
+        _check_device_map(self)
         _check_min("bootstrap", self.bootstrap, 0)
         _check_min("baseline_draws", self.baseline_draws, 0)
         if self.thresholds is not None:
@@ -415,8 +495,21 @@ def discover(cfg: DiscoverConfig, *, log: Log = _quiet) -> Circuit:
     t_start = time.perf_counter()
 
     data_path = resolve_dataset(cfg.dataset, cfg.split)
-    device = cfg.device if dist is None else dist.device_for(cfg.device)
-    loaded, dicts = load_for_attribution(cfg.model, cfg.saes, device=device, dtype=cfg.dtype)
+    if cfg.device_map is not None and dist is not None:
+        raise ConfigError(
+            "--device-map splits one model copy over devices; it does not combine with torchrun"
+        )
+    device = (
+        None if cfg.device_map is not None else cfg.device if dist is None else dist.device_for(cfg.device)
+    )
+    loaded, dicts = load_for_attribution(
+        cfg.model,
+        cfg.saes,
+        device=device,
+        dtype=cfg.dtype,
+        device_map=cfg.device_map,
+        offload_folder=cfg.offload_folder,
+    )
     timing["load"] = time.perf_counter() - t_start
     labels = (
         None
@@ -663,7 +756,13 @@ def evaluate(cfg: EvaluateConfig, *, log: Log = _quiet, echo: Log = _quiet) -> l
     for job in jobs:
         circ = job.circuit
         if circ.model not in models:
-            models[circ.model] = load_model(circ.model, device=cfg.device, dtype=torch.float32)
+            models[circ.model] = load_model(
+                circ.model,
+                device=cfg.device if cfg.device_map is None else None,
+                dtype=torch.float32,
+                device_map=cfg.device_map,
+                offload_folder=cfg.offload_folder,
+            )
         loaded = models[circ.model]
         if (circ.model, circ.saes) not in dicts:
             dicts[(circ.model, circ.saes)] = load_dictionaries(

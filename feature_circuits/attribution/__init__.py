@@ -39,7 +39,7 @@ from feature_circuits.attribution.results import EdgeEffects, NodeEffects, SiteS
 from feature_circuits.data import Batch
 from feature_circuits.dictionaries import Dictionary
 from feature_circuits.metrics import Metric, answer_logit, logit_diff
-from feature_circuits.model.loading import LoadedModel
+from feature_circuits.model.loading import DeviceMap, LoadedModel
 from feature_circuits.model.lrp import LRPController, get_lrp_controller, install_lrp
 from feature_circuits.types import LRPConfig, Method
 
@@ -77,12 +77,27 @@ def load_for_attribution(
     saes: str | Path | SAESource | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype = torch.float32,
+    *,
+    device_map: DeviceMap | None = None,
+    max_memory: Mapping[int | str, int | str] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
 ) -> tuple[LoadedModel, dict[str, Dictionary]]:
-    """Load a model with the LRP rules installed (all off) and its dictionaries: ``(loaded, dicts)``."""
+    """Load a model with the LRP rules installed (all off) and its dictionaries: ``(loaded, dicts)``.
+    ``device_map`` / ``max_memory`` / ``offload_folder``: split the model over devices
+    (:func:`~feature_circuits.model.loading.load_model`); each dictionary then goes on its site's
+    device."""
     from feature_circuits.dictionaries.marks import load_dictionaries
     from feature_circuits.model.loading import load_model
 
-    loaded = load_model(model, device=device, dtype=dtype, before_wrap=install_lrp)
+    loaded = load_model(
+        model,
+        device=device,
+        dtype=dtype,
+        before_wrap=install_lrp,
+        device_map=device_map,
+        max_memory=max_memory,
+        offload_folder=offload_folder,
+    )
     dicts = load_dictionaries(loaded.sites, saes, device=loaded.device, dtype=loaded.dtype, model=loaded)
     return loaded, dicts
 

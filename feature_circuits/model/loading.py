@@ -3,6 +3,7 @@
     loaded = load_model("embedded")                      # the shipped default
     loaded = load_model("EleutherAI/pythia-70m-deduped")  # the paper setup (needs the HF hub)
     loaded = load_model("/path/to/dir", before_wrap=patch_fn)
+    loaded = load_model("/path/to/big", device_map="auto", offload_folder="offload")  # split (accelerate)
 
 What cannot be loaded is one :class:`~feature_circuits.errors.ModelLoadError` line, checked before
 transformers is asked: a local directory that is empty, lacks config.json or weights, or whose
@@ -12,6 +13,14 @@ itself refuses (its first line).
 
 ``before_wrap`` receives the HF model before nnsight wraps it: nnsight fixes each module's forward
 when it wraps, so submodule rewrites (the LRP rules) must happen there (see PITFALLS.md).
+
+``device_map`` (a model that does not fit one device; docs/methods.md, "Models that do not fit one
+device") is handed to ``from_pretrained`` in place of the move to ``device``: accelerate places each
+module on a GPU, the CPU or the disk (``offload_folder``) and installs the hooks that move weights
+and activations; nnsight 0.8 runs those hooks around its own. The loader then records, from its
+probe forward, the device each site's activation is on (:attr:`LoadedModel.site_devices`: where
+that site's dictionary goes) and sets :attr:`LoadedModel.device` to the embedding's (where input ids
+go). ``device_map=None`` (the default) is the single-device path, unchanged.
 """
 
 from __future__ import annotations
@@ -19,8 +28,8 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,7 +38,7 @@ from torch import nn
 
 from feature_circuits import toy
 from feature_circuits.errors import ConfigError, ModelLoadError
-from feature_circuits.model.sites import build_sites, detect_architecture, is_parallel_residual
+from feature_circuits.model.sites import build_sites, detect_architecture, input_device, is_parallel_residual
 from feature_circuits.types import Architecture, Site, SiteKind
 
 if TYPE_CHECKING:
@@ -59,7 +68,12 @@ class LoadedModel:
     ``sites`` are the default splice sites (embed, attn_L, mlp_L, resid_L); ``attn_z_sites`` the
     per-head attention sites (``attn_z_L``), spliced only where a dictionary is given for them
     (docs/algorithms.md, "Sites"). :meth:`site` finds either; :attr:`all_sites` is both, in
-    forward order."""
+    forward order.
+
+    ``device`` is where input ids go (the model's device; with a ``device_map``, the embedding's).
+    ``device_map`` is accelerate's placement (``hf_device_map``: module path -> device, ``"cpu"`` or
+    ``"disk"``) when the model was loaded with one, else None; ``site_devices`` then maps each site to
+    the device its activation is on (:meth:`site_device`; empty: every site is on ``device``)."""
 
     name: str
     lm: LanguageModel
@@ -70,6 +84,8 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     attn_z_sites: tuple[Site, ...] = ()
+    device_map: Mapping[str, str | int] | None = None
+    site_devices: Mapping[str, torch.device] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.sites:
@@ -96,6 +112,12 @@ class LoadedModel:
     def all_sites(self) -> tuple[Site, ...]:
         """Every site (default and ``attn_z``) in forward order."""
         return tuple(sorted((*self.sites, *self.attn_z_sites), key=lambda s: s.rank))
+
+    def site_device(self, name: str) -> torch.device:
+        """The device the activation of the site called ``name`` is on (where its dictionary must
+        be): :attr:`device` unless the model is split over devices."""
+        self.site(name)  # ConfigError for an unknown site
+        return self.site_devices.get(name, self.device)
 
     def site(self, name: str) -> Site:
         """The site called ``name`` (:class:`~feature_circuits.errors.ConfigError` if unknown)."""
@@ -130,6 +152,62 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return DTYPES[dtype]
     except KeyError:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}") from None
+
+
+#: The placement strategies ``from_pretrained(device_map=...)`` computes itself (accelerate).
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+#: Where a module can go in an explicit device map besides an accelerator: the CPU, or the disk
+#: (offloaded; needs ``offload_folder``).
+_OFFLOAD_TARGETS = ("cpu", "disk")
+
+DeviceMap = str | Mapping[str, int | str | torch.device]
+
+
+def check_device_map(device_map: DeviceMap) -> str | dict[str, int | str]:
+    """Validate a ``device_map`` for ``from_pretrained``: one of :data:`DEVICE_MAP_STRATEGIES`, or a
+    mapping of module path (``""`` for the whole model) to a device: a GPU index, ``cuda:N``,
+    ``cuda``, ``mps``, ``cpu`` or ``disk``. :class:`ModelLoadError` naming the bad entry (an unknown
+    strategy, a malformed device, a GPU that torch does not see); returns the map as transformers
+    takes it."""
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAP_STRATEGIES:
+            raise ModelLoadError(
+                f"unknown device_map {device_map!r}; choose one of {list(DEVICE_MAP_STRATEGIES)} or pass a "
+                "mapping of module path -> device (a GPU index, 'cuda:N', 'cpu' or 'disk')"
+            )
+        return device_map
+    if not isinstance(device_map, Mapping) or not device_map:
+        raise ModelLoadError(f"device_map must be a strategy name or a non-empty mapping, got {device_map!r}")
+    out: dict[str, int | str] = {}
+    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for module, where in device_map.items():
+        if not isinstance(module, str):
+            raise ModelLoadError(f"device_map: module path {module!r} is not a string")
+        value: int | str
+        if isinstance(where, torch.device):
+            value = str(where)
+        elif isinstance(where, int) and not isinstance(where, bool):
+            value = where
+        elif isinstance(where, str):
+            value = where.strip()
+        else:
+            raise ModelLoadError(f"device_map[{module!r}] = {where!r}: not a device")
+        if isinstance(value, str) and value in _OFFLOAD_TARGETS:
+            out[module] = value
+            continue
+        try:
+            dev = torch.device(value)
+        except (RuntimeError, ValueError):
+            raise ModelLoadError(
+                f"device_map[{module!r}] = {where!r}: not a device (a GPU index, 'cuda:N', 'cpu' or 'disk')"
+            ) from None
+        if dev.type == "cuda" and (dev.index or 0) >= n_gpu:
+            raise ModelLoadError(
+                f"device_map[{module!r}] = {where!r}: torch sees {n_gpu} CUDA device(s)"
+                + ("" if n_gpu else " (CUDA is not available)")
+            )
+        out[module] = value
+    return out
 
 
 def is_local_path(source: str) -> bool:
@@ -239,14 +317,42 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype = torch.float32,
     before_wrap: Callable[[nn.Module], object] | None = None,
+    device_map: DeviceMap | None = None,
+    max_memory: Mapping[int | str, int | str] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
 ) -> LoadedModel:
     """Load a causal LM by HF id, short name (``embedded``, ``pythia-70m-deduped``) or local
     directory; put it in eval mode on ``device`` in ``dtype`` (float32 by default); run
-    ``before_wrap(hf_model)``; wrap with nnsight; describe its sites."""
+    ``before_wrap(hf_model)``; wrap with nnsight; describe its sites.
+
+    ``device_map`` (``"auto"``, another accelerate strategy, or a mapping module path -> device;
+    :func:`check_device_map`) splits the model over devices instead: it, ``max_memory`` (device ->
+    bytes or ``"10GiB"``) and ``offload_folder`` (where ``"disk"`` modules' weights go) are passed to
+    ``from_pretrained``, and ``device`` must then be None (the embedding's device becomes
+    :attr:`LoadedModel.device`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model_name(name_or_path)
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    placement: dict[str, object] = {}
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise ModelLoadError("max_memory and offload_folder need a device_map")
+        dev, dt = resolve_device(device), resolve_dtype(dtype)
+    else:
+        if device is not None:
+            raise ModelLoadError(
+                f"pass either device ({device!r}) or device_map, not both (with a device_map the "
+                "embedding's device is where input ids go)"
+            )
+        dmap = check_device_map(device_map)
+        if isinstance(dmap, dict) and "disk" in dmap.values() and offload_folder is None:
+            raise ModelLoadError("device_map puts modules on 'disk': pass offload_folder (--offload-folder)")
+        placement["device_map"] = dmap
+        if max_memory is not None:
+            placement["max_memory"] = dict(max_memory)
+        if offload_folder is not None:
+            placement["offload_folder"] = str(Path(offload_folder).expanduser())
+        dev, dt = torch.device("cpu"), resolve_dtype(dtype)  # dev: the embedding's device, below
     if is_local_path(source):
         source = str(Path(source).expanduser())
         if not Path(source).is_dir():
@@ -257,23 +363,39 @@ def load_model(
         check_hub_cache(source)
     try:
         tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(source)
-        hf_model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(source, dtype=dt)
+        hf_model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **placement)
     except (OSError, ValueError, KeyError) as err:
         first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
         hint = "" if is_local_path(source) else " (no network? set HF_HUB_OFFLINE=1 to fail at once)"
         raise ModelLoadError(f"could not load model {source!r}: {first}{hint}") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    nn.Module.to(hf_model, dev).eval()
+    hf_device_map: dict[str, str | int] | None = None
+    site_devices: dict[str, torch.device] = {}
+    # accelerate dispatched the model (hooks, hf_device_map); a map that puts everything on the CPU
+    # is loaded there as a plain model, without either
+    accelerate_map = getattr(hf_model, "hf_device_map", None) if device_map is not None else None
+    dispatched = isinstance(accelerate_map, Mapping)
+    if device_map is None:
+        nn.Module.to(hf_model, dev).eval()
+    else:
+        hf_model.eval()
+        if isinstance(accelerate_map, Mapping):
+            hf_device_map = {str(k): v for k, v in accelerate_map.items()}
+        else:
+            dev = next(hf_model.parameters()).device
+            hf_device_map = {"": str(dev)}
     for p in hf_model.parameters():
         p.requires_grad_(False)
     arch = detect_architecture(hf_model)
-    every = build_sites(hf_model, attn_z=True)
+    every = build_sites(hf_model, attn_z=True, devices=None if device_map is None else site_devices)
     sites = tuple(s for s in every if s.kind is not SiteKind.ATTN_Z)
     attn_z_sites = tuple(s for s in every if s.kind is SiteKind.ATTN_Z)
+    if dispatched:
+        dev = input_device(hf_model)
     if before_wrap is not None:
         before_wrap(hf_model)
-    lm = wrap(hf_model, tokenizer, dev)
+    lm = wrap(hf_model, tokenizer, dev, dispatched=dispatched)
     return LoadedModel(
         name=str(name_or_path or "embedded"),
         lm=lm,
@@ -284,20 +406,51 @@ def load_model(
         device=dev,
         dtype=dt,
         attn_z_sites=attn_z_sites,
+        device_map=hf_device_map,
+        site_devices=site_devices,
     )
 
 
 def wrap(
-    hf_model: nn.Module, tokenizer: PreTrainedTokenizerBase, device: torch.device | None = None
+    hf_model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    device: torch.device | None = None,
+    *,
+    dispatched: bool = False,
 ) -> LanguageModel:
     """Wrap an in-memory HF model with nnsight (it needs the tokenizer passed explicitly).
 
     nnsight 0.8 builds a ``transformers.pipeline`` around the model, and a pipeline given no device
     moves the model to the first accelerator it finds: on a CUDA machine a model loaded for the CPU
     would silently end up on the GPU (and its SAEs, on the CPU, would no longer match). So the
-    device is passed through (default: the device the model's parameters are on) and checked."""
+    device is passed through (default: the device the model's parameters are on) and checked.
+
+    ``dispatched``: the model was placed by accelerate (``device_map``); the pipeline refuses a
+    device for such a model (and does not move it), so none is passed, and the check is that every
+    parameter is still where accelerate put it."""
     from nnsight import LanguageModel
 
+    if dispatched:
+        before = {name: p.device for name, p in hf_model.named_parameters()}
+        # the pipeline takes its device from the first entry of hf_device_map, and fails on "disk"
+        # (the first module offloaded to disk): it sees the input device first while it is built
+        dmap = getattr(hf_model, "hf_device_map", None)
+        if isinstance(dmap, dict) and device is not None:
+            object.__setattr__(hf_model, "hf_device_map", {"<input ids>": str(device), **dmap})
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                lm = LanguageModel(hf_model, tokenizer=tokenizer)
+        finally:
+            if isinstance(dmap, dict):
+                object.__setattr__(hf_model, "hf_device_map", dmap)
+        moved_names = [n for n, p in hf_model.named_parameters() if before.get(n) != p.device]
+        if moved_names:
+            raise ModelLoadError(
+                f"wrapping the model with nnsight moved {len(moved_names)} parameter(s) from where "
+                f"device_map put them (first: {moved_names[0]})"
+            )
+        return lm
     device = next(hf_model.parameters()).device if device is None else torch.device(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -105,14 +105,37 @@ def _site_specs(model: nn.Module, attn_z: bool = False) -> list[tuple[str, SiteK
     return specs
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s input ids go: the device of its first parameter; for a model dispatched by
+    accelerate (``device_map``) whose first parameter is offloaded (on ``meta``), the execution
+    device of the embedding's device-alignment hook."""
+    param = next(model.parameters())
+    if param.device.type != "meta":
+        return param.device
+    embed = get_submodule(model, _PATHS[detect_architecture(model)][0])
+    hook = embed.__dict__.get("_hf_hook")
+    execution = getattr(hook, "execution_device", None)
+    if execution is None:
+        raise UnsupportedModelError(
+            f"the embedding ({_PATHS[detect_architecture(model)][0]}) has its weights on the meta device "
+            "and no accelerate hook that says where it runs"
+        )
+    return torch.device(execution)
+
+
 @torch.no_grad()
-def build_sites(model: nn.Module, *, attn_z: bool = False) -> list[Site]:
+def build_sites(
+    model: nn.Module, *, attn_z: bool = False, devices: dict[str, torch.device] | None = None
+) -> list[Site]:
     """Describe every site of ``model`` in forward order, detecting tuple outputs and widths by
     running a 2-token forward with hooks (``attn_z=True``: the ``attn_z_L`` sites too, whose
     activation is the first input of the attention output projection). Raises if an activation is
-    not (b, s, d)."""
+    not (b, s, d). ``devices``, when given, receives each site's name -> the device its activation
+    is on in that forward (for a model split over devices with ``device_map``: where its
+    dictionary must be)."""
     specs = _site_specs(model, attn_z=attn_z)
     seen: dict[str, tuple[bool, tuple[int, ...]]] = {}
+    seen_device: dict[str, torch.device] = {}
     handles = []
     for name, kind, _layer, path in specs:
         module = get_submodule(model, path)
@@ -121,6 +144,7 @@ def build_sites(model: nn.Module, *, attn_z: bool = False) -> list[Site]:
             def pre_hook(_mod, inp, name=name):
                 if inp and isinstance(inp[0], Tensor):
                     seen[name] = (False, tuple(inp[0].shape))
+                    seen_device[name] = inp[0].device
 
             handles.append(module.register_forward_pre_hook(pre_hook))
             continue
@@ -129,11 +153,11 @@ def build_sites(model: nn.Module, *, attn_z: bool = False) -> list[Site]:
             is_tuple = isinstance(out, tuple)
             act = out[0] if is_tuple else out
             seen[name] = (is_tuple, tuple(act.shape))
+            seen_device[name] = act.device
 
         handles.append(module.register_forward_hook(hook))
     try:
-        param = next(model.parameters())
-        model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=param.device))
+        model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=input_device(model)))
     finally:
         for h in handles:
             h.remove()
@@ -156,6 +180,8 @@ def build_sites(model: nn.Module, *, attn_z: bool = False) -> list[Site]:
                 d_model=shape[2],
             )
         )
+    if devices is not None:
+        devices.update(seen_device)
     return sorted(sites, key=lambda s: s.rank)
 
 
