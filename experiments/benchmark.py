@@ -14,9 +14,14 @@ Memory. CUDA: ``torch.cuda.max_memory_allocated`` above the allocation at the st
 CPU: peak resident set size above the RSS at the start of the call, sampled every 2 ms from
 ``/proc/self/statm`` in a background thread, after ``malloc_trim(0)`` so freed heap pages from earlier
 runs are returned to the OS first. It counts everything the call allocates (tensors, autograd
-graphs, nnsight bookkeeping) but is coarse: allocations that live < 2 ms can be missed, and pages
-the allocator keeps from a previous repeat can hide part of a later one (the maximum over the
-repeats is reported).
+graphs, nnsight bookkeeping). With glibc's default (dynamic) mmap threshold the RSS of a call
+depends on what ran before it (a 1 GB floor run raises the threshold, and later allocations then
+reuse heap pages: the same sparse call measured 108 MB after the floor and 278 MB without it), so
+:func:`measure_many` measures memory in a separate pass after the timed runs, one run per
+function, with the mmap threshold fixed at 64 KiB (:func:`fixed_mmap_threshold`): every tensor
+above 64 KiB is then mapped when allocated and unmapped when freed, and the RSS follows the live
+tensors (the same call then measures 55 MB in either order). Allocations that live < 2 ms can
+still be missed.
 
 Shaped models and discovery end to end: besides the Pythia-70M shape, ``--gemma`` builds a
 Gemma-2-2B-shaped model of reduced depth (:data:`GEMMA2_2B_SHAPE` with :data:`GEMMA_BENCH_OVERRIDES`;
@@ -44,7 +49,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -167,15 +172,38 @@ class PeakMemory:
         self.peak = max(0, top - self.start)
 
 
+#: glibc mallopt parameter M_MMAP_THRESHOLD
+_M_MMAP_THRESHOLD = -3
+
+
+@contextlib.contextmanager
+def fixed_mmap_threshold(threshold: int = 1 << 16, after: int = 32 << 20) -> Iterator[bool]:
+    """glibc's mmap threshold fixed at ``threshold`` bytes inside the block (every larger allocation
+    is mapped and unmapped on its own, so RSS follows live memory), set to ``after`` (glibc's
+    largest dynamic value on 64-bit) when it ends. Yields whether it could be set (not glibc: no)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        libc, ok = None, False
+    try:
+        yield ok
+    finally:
+        if libc is not None and ok:
+            libc.mallopt(_M_MMAP_THRESHOLD, after)
+
+
 def measure_many(
     fns: dict[str, Callable[[], Any]],
     device: torch.device,
     repeats: int = 3,
     warmup: int = 1,
 ) -> dict[str, dict[str, Any]]:
-    """Median wall time of ``repeats`` runs of each function after ``warmup`` untimed runs, and the
-    peak memory (max over the timed runs). The repeats are interleaved (f1, f2, ..., f1, f2, ...) so a
-    change of the machine's load during the measurement hits every function alike."""
+    """Median wall time of ``repeats`` runs of each function after ``warmup`` untimed runs; the repeats
+    are interleaved (f1, f2, ..., f1, f2, ...) so a change of the machine's load during the measurement
+    hits every function alike. Peak memory: on CUDA the maximum over the timed runs; on the CPU one
+    more run of each function after the timed ones, with the mmap threshold fixed
+    (:func:`fixed_mmap_threshold`; see the module docstring)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -192,12 +220,22 @@ def measure_many(
                 times[name].append(time.perf_counter() - t0)
             peaks[name].append(pm.peak)
             abs_peaks[name].append(pm.absolute_peak)
+    memory_pass = "timed runs"
+    if device.type != "cuda":
+        with fixed_mmap_threshold() as fixed:
+            if fixed:
+                memory_pass = "separate run, mmap threshold 64 KiB"
+                for name, fn in fns.items():
+                    with PeakMemory(device) as pm:
+                        fn()
+                    peaks[name], abs_peaks[name] = [pm.peak], [pm.absolute_peak]
     return {
         k: {
             "median_s": statistics.median(times[k]),
             "times_s": [round(t, 5) for t in times[k]],
             "peak_mem_mb": max(peaks[k]) / 2**20,
             "peak_total_mb": max(abs_peaks[k]) / 2**20,
+            "memory_measured": memory_pass,
         }
         for k in fns
     }
