@@ -621,6 +621,8 @@ def discover(cfg: DiscoverConfig, *, log: Log = _quiet) -> Circuit:
         contexts=cfg.contexts,
         batch_size=batch_size,
         enabled=cfg.progress and main_rank,
+        shard=None if dist is None else dist.shard,
+        merge=None if dist is None else dist.merge,
     )
     if not circuit.nodes:
         log(f"note: {circuit.empty_note()}")

@@ -87,6 +87,16 @@ def _graph(path: Path):
     return nodes, edges, c["num_examples"]
 
 
+def _contexts(path: Path):
+    """Per node: mean activations (5 decimals) and its top contexts (tokens, index, activation)."""
+    out = {}
+    for n in json.loads(path.read_text())["nodes"]:
+        a = n["activation"]
+        ctx = sorted((tuple(c["tokens"]), c["index"], round(c["activation"], 4)) for c in a["contexts"])
+        out[n["id"]] = (round(a["mean_clean"], 5), round(a["mean_patch"], 5), ctx)
+    return out
+
+
 @pytest.fixture(scope="module")
 def dp_data(tmp_path_factory) -> Path:
     # two token lengths, 9 examples: the ranks get different batch layouts (5 and 4 examples)
@@ -143,3 +153,7 @@ def test_torchrun_two_processes_same_circuit(tmp_path, neox_dir, neox_saes, dp_d
     assert one[2] == two[2] == 9
     assert one[0] and one[1], "the test circuit should have nodes and edges"
     assert one == two
+    # contexts come from every rank's shard (merged), not from rank 0's only
+    c1, c2 = _contexts(tmp_path / "one" / "circuit.json"), _contexts(tmp_path / "two" / "circuit.json")
+    assert sum(len(v[2]) for v in c1.values()) > 0
+    assert c1 == c2

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -168,6 +168,70 @@ class _SiteUnits:
         vals, idx = torch.topk(cand, k, dim=1)
         self.vals[source], self.locs[source] = vals, cand_loc.gather(1, idx)
 
+    def to(self, device: torch.device | str) -> _SiteUnits:
+        """The same tallies with every tensor on ``device``."""
+        return _SiteUnits(
+            list(self.features),
+            self.has_error,
+            self.top_k,
+            {k: v.to(device) for k, v in self.vals.items()},
+            {k: v.to(device) for k, v in self.locs.items()},
+            {k: v.to(device) for k, v in self.sums.items()},
+            dict(self.counts),
+        )
+
+    def merge(self, other: _SiteUnits, seq_map: Tensor) -> None:
+        """Add ``other``'s sums and counts and merge its top-k into this one's; ``seq_map[i]`` is
+        this tally's sequence number of ``other``'s sequence ``i``. A context found by both (the
+        same sequence and position) is kept once."""
+        for side, total in other.sums.items():
+            self.sums[side] = total if side not in self.sums else self.sums[side] + total
+            self.counts[side] = self.counts.get(side, 0) + other.counts[side]
+        for source, vals in other.vals.items():
+            loc = other.locs[source]
+            seq, pos = loc.div(_POS_STRIDE, rounding_mode="floor"), loc.remainder(_POS_STRIDE)
+            locs = seq_map.to(seq.device)[seq] * _POS_STRIDE + pos
+            if source in self.vals:
+                vals = torch.cat([self.vals[source], vals], dim=1)
+                locs = torch.cat([self.locs[source], locs], dim=1)
+            # drop repeated locations (the later copy), then the top k again
+            sorted_locs, order = locs.sort(dim=1, stable=True)
+            dup = torch.zeros_like(locs, dtype=torch.bool)
+            dup.scatter_(1, order[:, 1:], sorted_locs[:, 1:] == sorted_locs[:, :-1])
+            vals = vals.masked_fill(dup, float("-inf"))
+            k = min(self.top_k, vals.shape[1])
+            top, idx = torch.topk(vals, k, dim=1)
+            self.vals[source], self.locs[source] = top, locs.gather(1, idx)
+
+
+@dataclass
+class ContextTally:
+    """Everything the contexts pass accumulates (per site its :class:`_SiteUnits`, and the token
+    ids of every candidate sequence), mergeable across data-parallel ranks (:meth:`merge`, used
+    through :meth:`feature_circuits.distributed.DataParallel.merge`)."""
+
+    units: dict[str, _SiteUnits]
+    sequences: list[tuple[int, ...]]
+
+    def cpu(self) -> ContextTally:
+        return ContextTally({k: u.to("cpu") for k, u in self.units.items()}, list(self.sequences))
+
+    def merge(self, other: ContextTally) -> None:
+        """Add ``other`` (another rank's tally of the same circuit, on the same device) into this one:
+        its sequences are renumbered (a sequence both saw is one sequence), sums add up, top-k lists merge."""
+        index: dict[tuple[int, ...], int] = {}
+        for i, seq in enumerate(self.sequences):
+            index.setdefault(seq, i)
+        seq_map = []
+        for seq in other.sequences:
+            if seq not in index:
+                index[seq] = len(self.sequences)
+                self.sequences.append(seq)
+            seq_map.append(index[seq])
+        remap = torch.tensor(seq_map, dtype=torch.long)
+        for name, u in self.units.items():
+            u.merge(other.units[name], remap)
+
 
 # --------------------------------------------------------------------------------------------------
 # The pass
@@ -230,19 +294,25 @@ def record_activations(
     contexts: str | Path | None = None,
     batch_size: int = 16,
     enabled: bool = True,
+    shard: Callable[[list[list[tuple[int, ...]]]], list[list[tuple[int, ...]]]] | None = None,
+    merge: Callable[[ContextTally], ContextTally] | None = None,
 ) -> Circuit:
     """``circuit`` with every node's :class:`NodeActivation` (mean activation on the clean and the
     patch rows of ``batches``, top ``top_k`` contexts per source over the discovery prompts and the
     ``contexts`` file), and ``timing_s["contexts"]``; see the module docstring. ``top_k=0`` (or a
     circuit without nodes) returns ``circuit`` unchanged. ``batch_size``: the discovery batch size
     (a forward of the ``contexts`` file runs up to ``2 * batch_size * 32`` padded tokens of document
-    pieces, shortest first); ``enabled``: the progress bar."""
+    pieces, shortest first); ``enabled``: the progress bar. Data parallel: ``batches`` are this
+    rank's shard, ``shard`` picks this rank's share of the ``contexts`` file's chunks, and ``merge``
+    combines every rank's :class:`ContextTally` (``DataParallel.shard`` / ``.merge``), so every rank
+    returns the contexts of all the data."""
     if top_k < 0 or before < 0 or after < 0:
         raise ValueError(f"top_k, before and after must be >= 0, got {top_k}, {before}, {after}")
     if top_k == 0 or not circuit.nodes:
         return circuit
     t0 = time.perf_counter()
-    from feature_circuits.attribution.forward import collect_states
+    from feature_circuits.attribution.forward import collect_activations
+    from feature_circuits.dictionaries import encode_with_error
 
     docs = read_contexts_file(contexts) if contexts is not None else []
     units: dict[str, _SiteUnits] = {}
@@ -263,8 +333,14 @@ def record_activations(
 
     @torch.no_grad()
     def run(ids: Tensor) -> dict[str, Tensor]:
-        states, _ = collect_states(loaded, dictionaries, ids, sites)
-        return {name: u.gather(states[name].f, states[name].err) for name, u in units.items()}
+        # one site's dense (rows, s, F) features at a time, reduced at once to the circuit's units
+        acts, _ = collect_activations(loaded, ids, sites)
+        out = {}
+        for name, u in units.items():
+            f, err = encode_with_error(dictionaries[name], acts.pop(name))
+            out[name] = u.gather(f, err)
+            del f, err
+        return out
 
     for batch in progress(batches, desc="feature contexts", unit="batch", enabled=enabled):
         b = len(batch)
@@ -288,6 +364,8 @@ def record_activations(
         pieces = _doc_pieces(loaded.tokenizer, docs, _max_tokens(loaded))
         pad = _pad_id(loaded.tokenizer)
         chunks = _pack(pieces, budget=2 * batch_size * _TOKENS_PER_ROW)
+        if shard is not None:
+            chunks = shard(chunks)
         for chunk in progress(chunks, desc="feature contexts (--contexts)", unit="batch", enabled=enabled):
             chunk = [p for p in chunk if p]
             if not chunk:
@@ -304,6 +382,9 @@ def record_activations(
             for name, u in units.items():
                 u.merge_top("contexts", acts[name], seq_ids, valid.to(acts[name].device))
 
+    if merge is not None:
+        tally = merge(ContextTally(units, sequences).cpu())
+        units, sequences = tally.units, tally.sequences
     decode = _Decoder(loaded.tokenizer)
     nodes = []
     for node in circuit.nodes:

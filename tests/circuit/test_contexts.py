@@ -365,3 +365,55 @@ def test_discover_records_contexts_for_every_node(tmp_path, neox_dir, neox_saes)
         DiscoverConfig(**common, contexts=str(bad))
     with pytest.raises(ConfigError, match="--context-top-k must be >= 0"):
         DiscoverConfig(**common, context_top_k=-1)
+
+
+def test_ranks_merged_equal_one_process(model, tmp_path):
+    """Data parallel: two "ranks" each see half of the batches and half of the contexts file's
+    chunks (``shard``), their tallies are merged (``merge``, as ``DataParallel.merge`` does in rank
+    order), and the contexts equal one process over everything -- including a prompt both ranks
+    saw, which is one candidate, not two."""
+    from feature_circuits.circuit.contexts import ContextTally
+
+    loaded, dicts = model
+    batches = _batches(n_batches=4)
+    batches.append(batches[0])  # rank 0 gets batches 0, 2, 4 (= 0 again), rank 1 gets 1 and 3
+    words = VOCAB[4:]
+    path = tmp_path / "extra.txt"
+    path.write_text("\n".join(" ".join(words[i : i + 7]) for i in range(0, 40, 5)) + "\n")
+    kw = {"top_k": K, "before": BEFORE, "after": AFTER, "contexts": path, "batch_size": 1, "enabled": False}
+    one = record_activations(_circuit(NODES), loaded, dicts, batches, **kw)
+
+    tallies: dict[int, ContextTally] = {}
+
+    def shard_of(rank: int):
+        return lambda items: list(items[rank::2])
+
+    def keep(rank: int):
+        def merge(t: ContextTally) -> ContextTally:
+            tallies[rank] = t
+            if rank == 0:
+                return t
+            total = tallies[0]
+            total.merge(t)
+            return total
+
+        return merge
+
+    # rank 0 first (its merge just keeps its tally), then rank 1's merge adds it to rank 0's
+    record_activations(_circuit(NODES), loaded, dicts, batches[0::2], shard=shard_of(0), merge=keep(0), **kw)
+    two = record_activations(
+        _circuit(NODES), loaded, dicts, batches[1::2], shard=shard_of(1), merge=keep(1), **kw
+    )
+
+    def view(c):
+        out = {}
+        for n in c.nodes:
+            a = n.activation
+            ctx = sorted((c.tokens, c.index, round(c.activation, 5), c.source) for c in a.contexts)
+            out[n.id] = (round(a.mean_clean, 5), round(a.mean_patch, 5), ctx)
+        return out
+
+    v1, v2 = view(one), view(two)
+    assert sum(len(x[2]) for x in v1.values()) > 0
+    assert {s for x in v1.values() for *_, s in x[2]} == {"discovery", "contexts"}
+    assert v1 == v2
