@@ -67,16 +67,14 @@ def gradient_node_effects(req: NodeRequest, *, lrp: LRPConfig | None, method: Me
         loaded, dictionaries, batch, site_list, clean, metric, req.counterfactual
     )
     deltas = {k: patch[k] - clean[k] for k in clean}
-    effects = {k: grads[k].node_product(deltas[k]) for k in clean}
-    return NodeEffects(
-        method=method,
-        effects=effects,
-        deltas=deltas,
-        grads=grads,
+    return NodeEffects.from_gradients(
+        method,
         clean=clean,
+        grads=grads,
+        deltas=deltas,
         metric_clean=metric_clean,
         metric_patch=metric_patch,
-        timing_s={"total": time.perf_counter() - t0},
+        t0=t0,
     )
 
 
@@ -100,7 +98,6 @@ def _sparse_gradient_node_effects(
     clean: dict[str, State] = {}
     grads: dict[str, State] = {}
     deltas: dict[str, State] = {}
-    effects = {}
     for s in site_list:
         ae = dictionaries[s.name]
         x = acts.pop(s.name)
@@ -108,18 +105,15 @@ def _sparse_gradient_node_effects(
             ae, x, acts_p.pop(s.name, None), SparseDecoder.of(ae, x), grad=g_out.pop(s.name)
         )
         assert gs is not None  # a gradient was given
-        d = p - c
-        clean[s.name], grads[s.name], deltas[s.name] = c, gs, d
-        effects[s.name] = gs.node_product(d)
-    return NodeEffects(
-        method=method,
-        effects=effects,
-        deltas=deltas,
-        grads=grads,
+        clean[s.name], grads[s.name], deltas[s.name] = c, gs, p - c
+    return NodeEffects.from_gradients(
+        method,
         clean=clean,
+        grads=grads,
+        deltas=deltas,
         metric_clean=metric_clean,
         metric_patch=metric_patch,
-        timing_s={"total": time.perf_counter() - t0},
+        t0=t0,
     )
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 
 import torch
-from torch import Tensor
 
 from feature_circuits.attribution.forward import (
     SparseDecoder,
@@ -58,7 +57,6 @@ def ig_node_effects(req: NodeRequest, options: MethodOptions) -> NodeEffects:
     steps_per_chunk = max(1, opts.max_rows // max(b, 1))
     grads: dict[str, State] = {}
     deltas: dict[str, State] = {}
-    effects: dict[str, Tensor] = {}
     n_chunks = len(site_list) * len(range(0, steps, steps_per_chunk))
     bar = progress_bar(total=n_chunks, desc="ig", unit="fwd", enabled=opts.progress)
     for s in site_list:
@@ -86,19 +84,16 @@ def ig_node_effects(req: NodeRequest, options: MethodOptions) -> NodeEffects:
             if gerr is not None:
                 gerr_sum += gerr.view(n, *c.err.shape).sum(0)
             bar.update(1)
-        g_site, d_site = SiteState(gf_sum / steps, gerr_sum / steps), p - c
-        grads[s.name], deltas[s.name] = g_site, d_site
-        effects[s.name] = g_site.node_product(d_site)
+        grads[s.name], deltas[s.name] = SiteState(gf_sum / steps, gerr_sum / steps), p - c
     bar.close()
-    return NodeEffects(
-        method=Method.IG,
-        effects=effects,
-        deltas=deltas,
-        grads=grads,
+    return NodeEffects.from_gradients(
+        Method.IG,
         clean=clean,
+        grads=grads,
+        deltas=deltas,
         metric_clean=run.metric_clean,
         metric_patch=run.metric_patch,
-        timing_s={"total": time.perf_counter() - t0},
+        t0=t0,
     )
 
 
@@ -122,7 +117,6 @@ def _sparse_ig(
     clean: dict[str, State] = {}
     grads: dict[str, State] = {}
     deltas: dict[str, State] = {}
-    effects: dict[str, Tensor] = {}
     n_chunks = len(site_list) * len(range(0, steps, steps_per_chunk))
     bar = progress_bar(total=n_chunks, desc="ig", unit="fwd", enabled=progress)
     for s in site_list:
@@ -157,20 +151,16 @@ def _sparse_ig(
         g_out = g_sum / steps  # d m / d(site output) averaged over the steps = the error gradient
         with torch.no_grad():
             gv = dec.dot(c.crow, c.col, g_out.reshape(n_rows, -1)).to(c.values.dtype)
-        gs = c.with_values(gv, g_out)
-        d = p - c
-        clean[s.name], grads[s.name], deltas[s.name] = c, gs, d
-        effects[s.name] = gs.node_product(d)
+        clean[s.name], grads[s.name], deltas[s.name] = c, c.with_values(gv, g_out), p - c
     bar.close()
-    return NodeEffects(
-        method=Method.IG,
-        effects=effects,
-        deltas=deltas,
-        grads=grads,
+    return NodeEffects.from_gradients(
+        Method.IG,
         clean=clean,
+        grads=grads,
+        deltas=deltas,
         metric_clean=metric_clean,
         metric_patch=metric_patch,
-        timing_s={"total": time.perf_counter() - t0},
+        t0=t0,
     )
 
 

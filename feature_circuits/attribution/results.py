@@ -15,6 +15,7 @@ turns a sparse result into a dense one for readers that want plain tensors.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -207,6 +208,32 @@ class NodeEffects:
     metric_clean: Tensor
     metric_patch: Tensor
     timing_s: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_gradients(
+        cls,
+        method: Method,
+        *,
+        clean: Mapping[str, State],
+        grads: Mapping[str, State],
+        deltas: Mapping[str, State],
+        metric_clean: Tensor,
+        metric_patch: Tensor,
+        t0: float,
+    ) -> NodeEffects:
+        """A gradient method's result: every site's effect is ``grads[site] . deltas[site]`` (node
+        by node, :meth:`SiteState.node_product`); ``timing_s["total"]`` counts from ``t0``
+        (``time.perf_counter()``)."""
+        return cls(
+            method=method,
+            effects={k: grads[k].node_product(deltas[k]) for k in clean},
+            deltas=deltas,
+            grads=grads,
+            clean=clean,
+            metric_clean=metric_clean,
+            metric_patch=metric_patch,
+            timing_s={"total": time.perf_counter() - t0},
+        )
 
     @property
     def total_effect(self) -> Tensor:
