@@ -21,6 +21,15 @@ path keeps only the active ones, ``d`` its width):
   - edges (when computed): a second graph of the same size held while the batched vector-Jacobian
     products run, and their cotangents, ``2 b s F e`` per site.
 
+On the sparse feature path (``sparse=True``; docs/algorithms.md, "Sparse feature path") the
+states are the active slots only, ``b s F_a (4 e + 16)`` per site (four value arrays and the int64
+row and feature of each slot) plus ``5 b s d e`` of d-wide errors and gradients; the encoder runs
+without autograd over row chunks, so instead of ``2 b s F e`` per site there is one transient of at
+most the chunk budget (``min(2 b s F, budget) (2 e + 1)``, for the largest site), which does not
+grow with ``b``; and the edges' cotangents are d wide (``64 b s d e`` per site for a chunk of 64
+VJP rows). ``F_a`` is not known before a run: :func:`probe_active_features` measures it on a few
+prompts (twice the mean number of active features per token: the clean and the patch input's).
+
 It is an upper-bound style estimate (every term the dense path can hold at once), checked against
 the tensors one batch really allocates in ``tests/test_memory.py``; docs/methods.md compares it with
 measured peaks. :func:`available_bytes` is what the device has free now: CUDA
@@ -30,6 +39,7 @@ measured peaks. :func:`available_bytes` is what the device has free now: CUDA
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -46,6 +56,7 @@ __all__ = [
     "available_bytes",
     "choose_batch_size",
     "estimate_memory",
+    "probe_active_features",
 ]
 
 GIB = 2**30
@@ -65,6 +76,10 @@ class MemoryEstimate:
     sae_state_bytes: int  # the SAE-state part of ``per_batch_bytes``
     activation_bytes: int  # the model-activation part
     edge_bytes: int  # the edge part
+    #: the part of ``per_batch_bytes`` that does not grow with the batch (the sparse path's encoder chunk)
+    transient_bytes: int = 0
+    #: features per token the sparse path is assumed to store (None: the dense path)
+    active_features: int | None = None
 
     @property
     def fixed_bytes(self) -> int:
@@ -82,6 +97,11 @@ class MemoryEstimate:
             f"(SAE states {self.sae_state_bytes / g:.2f}, model activations "
             f"{self.activation_bytes / g:.2f}, edges {self.edge_bytes / g:.2f}); "
             f"total {self.total_bytes / g:.2f} GiB"
+            + (
+                ""
+                if self.active_features is None
+                else f" (sparse feature path, {self.active_features} stored features per site and token)"
+            )
         )
 
 
@@ -112,10 +132,14 @@ def estimate_memory(
     seq_len: int,
     edges: bool = True,
     active_features: int | None = None,
+    sparse: bool = False,
 ) -> MemoryEstimate:
     """The memory of a run of ``loaded`` with ``dicts`` on batches of ``batch_size`` x ``seq_len``
-    tokens (``active_features``: features stored per site and token by the sparse path; None: all)."""
+    tokens (``active_features``: features stored per site and token by the sparse path; None: all).
+    ``sparse``: the sparse feature path's terms (see the module docstring)."""
     import torch
+
+    from feature_circuits.attribution.forward import encode_budget
 
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
@@ -128,8 +152,9 @@ def estimate_memory(
     model_bytes = _module_bytes(loaded.hf_model) or 0
     sae_bytes = 0
     bs = batch_size * seq_len
-    state = graph = 0
-    for site in loaded.sites:
+    state = graph = transient = cot = 0
+    budget = encode_budget(torch.device(loaded.device))
+    for site in loaded.all_sites:
         ae = dicts.get(site.name)
         if ae is None:
             continue
@@ -138,13 +163,18 @@ def estimate_memory(
         own = _module_bytes(ae)
         sae_bytes += own if own is not None else (2 * f_all * d_site + f_all + d_site) * e
         f_kept = f_all if active_features is None else min(f_all, int(active_features))
-        state += 5 * bs * (f_kept + d_site) * e
-        graph += 2 * bs * f_all * e
+        if sparse:
+            state += bs * f_kept * (4 * e + 16) + 5 * bs * d_site * e
+            transient = max(transient, min(2 * bs * f_all, budget) * (2 * e + 1))
+            cot += 64 * bs * d_site * e
+        else:
+            state += 5 * bs * (f_kept + d_site) * e
+            graph += 2 * bs * f_all * e
     n_layers = loaded.n_layers
     acts = n_layers * (bs * (12 * d + 2 * d_mlp) + 2 * batch_size * heads * seq_len * seq_len) * e
     acts += 2 * bs * vocab * e
-    sae_state = state + graph
-    edge = (acts + graph) if edges else 0
+    sae_state = state + graph + transient
+    edge = (acts + graph + cot) if edges else 0
     return MemoryEstimate(
         model_bytes=model_bytes,
         sae_bytes=sae_bytes,
@@ -154,7 +184,35 @@ def estimate_memory(
         sae_state_bytes=sae_state,
         activation_bytes=acts,
         edge_bytes=edge,
+        transient_bytes=transient,
+        active_features=active_features if sparse else None,
     )
+
+
+def probe_active_features(loaded: LoadedModel, dicts: Mapping[str, Dictionary], *ids: torch.Tensor) -> int:
+    """Features the sparse path will store per site and token, measured on the prompts ``ids``
+    (each (b, s), e.g. a batch's clean and patch ids): twice the largest (over the sites) mean
+    number of non-zero features per token -- the path keeps the union of the clean and the patch
+    input's -- at most the dictionary size."""
+    import torch
+
+    from feature_circuits.attribution.forward import attribution_sites, collect_activations
+
+    sites = attribution_sites(loaded, dicts)
+    counts: dict[str, list[float]] = {s.name: [0.0, 0.0] for s in sites}  # active, tokens
+    with torch.no_grad():
+        for x_ids in ids:
+            acts, _ = collect_activations(loaded, x_ids, sites)
+            for s in sites:
+                n = (dicts[s.name].encode(acts.pop(s.name)) != 0).sum(-1)
+                counts[s.name][0] += float(n.sum())
+                counts[s.name][1] += n.numel()
+    worst = 0
+    for s in sites:
+        active, tokens = counts[s.name]
+        mean = active / max(tokens, 1.0)
+        worst = max(worst, min(int(dicts[s.name].dict_size), math.ceil(2 * mean)))
+    return worst
 
 
 def _meminfo_available() -> int | None:
@@ -200,6 +258,7 @@ def choose_batch_size(
     free_bytes: int | None = None,
     margin: float = DEFAULT_MARGIN,
     active_features: int | None = None,
+    sparse: bool = False,
 ) -> int:
     """The largest batch size whose estimated per-batch memory fits in ``margin`` of the memory free
     on the model's device (``free_bytes`` overrides what is measured; the model and the SAEs are
@@ -210,11 +269,19 @@ def choose_batch_size(
     free = available_bytes(loaded.device) if free_bytes is None else int(free_bytes)
     budget = margin * free
     one = estimate_memory(
-        loaded, dicts, batch_size=1, seq_len=seq_len, edges=edges, active_features=active_features
+        loaded,
+        dicts,
+        batch_size=1,
+        seq_len=seq_len,
+        edges=edges,
+        active_features=active_features,
+        sparse=sparse,
     )
-    # per-batch memory is linear in b (attention included): b = budget // per-example bytes
-    per_example = max(1, one.per_batch_bytes)
-    b = int(budget // per_example)
+    # per-batch memory is linear in b (attention included) past the sparse path's bounded encoder
+    # chunk: b = (budget - chunk) // per-example bytes (a slight underestimate of b: the chunk of
+    # one example may be below the budget)
+    per_example = max(1, one.per_batch_bytes - one.transient_bytes)
+    b = int(max(0.0, budget - one.transient_bytes) // per_example)
     if limit is not None:
         b = min(b, int(limit))
     return max(1, b)

@@ -458,6 +458,7 @@ def discover(cfg: DiscoverConfig, *, log: Log = _quiet) -> Circuit:
     accumulated sums are merged across ranks, and rank 0 writes the outputs."""
     from feature_circuits import distributed
     from feature_circuits.attribution import edge_effects, load_for_attribution, method_spec, node_effects
+    from feature_circuits.attribution.forward import attribution_sites, use_sparse
     from feature_circuits.circuit import (
         EFFECTS_FILE,
         EdgeAccumulator,
@@ -469,7 +470,7 @@ def discover(cfg: DiscoverConfig, *, log: Log = _quiet) -> Circuit:
     from feature_circuits.circuit.contexts import record_activations
     from feature_circuits.data import load_pairs, make_batches, resolve_dataset
     from feature_circuits.dictionaries import dictionary_infos
-    from feature_circuits.memory import choose_batch_size, estimate_memory
+    from feature_circuits.memory import choose_batch_size, estimate_memory, probe_active_features
     from feature_circuits.metrics import get_metric
     from feature_circuits.progress import progress
     from feature_circuits.render import load_labels
@@ -531,18 +532,19 @@ def discover(cfg: DiscoverConfig, *, log: Log = _quiet) -> Circuit:
     if len(pairs) < cfg.num_examples:
         log(f"note: {data_path} has only {len(pairs)} examples (asked for {cfg.num_examples})")
     mine = pairs if dist is None else dist.shard(pairs)
+    # the sparse feature path stores only the active features: measured on a few prompts
+    sparse = cfg.method is not Method.EXACT and use_sparse(dicts, attribution_sites(loaded, dicts))
+    active = None
+    if sparse and mine:
+        probe = make_batches(mine[:8], loaded.tokenizer, 8)[0]
+        active = probe_active_features(loaded, dicts, probe.clean, probe.patch)
+    mem = {"edges": cfg.computes_edges, "active_features": active, "sparse": sparse}
     if cfg.batch_size == "auto":
-        batch_size = choose_batch_size(
-            loaded, dicts, seq_len=lengths[-1], edges=cfg.computes_edges, limit=max(1, len(mine))
-        )
+        batch_size = choose_batch_size(loaded, dicts, seq_len=lengths[-1], limit=max(1, len(mine)), **mem)
         log(f"--batch-size auto: {batch_size}")
     else:
         batch_size = int(cfg.batch_size)
-    log(
-        estimate_memory(
-            loaded, dicts, batch_size=batch_size, seq_len=lengths[-1], edges=cfg.computes_edges
-        ).describe()
-    )
+    log(estimate_memory(loaded, dicts, batch_size=batch_size, seq_len=lengths[-1], **mem).describe())
     batches = make_batches(mine, loaded.tokenizer, batch_size)
     first_tokens = pairs[0].tokens_for(loaded.tokenizer).clean
     del pairs, mine  # the batches hold what the loop needs

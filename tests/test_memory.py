@@ -127,3 +127,80 @@ def test_discover_batch_size_auto(tmp_path, neox_dir, neox_saes):
     assert [pytest.approx(n.effect, rel=1e-4, abs=1e-6) for n in auto.nodes] == [
         n.effect for n in fixed.nodes
     ]
+
+
+def test_sparse_estimate_probe_and_discover(tmp_path, neox_dir):
+    """The sparse path's estimate: the probe counts the active features the path really stores, the
+    SAE-state term bounds the slots and d-wide tensors node_effects returns, it is far below the
+    dense estimate, and discover prints it (4096-feature SAEs: the sparse path is chosen)."""
+    from feature_circuits.attribution.forward import collect_activations, use_sparse
+    from feature_circuits.attribution.results import SparseSiteState
+    from feature_circuits.memory import probe_active_features
+    from tests.helpers import save_random_saes, tiny_gpt_neox
+
+    saes = save_random_saes(tiny_gpt_neox(), tmp_path / "s", dict_size=4096, dict_id="10_4096")
+    loaded, dicts = load_for_attribution(str(neox_dir), str(saes / "tiny"), device="cpu")
+    sites = [s for s in loaded.all_sites if s.name in dicts]
+    assert use_sparse(dicts, sites)
+    b, s = 4, 6
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.randint(4, 60, (b, s), generator=gen)
+    patch = clean.clone()
+    patch[:, 1] = (patch[:, 1] + 1) % 60
+    # like a trained SAE: ~32 active features per token (a random encoder fires ~half of them)
+    acts, _ = collect_activations(loaded, clean, sites)
+    with torch.no_grad():
+        for site in sites:
+            ae = dicts[site.name]
+            x = acts[site.name].reshape(-1, site.d_model)
+            pre = (x - ae.bias) @ ae.encoder.weight.T + ae.encoder.bias
+            ae.encoder.bias.sub_(torch.topk(pre.flatten(), 32 * x.shape[0]).values[-1])
+    batch = Batch(
+        clean=clean, patch=patch, clean_answer=torch.full((b,), 8), patch_answer=torch.full((b,), 9), pairs=()
+    )
+    ne = node_effects(loaded, dicts, batch, Method.ATP)
+    assert ne.is_sparse
+    k = probe_active_features(loaded, dicts, clean, patch)
+    slots = {name: st.col.numel() for name, st in ne.clean.items() if isinstance(st, SparseSiteState)}
+    # the probe (2x the mean per token, the worst site) bounds the union of clean and patch slots
+    assert max(slots.values()) <= k * b * s
+    assert 16 <= k <= 256
+    measured = 0
+    for st in ne.clean.values():
+        assert isinstance(st, SparseSiteState)
+        measured += 4 * _nbytes(st.values) + _nbytes(st.row) + _nbytes(st.col) + 4 * _nbytes(st.err)
+    sparse = estimate_memory(loaded, dicts, batch_size=b, seq_len=s, active_features=k, sparse=True)
+    dense = estimate_memory(loaded, dicts, batch_size=b, seq_len=s)
+    assert measured <= sparse.sae_state_bytes
+    assert sparse.sae_state_bytes < dense.sae_state_bytes / 4
+    assert "sparse feature path" in sparse.describe() and "sparse" not in dense.describe()
+    # the encoder chunk does not grow with the batch: more examples fit than the dense estimate allows
+    free = 50 * dense.per_batch_bytes
+    assert choose_batch_size(loaded, dicts, seq_len=s, free_bytes=free, active_features=k, sparse=True) > (
+        choose_batch_size(loaded, dicts, seq_len=s, free_bytes=free)
+    )
+    rows = [
+        {
+            "clean_prefix": f"the w{i} and",
+            "patch_prefix": f"the w{i + 1} and",
+            "clean_answer": " is",
+            "patch_answer": " are",
+        }
+        for i in range(4)
+    ]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines: list[str] = []
+    cfg = DiscoverConfig(
+        model=str(neox_dir),
+        saes=str(saes / "tiny"),
+        dataset=str(data),
+        num_examples=4,
+        batch_size="auto",
+        progress=False,
+        out=None,
+        nodes_only=True,
+        context_top_k=0,
+    )
+    discover(cfg, log=lines.append)
+    assert any("sparse feature path" in x for x in lines if x.startswith("memory estimate:")), lines
