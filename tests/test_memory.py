@@ -135,6 +135,7 @@ def test_sparse_estimate_probe_and_discover(tmp_path, neox_dir):
     dense estimate, and discover prints it (4096-feature SAEs: the sparse path is chosen)."""
     from feature_circuits.attribution.forward import collect_activations, use_sparse
     from feature_circuits.attribution.results import SparseSiteState
+    from feature_circuits.dictionaries import MarksAutoEncoder
     from feature_circuits.memory import probe_active_features
     from tests.helpers import save_random_saes, tiny_gpt_neox
 
@@ -152,6 +153,7 @@ def test_sparse_estimate_probe_and_discover(tmp_path, neox_dir):
     with torch.no_grad():
         for site in sites:
             ae = dicts[site.name]
+            assert isinstance(ae, MarksAutoEncoder)
             x = acts[site.name].reshape(-1, site.d_model)
             pre = (x - ae.bias) @ ae.encoder.weight.T + ae.encoder.bias
             ae.encoder.bias.sub_(torch.topk(pre.flatten(), 32 * x.shape[0]).values[-1])
