@@ -11,17 +11,14 @@ same numbers (the largest absolute difference is reported). On the Pythia-70M-sh
 runs on a subset of the nodes of every site pair and is extrapolated per node.
 
 Memory. CUDA: ``torch.cuda.max_memory_allocated`` above the allocation at the start of the call.
-CPU: peak resident set size above the RSS at the start of the call, sampled every 2 ms from
-``/proc/self/statm`` in a background thread, after ``malloc_trim(0)`` so freed heap pages from earlier
-runs are returned to the OS first. It counts everything the call allocates (tensors, autograd
-graphs, nnsight bookkeeping). With glibc's default (dynamic) mmap threshold the RSS of a call
-depends on what ran before it (a 1 GB floor run raises the threshold, and later allocations then
-reuse heap pages: the same sparse call measured 108 MB after the floor and 278 MB without it), so
-:func:`measure_many` measures memory in a separate pass after the timed runs, one run per
-function, with the mmap threshold fixed at 64 KiB (:func:`fixed_mmap_threshold`): every tensor
-above 64 KiB is then mapped when allocated and unmapped when freed, and the RSS follows the live
-tensors (the same call then measures 55 MB in either order). Allocations that live < 2 ms can
-still be missed.
+CPU: the peak of the bytes held by tensors the call allocates (:func:`tensor_peak_bytes`: every
+allocation and free the torch profiler records, ``profile_memory=True``, replayed in time order),
+in one more run after the timed ones -- the CPU counterpart of CUDA's number, exact and repeatable
+(the same call gives the same bytes), without the model's and the SAEs' weights, which exist before
+the call. The resident set size is reported beside it (``peak_rss_mb``: sampled every 2 ms above
+the RSS at the start of each timed run, after ``malloc_trim(0)``), but it is not what the ratios
+use: it depends on what ran before (glibc's dynamic mmap threshold decides whether freed pages are
+reused) and varied from 77 to 153 MB for the same sparse call.
 
 Shaped models and discovery end to end: besides the Pythia-70M shape, ``--gemma`` builds a
 Gemma-2-2B-shaped model of reduced depth (:data:`GEMMA2_2B_SHAPE` with :data:`GEMMA_BENCH_OVERRIDES`;
@@ -49,7 +46,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -172,25 +169,24 @@ class PeakMemory:
         self.peak = max(0, top - self.start)
 
 
-#: glibc mallopt parameter M_MMAP_THRESHOLD
-_M_MMAP_THRESHOLD = -3
+def tensor_peak_bytes(fn: Callable[[], Any]) -> int:
+    """Peak bytes held by the CPU tensors ``fn()`` allocates (its result is dropped before the
+    end): the torch profiler's memory records (each op's own allocations at its start, each free at
+    its time), summed in time order."""
+    from torch.profiler import ProfilerActivity, profile
 
-
-@contextlib.contextmanager
-def fixed_mmap_threshold(threshold: int = 1 << 16, after: int = 32 << 20) -> Iterator[bool]:
-    """glibc's mmap threshold fixed at ``threshold`` bytes inside the block (every larger allocation
-    is mapped and unmapped on its own, so RSS follows live memory), set to ``after`` (glibc's
-    largest dynamic value on 64-bit) when it ends. Yields whether it could be set (not glibc: no)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
-    except (OSError, AttributeError):
-        libc, ok = None, False
-    try:
-        yield ok
-    finally:
-        if libc is not None and ok:
-            libc.mallopt(_M_MMAP_THRESHOLD, after)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    events = sorted(
+        (e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
+        for e in prof.events() or ()
+    )
+    live = top = 0
+    for _, delta in events:
+        live += delta
+        top = max(top, live)
+    return int(top)
 
 
 def measure_many(
@@ -201,9 +197,9 @@ def measure_many(
 ) -> dict[str, dict[str, Any]]:
     """Median wall time of ``repeats`` runs of each function after ``warmup`` untimed runs; the repeats
     are interleaved (f1, f2, ..., f1, f2, ...) so a change of the machine's load during the measurement
-    hits every function alike. Peak memory: on CUDA the maximum over the timed runs; on the CPU one
-    more run of each function after the timed ones, with the mmap threshold fixed
-    (:func:`fixed_mmap_threshold`; see the module docstring)."""
+    hits every function alike. Peak memory: on CUDA the maximum over the timed runs; on the CPU the
+    tensor bytes of one more run of each function (:func:`tensor_peak_bytes`; the RSS of the timed
+    runs is ``peak_rss_mb``; see the module docstring)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -220,22 +216,18 @@ def measure_many(
                 times[name].append(time.perf_counter() - t0)
             peaks[name].append(pm.peak)
             abs_peaks[name].append(pm.absolute_peak)
-    memory_pass = "timed runs"
+    tensor_peaks: dict[str, int] = {}
     if device.type != "cuda":
-        with fixed_mmap_threshold() as fixed:
-            if fixed:
-                memory_pass = "separate run, mmap threshold 64 KiB"
-                for name, fn in fns.items():
-                    with PeakMemory(device) as pm:
-                        fn()
-                    peaks[name], abs_peaks[name] = [pm.peak], [pm.absolute_peak]
+        for name, fn in fns.items():
+            tensor_peaks[name] = tensor_peak_bytes(fn)
     return {
         k: {
             "median_s": statistics.median(times[k]),
             "times_s": [round(t, 5) for t in times[k]],
-            "peak_mem_mb": max(peaks[k]) / 2**20,
+            "peak_mem_mb": (tensor_peaks[k] if k in tensor_peaks else max(peaks[k])) / 2**20,
+            "peak_rss_mb": max(peaks[k]) / 2**20,
             "peak_total_mb": max(abs_peaks[k]) / 2**20,
-            "memory_measured": memory_pass,
+            "memory_measured": "tensor bytes (torch profiler)" if k in tensor_peaks else "cuda allocator",
         }
         for k in fns
     }
@@ -610,7 +602,35 @@ def bench_model(
             if k[1] != "logit"
         ),
     }
+    res["discovery_thresholds"] = discovery_thresholds(node_results["relp"], batched)
     return res
+
+
+#: circuit size the end-to-end discovery run aims at on a random model (the default thresholds,
+#: made for trained models, keep nothing of random weights' tiny effects)
+DISCOVERY_NODES, DISCOVERY_EDGES = 32, 64
+
+
+def _kth_largest(values: Tensor, k: int) -> float:
+    """A threshold just below the k-th largest of ``values`` (all of them when there are fewer)."""
+    v = values.abs().flatten()
+    v = v[v > 0]
+    if v.numel() == 0:
+        return 0.0
+    return float(torch.topk(v, min(k, v.numel())).values[-1]) * (1 - 1e-6)
+
+
+def discovery_thresholds(nodes: Any, edges: Any) -> dict[str, float]:
+    """Node and edge thresholds under which the benchmark batch's aggregated relp circuit has about
+    :data:`DISCOVERY_NODES` nodes and :data:`DISCOVERY_EDGES` edges (for ``discover`` on the same
+    random model: a circuit big enough that edges and contexts are part of the measured work)."""
+    from feature_circuits.circuit import aggregate_edges, aggregate_nodes
+
+    agg = aggregate_nodes([nodes])
+    node_thr = _kth_largest(torch.cat([t.flatten() for t in agg.effects.values()]), DISCOVERY_NODES)
+    sums = [t.coalesce().values() for t in aggregate_edges([edges]).values() if t.is_sparse]
+    edge_thr = _kth_largest(torch.cat(sums), DISCOVERY_EDGES) if sums else 0.0
+    return {"node_threshold": node_thr, "edge_threshold": edge_thr}
 
 
 # ---------------------------------------------------------------------- discovery, data-parallel
@@ -717,15 +737,19 @@ def bench_discovery(
     nproc: int = 2,
     threads: int = 1,
     device: str = "cpu",
+    thresholds: dict[str, float] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Discovery end to end (relp nodes and edges, default thresholds) on ``n_examples`` random pairs in
-    one process and in ``nproc`` torchrun processes (``threads`` torch threads each); the time of each
-    as a ratio to the dense floor of the same batches (``floor_s`` per batch times the number of
-    batches), the data-parallel speedup, and whether the two circuits are the same."""
+    """Discovery end to end (relp nodes and edges; ``thresholds``: ``node_threshold`` /
+    ``edge_threshold``, default the CLI's) on ``n_examples`` random pairs in one process and in
+    ``nproc`` torchrun processes (``threads`` torch threads each); the time of each as a ratio to the
+    dense floor of the same batches (``floor_s`` per batch times the number of batches), the
+    data-parallel speedup, and whether the two circuits are the same."""
     data = write_random_pairs(work / "pairs.jsonl", n=n_examples, seq_len=seq_len, n_words=n_words)
     args = [f"--model={model_dir}", f"--saes={sae_root}", f"--dataset={data}"]
     args += [f"--num-examples={n_examples}", f"--batch-size={batch_size}", "--method=relp"]
+    for name, value in (thresholds or {}).items():
+        args.append(f"--{name.replace('_', '-')}={value!r}")
     n_batches = -(-n_examples // batch_size)
     runs = {}
     for k in (1, nproc):
@@ -741,6 +765,7 @@ def bench_discovery(
         "n_examples": n_examples,
         "batch_size": batch_size,
         "seq_len": seq_len,
+        "thresholds": dict(thresholds or {}),
         "n_batches": n_batches,
         "floor_per_batch_s": floor_s,
         "one_process": one,
@@ -813,7 +838,11 @@ def markdown(report: dict[str, Any]) -> str:
                     (
                         f"Discovery end to end (relp nodes + edges, {d['n_examples']} examples in "
                         f"{d['n_batches']} batches of {d['batch_size']} x {d['seq_len']}; dense floor "
-                        f"{d['floor_per_batch_s']:.3f} s per batch):"
+                        f"{d['floor_per_batch_s']:.3f} s per batch"
+                        + "".join(
+                            f"; --{k.replace('_', '-')} {v:.3g}" for k, v in d.get("thresholds", {}).items()
+                        )
+                        + "):"
                     ),
                     "",
                     "| processes x threads | discovery (s) | ratio to floor | peak RSS per process (MiB) "
@@ -1009,6 +1038,7 @@ def _bench_shaped(
                     nproc=nproc,
                     threads=threads,
                     device=str(dev),
+                    thresholds=r.get("discovery_thresholds"),
                     log=log,
                 )
             except Exception as err:  # recorded, the rest of the report stands

@@ -429,6 +429,7 @@ def site_output_grads(
             set_activation(lm, s, x + z)
         logits = save(lm.output.logits)
     m = metric_fn(logits)
+    del logits  # the backward does not need the (b, s, V) logits themselves, only their gradient
     flat = [leaves[s.name] for s in sites]
     got = torch.autograd.grad(m.sum(), flat, allow_unused=True)
     grads = {

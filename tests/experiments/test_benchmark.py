@@ -102,3 +102,25 @@ def test_peak_memory_sees_allocation():
         time.sleep(0.02)
         del x
     assert pm.peak >= 32 * 2**20
+
+
+def test_tensor_peak_bytes_counts_live_tensors():
+    """The CPU memory figure: the peak of live tensor bytes, not of what was ever allocated."""
+    import torch
+
+    from experiments.benchmark import tensor_peak_bytes
+
+    def two_alive():
+        a = torch.ones(1 << 20)  # 4 MiB
+        b = torch.ones(2 << 20)  # 8 MiB, while a lives
+        return float(a.sum() + b.sum())
+
+    def one_at_a_time():
+        for n in (1 << 20, 2 << 20):
+            x = torch.ones(n)
+            del x
+        return 0.0
+
+    mib = 1 << 20
+    assert 12 * mib <= tensor_peak_bytes(two_alive) < 13 * mib
+    assert 8 * mib <= tensor_peak_bytes(one_at_a_time) < 9 * mib
