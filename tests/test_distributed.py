@@ -156,4 +156,13 @@ def test_torchrun_two_processes_same_circuit(tmp_path, neox_dir, neox_saes, dp_d
     # contexts come from every rank's shard (merged), not from rank 0's only
     c1, c2 = _contexts(tmp_path / "one" / "circuit.json"), _contexts(tmp_path / "two" / "circuit.json")
     assert sum(len(v[2]) for v in c1.values()) > 0
-    assert c1 == c2
+    assert c1.keys() == c2.keys()
+    for k, (mc, mp, ctx) in c1.items():
+        mc2, mp2, ctx2 = c2[k]
+        assert (mc, mp) == (mc2, mp2), k
+        # the same top activations; which of several equal ones is kept is a tie (e.g. position 0,
+        # the same token in every prompt), so places are compared above the last kept value only
+        assert sorted(c[2] for c in ctx) == sorted(c[2] for c in ctx2), k
+        if ctx:
+            last = min(c[2] for c in ctx)
+            assert {c for c in ctx if c[2] > last} == {c for c in ctx2 if c[2] > last}, k
