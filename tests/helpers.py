@@ -224,3 +224,23 @@ def small_circuit(aggregation="sum", node_threshold=0.5, edge_threshold=0.1) -> 
         split="train",
         tokens=["The", " keys"] if aggregation == "none" else None,
     )
+
+
+def write_pairs(
+    path: Path, n: int, clean: str = "the w{i} and w{j}", patch: str = "the w{k} and w{j}"
+) -> Path:
+    """A JSON Lines dataset of ``n`` pairs (answers " is" / " are"); ``clean`` / ``patch`` are
+    formatted with ``i``, ``j = i + 1`` and ``k = i + 2`` for pair ``i``."""
+    import json
+
+    rows = [
+        {
+            "clean_prefix": clean.format(i=i, j=i + 1, k=i + 2),
+            "patch_prefix": patch.format(i=i, j=i + 1, k=i + 2),
+            "clean_answer": " is",
+            "patch_answer": " are",
+        }
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -4,7 +4,6 @@ batch choice against a given free-memory budget, and the option's parsing."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
@@ -17,6 +16,7 @@ from feature_circuits.errors import ConfigError
 from feature_circuits.memory import available_bytes, choose_batch_size, estimate_memory
 from feature_circuits.pipeline import DiscoverConfig, discover
 from feature_circuits.types import Method
+from tests.helpers import write_pairs
 
 
 @pytest.fixture(scope="module")
@@ -98,17 +98,7 @@ def test_batch_size_option():
 
 
 def test_discover_batch_size_auto(tmp_path, neox_dir, neox_saes):
-    rows = [
-        {
-            "clean_prefix": f"the w{i} and",
-            "patch_prefix": f"the w{i + 1} and",
-            "clean_answer": " is",
-            "patch_answer": " are",
-        }
-        for i in range(6)
-    ]
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_pairs(tmp_path / "d.jsonl", 6, clean="the w{i} and", patch="the w{j} and")
     lines: list[str] = []
     common: dict[str, Any] = dict(
         model=str(neox_dir),
@@ -181,17 +171,7 @@ def test_sparse_estimate_probe_and_discover(tmp_path, neox_dir):
     assert choose_batch_size(loaded, dicts, seq_len=s, free_bytes=free, active_features=k, sparse=True) > (
         choose_batch_size(loaded, dicts, seq_len=s, free_bytes=free)
     )
-    rows = [
-        {
-            "clean_prefix": f"the w{i} and",
-            "patch_prefix": f"the w{i + 1} and",
-            "clean_answer": " is",
-            "patch_answer": " are",
-        }
-        for i in range(4)
-    ]
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_pairs(tmp_path / "d.jsonl", 4, clean="the w{i} and", patch="the w{j} and")
     lines: list[str] = []
     cfg = DiscoverConfig(
         model=str(neox_dir),

@@ -15,21 +15,12 @@ import feature_circuits as fc
 from feature_circuits.circuit import LOGIT_ID, load_circuit, load_effects
 from feature_circuits.pipeline import DiscoverConfig, EvaluateConfig, discover, evaluate
 from feature_circuits.types import Aggregation, Method, error_index
+from tests.helpers import write_pairs
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    rows = [
-        {
-            "clean_prefix": f"the w{i} and w{i + 1}",
-            "patch_prefix": f"the w{i + 2} and w{i + 1}",
-            "clean_answer": " is",
-            "patch_answer": " are",
-        }
-        for i in range(8)
-    ]
-    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = write_pairs(tmp_path_factory.mktemp("data") / "pairs.jsonl", 8)
     return path
 
 

@@ -13,7 +13,8 @@ of each (example, position) are kept (:class:`SparseSiteState`), decoded, and ge
 ``decode`` is affine, a feature's gradient is its decoder row times the gradient of the site output,
 ``d m / d f_k = W_dec[k] . d m / d x`` (and the error node's gradient is ``d m / d x`` itself), so the
 clean forward only needs one d-wide gradient leaf per site (:func:`site_output_grads`) and the
-feature gradients are gathered rows (:func:`gather_dot`), never an F-wide matmul.
+feature gradients are one sampled product with the decoder rows (:meth:`SparseDecoder.dot`), never
+an F-wide matmul.
 """
 
 from __future__ import annotations
@@ -54,7 +55,6 @@ __all__ = [
     "collect_activations",
     "collect_states",
     "encode_budget",
-    "gather_dot",
     "patch_states",
     "site_output_grads",
     "sparse_site_states",
@@ -315,13 +315,6 @@ def gather_rows(w: Tensor, index: Tensor) -> Tensor:
     if not w.is_contiguous() and w.T.is_contiguous():
         return w.T.index_select(1, index).T
     return w.index_select(0, index)
-
-
-def gather_dot(w: Tensor, row: Tensor, col: Tensor, g: Tensor) -> Tensor:
-    """(slots,): ``w[col[i]] . g[row[i]]`` for decoder rows ``w`` (F, d), a sorted flat ``row``
-    index into ``g`` (rows, d) and feature ``col`` (see :meth:`SparseDecoder.dot`)."""
-    dec = SparseDecoder(w.contiguous(), w.new_zeros(w.shape[1]))
-    return dec.dot(row_offsets(row, g.shape[0]), col, g)
 
 
 def _active_slots(

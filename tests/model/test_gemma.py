@@ -15,7 +15,7 @@ from feature_circuits.model.lrp import get_lrp_controller, install_lrp
 from feature_circuits.model.sites import get_activation, save, set_activation
 from feature_circuits.types import Architecture, LRPConfig, Method
 from tests.attribution.test_edges import _loop_edges
-from tests.helpers import patch_batch, save_model, save_random_saes
+from tests.helpers import patch_batch, save_model, save_random_saes, write_pairs
 from tests.model.archs import tiny_gemma2, tiny_gemma3
 from tests.model.test_lrp import _embed_grad
 
@@ -198,22 +198,11 @@ def test_edges_equal_loop(gemma, method):
 def test_discover_and_evaluate_end_to_end(gemma, tmp_path):
     """The pipeline API on a tiny Gemma saved to a local directory, with random SAEs: a circuit with
     nodes and edges (relp), deterministic, and its evaluation."""
-    import json
 
     from feature_circuits.pipeline import DiscoverConfig, EvaluateConfig, discover, evaluate
 
     family, loaded, _dicts, model_dir, saes = gemma
-    rows = [
-        {
-            "clean_prefix": f"the w{i} and w{i + 1}",
-            "patch_prefix": f"the w{i + 2} and w{i + 1}",
-            "clean_answer": " is",
-            "patch_answer": " are",
-        }
-        for i in range(6)
-    ]
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_pairs(tmp_path / "pairs.jsonl", 6)
 
     def run(out):
         return discover(
