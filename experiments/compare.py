@@ -204,12 +204,13 @@ def component_exact(
     progress: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Exact component effects (b, s) per site: m(clean | x_site[pos] <- x_site^patch[pos]) - m(clean),
-    one patched forward per (example, position), ``max_rows`` of them stacked per forward. With
+    one patched forward per (example, position) whose activation differs between clean and patch
+    (the others' effects are exactly 0), ``max_rows`` of them stacked per forward. With
     ``resume`` the patched forwards start at the site from the clean run's state, for the positions
     from the patched one on (docs/algorithms.md, "Resuming from the patched site"); else, or for a
     model the resumable runner does not know, they re-run the whole model. ``progress``: a bar over
     the patches (None: when stderr is a terminal)."""
-    from feature_circuits.attribution.exact import PatchRunner, position_chunks
+    from feature_circuits.attribution.exact import PatchRunner, row_chunks
     from feature_circuits.metrics import logit_diff
     from feature_circuits.progress import progress_bar
 
@@ -221,28 +222,27 @@ def component_exact(
         m_clean = metric(clean_logits, batch)
     runner = PatchRunner(loaded, batch, metric, m_clean, resume=resume)
     b, seq = batch.clean.shape
-    rows = torch.stack(torch.meshgrid(torch.arange(b), torch.arange(seq), indexing="ij"), -1).view(-1, 2)
-    rows = rows[torch.argsort(rows[:, 1], stable=True)]  # position order: a chunk resumes together
+    deltas = {s.name: patch_acts[s.name] - clean_acts[s.name] for s in sites}  # (b, s, d)
+    # only (example, position)s whose activation changes are patched: the others' effects are 0
+    todo = {name: (d != 0).any(-1).nonzero().cpu() for name, d in deltas.items()}
     out: dict[str, torch.Tensor] = {}
     bar = progress_bar(
-        total=len(sites) * rows.shape[0], desc="exact components", unit="patch", enabled=progress
+        total=sum(int(t.shape[0]) for t in todo.values()),
+        desc="exact components",
+        unit="patch",
+        enabled=progress,
     )
     with bar:
         for s in sites:
-            delta = patch_acts[s.name] - clean_acts[s.name]  # (b, s, d)
+            delta, rows = deltas[s.name], todo[s.name]
             eff = torch.zeros(b, seq, dtype=delta.dtype)
-            if runner.resumed:
-                chunks = position_chunks(rows[:, 1], max_rows)
-            else:
-                chunks = [(r0, min(r0 + max_rows, rows.shape[0])) for r0 in range(0, rows.shape[0], max_rows)]
-            for r0, r1 in chunks:
-                chunk = rows[r0:r1]
-                e, pos = chunk[:, 0], chunk[:, 1]
+            for r0, r1 in row_chunks(int(rows.shape[0]), max_rows):
+                e, pos = rows[r0:r1, 0], rows[r0:r1, 1]
                 vec = delta[e.to(delta.device), pos.to(delta.device)]
                 eff[e, pos] = (
                     runner.effects(s, e.to(delta.device), pos.to(delta.device), vec).cpu().to(eff.dtype)
                 )
-                bar.update(int(chunk.shape[0]))
+                bar.update(int(e.shape[0]))
             out[s.name] = eff
     return out
 

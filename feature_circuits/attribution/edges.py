@@ -16,8 +16,12 @@ where c_j = g_j d node_j / d x_d is computed at node j's own row through its dic
 from the site output x_d to all its upstream leaves at once are batched with ``is_grads_batched``:
 row r of a batched VJP carries the r-th selected node of EVERY example at once (examples are
 independent), so a downstream site costs ceil(max nodes per example / chunk_size) batched
-backwards that are d wide, not F wide. Only the upstream features with a non-zero delta in the batch
-are multiplied out. Future positions are structurally zero and not stored; exact zeros are dropped.
+backwards that are d wide, not F wide. Where the direct path into a site mixes no positions (MLPs,
+norms, residual sums: every pair but those through attention; :func:`position_wise` probes the
+backward actually run), a node's gradient lies at its own position only, so a row carries one node
+of every (example, position) at once and the site costs ceil(max nodes per position / chunk_size).
+Only the upstream features with a non-zero delta in the batch are multiplied out. Future positions
+are structurally zero and not stored; exact zeros are dropped.
 
 On the sparse feature path (node effects with :class:`SparseSiteState`; docs/algorithms.md,
 "Sparse feature path") an upstream row's features are its active slots with a non-zero delta:
@@ -32,6 +36,7 @@ graph), kept as the one-backward-per-node reference the tests and the benchmark 
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -42,7 +47,12 @@ from feature_circuits.attribution.forward import SparseDecoder
 from feature_circuits.attribution.registry import METHODS, method_spec
 from feature_circuits.attribution.results import EdgeEffects, NodeEffects, SparseSiteState, State, row_offsets
 from feature_circuits.data import Batch
-from feature_circuits.dictionaries import Dictionary, encode_with_error, splice_with_grad_leaves
+from feature_circuits.dictionaries import (
+    Dictionary,
+    FeatureGradients,
+    encode_with_error,
+    splice_with_grad_leaves,
+)
 from feature_circuits.errors import ConfigError
 from feature_circuits.model.loading import LoadedModel
 from feature_circuits.model.lrp import lrp_context
@@ -56,6 +66,7 @@ __all__ = [
     "edge_effects",
     "edge_forward",
     "leaf_forward",
+    "position_wise",
     "select_nodes",
     "site_pairs",
     "site_successors",
@@ -221,15 +232,49 @@ def check_direct_pairs(loaded: LoadedModel, pairs: Sequence[SitePair]) -> None:
 
 def _node_cotangents(ae: Dictionary, x: Tensor, j: Tensor, g_f: Tensor, g_err: Tensor, n_fd: int) -> Tensor:
     """d(g . node)/dx for n downstream nodes at their own activation rows ``x`` (n, d): feature node
-    j < F is g_j f_j(x), the error node (j = F) is g_err . (x - decode(f(x)))."""
+    j < F is g_j f_j(x), the error node (j = F) is g_err . (x - decode(f(x))). A dictionary with
+    :class:`~feature_circuits.dictionaries.FeatureGradients` gives the feature nodes' rows directly;
+    otherwise (and always for error nodes) they come through a full encode and its backward."""
+    is_f = j < n_fd
+    if isinstance(ae, FeatureGradients):
+        cot = torch.empty_like(x)
+        fi = is_f.nonzero().squeeze(1)
+        cot[fi] = g_f[fi].unsqueeze(-1) * ae.feature_gradients(x[fi], j[fi]).to(x)
+        ei = (~is_f).nonzero().squeeze(1)
+        if ei.numel():
+            xe = x[ei].detach().requires_grad_(True)
+            with torch.enable_grad():
+                _f, err = encode_with_error(ae, xe)
+                (cot[ei],) = torch.autograd.grad((err * g_err[ei]).sum(), xe)
+        return cot
     x = x.detach().requires_grad_(True)
-    is_f = j < n_fd  # masks as factors, not boolean indexing: no host-device synchronisation
-    with torch.enable_grad():
+    with torch.enable_grad():  # masks as factors, not boolean indexing: no host-device synchronisation
         f, err = encode_with_error(ae, x)
         picked = f.gather(1, j.clamp(max=n_fd - 1).unsqueeze(1)).squeeze(1)
         scalar = (picked * g_f * is_f).sum() + ((err * g_err).sum(-1) * ~is_f).sum()
         (cot,) = torch.autograd.grad(scalar, x)
     return cot
+
+
+def position_wise(out: Tensor, leaves: Sequence[Tensor]) -> bool:
+    """Whether the derivative of ``out`` (b, s, d) with respect to every leaf (b, s, d_u) is
+    block-diagonal over positions (the direct path mixes no positions: MLPs, norms, residual sums;
+    not attention), as the backward actually run (LRP rules included) computes it. Probed with one
+    VJP of a random cotangent at the last position: a position-wise path leaves every earlier
+    position's gradient exactly zero, a mixing one (attention) does not."""
+    b, s = int(out.shape[0]), int(out.shape[1])
+    if s == 1:
+        return True
+    gen = torch.Generator().manual_seed(0)
+    cot = torch.zeros_like(out)
+    cot[:, -1] = torch.randn(b, out.shape[-1], generator=gen, dtype=torch.float64).to(out)
+    grads = torch.autograd.grad([out], list(leaves), [cot], retain_graph=True, allow_unused=True)
+    return all(g is None or not bool(g[:, :-1].any()) for g in grads)
+
+
+#: per model: whether the direct paths of a downstream site's pairs (with the LRP rules of the
+#: backward) mix no positions (:func:`position_wise`)
+_POSITION_WISE: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, bool]] = weakref.WeakKeyDictionary()
 
 
 def _empty_edges(shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -261,32 +306,33 @@ class SparseUpstream:
     delta_err: Tensor
     n_features: int
 
-    def edge_values(self, g: Tensor, ce: Tensor, cp: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Edges for VJP rows ``g`` (n, s_u, d) of downstream nodes in examples ``ce`` at positions
-        ``cp`` (n,): flat ``(i, q, col, value)`` over the upstream nodes (position ``q`` <= cp[i]:
-        later positions are structurally zero; ``col`` F is the error node), non-zero values only.
-        Feature values are ``(w[col] . g[i, q]) * delta`` for the slots of row (ce[i], q): one
-        SDDMM (:meth:`SparseDecoder.dot`) over the chunk, no (slots x d) gather."""
-        n, su, d = g.shape
+    def edge_values(
+        self, g: Tensor, ce: Tensor, q: Tensor, valid: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Edges for VJP rows ``g`` (n, L, d) of downstream nodes in examples ``ce`` (n,), row
+        ``g[i, l]`` being the upstream position ``q[i, l]`` (n, L); ``valid`` (n, L) marks the rows
+        that can carry an edge (the others, e.g. future positions, are structurally zero). Flat
+        ``(i, q, col, value)`` over the upstream nodes (``col`` F is the error node), non-zero
+        values only. Feature values are ``(w[col] . g[i, l]) * delta`` for the slots of row
+        (ce[i], q[i, l]): one SDDMM (:meth:`SparseDecoder.dot`) over the chunk, no (slots x d) gather."""
+        n, length, d = g.shape
         s = self.delta_err.shape[1]
-        q = torch.arange(su, device=g.device)
-        past = q.view(1, -1) <= cp.view(-1, 1)  # (n, s_u)
-        up_rows = ce.view(-1, 1) * s + q.view(1, -1)  # (n, s_u): the upstream row of each VJP row
-        counts = (self.crow[1:] - self.crow[:-1])[up_rows] * past
+        up_rows = ce.view(-1, 1) * s + q  # (n, L): the upstream row of each VJP row
+        counts = (self.crow[1:] - self.crow[:-1])[up_rows] * valid
         flat_counts = counts.reshape(-1)
         crow = torch.cat([flat_counts.new_zeros(1), flat_counts.cumsum(0)])
-        vjp_row = torch.repeat_interleave(torch.arange(n * su, device=g.device), flat_counts)
+        vjp_row = torch.repeat_interleave(torch.arange(n * length, device=g.device), flat_counts)
         slot = self.crow[up_rows.reshape(-1)][vjp_row] + (
             torch.arange(vjp_row.shape[0], device=g.device) - crow[vjp_row]
         )
         col = self.col[slot]
-        feat = self.dec.dot(crow, col, g.reshape(n * su, d)) * self.delta_f[slot]
-        err = (g * self.delta_err[ce]).sum(-1)  # (n, s_u)
-        ei, eq = past.nonzero().unbind(1)
-        i = torch.cat([vjp_row // su, ei])
-        qq = torch.cat([vjp_row % su, eq])
+        feat = self.dec.dot(crow, col, g.reshape(n * length, d)) * self.delta_f[slot]
+        err = (g * self.delta_err[ce.view(-1, 1), q]).sum(-1)  # (n, L)
+        ei, el = valid.nonzero().unbind(1)
+        i = torch.cat([vjp_row // length, ei])
+        qq = torch.cat([q.reshape(-1)[vjp_row], q[ei, el]])
         cols = torch.cat([col, torch.full_like(ei, self.n_features)])
-        vals = torch.cat([feat.to(err.dtype), err[ei, eq]])
+        vals = torch.cat([feat.to(err.dtype), err[ei, el]])
         keep = vals != 0
         return i[keep], qq[keep], cols[keep], vals[keep]
 
@@ -330,8 +376,11 @@ def down_edges(
     *,
     node_threshold: float,
     chunk_size: int = 64,
+    per_position: bool | None = None,
 ) -> dict[str, Tensor]:
     """Sparse COO (b, s_d, F_d+1, s_u, F_u+1) edge effects into site ``down`` from each of ``ups``.
+    ``per_position``: whether the direct paths into ``down`` mix no positions (None: probe it,
+    :func:`position_wise`).
 
     The VJP is factored so that no F-wide tensor is ever backpropagated: each selected downstream
     node's cotangent on its site output row is computed through its own dictionary (n rows, not
@@ -347,6 +396,13 @@ def down_edges(
     e, p, j, rank = select_nodes(nodes.effects[down], node_threshold)
     if e.numel() == 0:
         return {u: _empty_edges(shapes[u], gd.f) for u in ups}
+    up_leaves = [leaves[u] for u in ups]
+    if per_position is None:
+        per_position = position_wise(xd, up_leaves)
+    if per_position:  # a row carries one node of every (example, position)
+        key = e * s + p
+        counts = torch.bincount(key, minlength=b * s)
+        rank = torch.arange(key.shape[0], device=key.device) - (torch.cumsum(counts, 0) - counts)[key]
     j_f = j.clamp(max=n_fd - 1)
     cot_rows = _node_cotangents(
         dictionaries[down],
@@ -370,23 +426,29 @@ def down_edges(
         cot = torch.zeros(r1 - r0, *xd.shape, dtype=xd.dtype, device=xd.device)
         cot[cr, ce, cp] = cot_rows[sel]
         grads = torch.autograd.grad(
-            [xd], [leaves[u] for u in ups], [cot], retain_graph=True, is_grads_batched=True, allow_unused=True
+            [xd], up_leaves, [cot], retain_graph=True, is_grads_batched=True, allow_unused=True
         )
         with torch.no_grad():
-            future = positions.view(1, -1, 1) > cp.view(-1, 1, 1)
+            if per_position:  # each node's gradient lies at its own position only
+                q = cp.view(-1, 1)
+                valid = torch.ones_like(q, dtype=torch.bool)
+            else:  # at the positions up to the node's own; later ones are structurally zero
+                q = positions.view(1, -1).expand(cp.shape[0], -1)
+                valid = q <= cp.view(-1, 1)
             for u, gxu in zip(ups, grads, strict=True):
                 if gxu is None:
                     continue
                 fac = factors[u]
-                g = gxu[cr, ce]  # (n, s_u, d)
+                g = gxu[cr, ce, cp].unsqueeze(1) if per_position else gxu[cr, ce]  # (n, L, d)
                 if isinstance(fac, SparseUpstream):
-                    n_i, su, col, val = fac.edge_values(g, ce, cp)
+                    n_i, su, col, val = fac.edge_values(g, ce, q, valid)
                 else:
                     w_act, df_act, derr, cols = fac
-                    vals = torch.cat([(g @ w_act.T) * df_act[ce], (g * derr[ce]).sum(-1, keepdim=True)], -1)
-                    vals = vals.masked_fill(future, 0)  # future positions are structurally zero
-                    n_i, su, k = vals.nonzero().unbind(1)
-                    col, val = cols[k], vals[n_i, su, k]
+                    eq = (ce.view(-1, 1), q)
+                    vals = torch.cat([(g @ w_act.T) * df_act[eq], (g * derr[eq]).sum(-1, keepdim=True)], -1)
+                    vals = vals.masked_fill(~valid.unsqueeze(-1), 0)
+                    n_i, l_i, k = vals.nonzero().unbind(1)
+                    su, col, val = q[n_i, l_i], cols[k], vals[n_i, l_i, k]
                 found[u][0].append(torch.stack([ce[n_i], cp[n_i], cj[n_i], su, col]))
                 found[u][1].append(val)
     return {
@@ -440,9 +502,13 @@ def edge_effects(
             for u in dict.fromkeys(p.up for p in pairs)
         }
         downs = list(dict.fromkeys(p.down for p in pairs))
+        known = _POSITION_WISE.setdefault(loaded.hf_model, {})
         for down in downs:
             t1 = time.perf_counter()
             ups = [p.up for p in pairs if p.down == down]
+            key = (tuple(p for p in pairs if p.down == down), lrp)
+            if key not in known:  # a property of the model and the backward: probed once
+                known[key] = position_wise(outs[down], [leaves[u] for u in ups])
             got = down_edges(
                 dictionaries,
                 nodes,
@@ -453,6 +519,7 @@ def edge_effects(
                 factors,
                 node_threshold=node_threshold,
                 chunk_size=chunk_size,
+                per_position=known[key],
             )
             for u in ups:
                 edges[(u, down)] = got[u]

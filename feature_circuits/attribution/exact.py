@@ -5,13 +5,13 @@ delta = decode(f with f_i <- f_i(patch)) - decode(f) for a feature, and by err(p
 the error node; downstream sites are not spliced (an SAE with its error node is the identity), so the
 patched forward runs the clean input with x_site + delta at the node's position. One row per node;
 ``chunk_size`` single-node patches are stacked along the batch dimension of one forward. Only nodes
-with a nonzero delta are run (the others have IE exactly 0).
+with a nonzero delta are run, error nodes included (the others have IE exactly 0).
 
 The patched forwards resume (docs/algorithms.md, "Resuming from the patched site"): they start at
 the patched site from the clean run's state and run only the positions from the patched one on,
 with the clean keys and values of the earlier positions as a cache
-(:mod:`feature_circuits.model.resume`). Nodes are taken in position order and chunks end at a change
-of position once large enough (:func:`position_chunks`). ``ExactOptions(resume=False)``, or a
+(:mod:`feature_circuits.model.resume`); each patch in a chunk runs from its own position on (packed),
+so chunks are simply ``chunk_size`` patches (:func:`row_chunks`). ``ExactOptions(resume=False)``, or a
 model the runner does not know, re-runs the whole model for every chunk (:func:`full_rerun_logits`,
 the reference).
 """
@@ -41,7 +41,7 @@ from feature_circuits.model.sites import get_activation, save, set_activation
 from feature_circuits.progress import progress_bar
 from feature_circuits.types import Method, Site
 
-__all__ = ["PatchRunner", "exact_node_effects", "full_rerun_logits", "position_chunks"]
+__all__ = ["PatchRunner", "exact_node_effects", "full_rerun_logits", "row_chunks"]
 
 
 def full_rerun_logits(
@@ -103,27 +103,19 @@ class PatchRunner:
         return (m - self.metric_clean[rows.to(self.metric_clean.device)]).detach()
 
 
-def position_chunks(positions: Tensor, max_rows: int, min_rows: int | None = None) -> list[tuple[int, int]]:
-    """``(start, stop)`` slices of position-sorted rows for resumed forwards: a chunk resumes all its
-    rows from its earliest position, so a chunk ends at a change of position once it holds
-    ``min_rows`` rows (default ``max_rows // 8``: fewer, larger forwards cost less than the positions
-    they recompute), and always at ``max_rows``."""
-    min_rows = max(1, max_rows // 8) if min_rows is None else max(1, min_rows)
-    pos = positions.tolist()
-    chunks: list[tuple[int, int]] = []
-    start = 0
-    for i in range(1, len(pos) + 1):
-        if i == len(pos) or i - start >= max_rows or (pos[i] != pos[i - 1] and i - start >= min_rows):
-            chunks.append((start, i))
-            start = i
-    return chunks
+def row_chunks(n_rows: int, max_rows: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` slices of ``n_rows`` patches, ``max_rows`` per forward (the last one
+    shorter). Resumed forwards pack each row from its own position on, so the positions mixed in a
+    chunk cost nothing extra and every chunk can be full."""
+    step = max(1, max_rows)
+    return [(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
 
 
 def _site_nodes(delta: SiteState, eff: Tensor, max_nodes: int | None) -> Tensor:
     """(N, 3) nodes (example, position, index) to patch at a site, in position order: the feature
     nodes with a nonzero delta (at most ``max_nodes``, largest |delta| first; the others' effects
-    set to NaN in ``eff``) and every error node (index F)."""
-    b, seq, n_feat = delta.f.shape
+    set to NaN in ``eff``) and every error node (index F) with a nonzero delta."""
+    n_feat = delta.f.shape[-1]
     feat_nodes = (delta.f != 0).nonzero()  # (N, 3): example, position, feature
     if max_nodes is not None and feat_nodes.shape[0] > max_nodes:
         mag = delta.f[feat_nodes[:, 0], feat_nodes[:, 1], feat_nodes[:, 2]].abs()
@@ -133,19 +125,18 @@ def _site_nodes(delta: SiteState, eff: Tensor, max_nodes: int | None) -> Tensor:
         sk = feat_nodes[skipped]
         eff[sk[:, 0], sk[:, 1], sk[:, 2]] = math.nan
         feat_nodes = feat_nodes[keep.sort().values]
-    dev = feat_nodes.device
-    grid = torch.meshgrid(torch.arange(b, device=dev), torch.arange(seq, device=dev), indexing="ij")
-    err_nodes = torch.stack(grid, -1).view(-1, 2)
-    err_nodes = torch.cat([err_nodes, torch.full((b * seq, 1), n_feat, device=dev)], 1)
+    err_nodes = (delta.err != 0).any(-1).nonzero()  # (N, 2): example, position
+    err_nodes = torch.cat([err_nodes, torch.full_like(err_nodes[:, :1], n_feat)], 1)
     nodes = torch.cat([feat_nodes, err_nodes], 0)
     return nodes[torch.argsort(nodes[:, 1], stable=True)]
 
 
 def exact_node_effects(req: NodeRequest, options: MethodOptions) -> NodeEffects:
     """Exact node effects of one batch. ``options.max_nodes``: per site, patch at most this many
-    feature nodes (largest |delta| first; every error node is always patched); the skipped features
-    get NaN. ``options.chunk_size``: single-node patches per forward; ``options.resume``: resumed
-    forwards (else full re-runs); ``options.progress``: a bar over the patches."""
+    feature nodes (largest |delta| first; every error node with a nonzero delta is patched, the
+    others' effects are exactly 0); the skipped features get NaN. ``options.chunk_size``:
+    single-node patches per forward; ``options.resume``: resumed forwards (else full re-runs);
+    ``options.progress``: a bar over the patches."""
     opts = options_as(ExactOptions, options, Method.EXACT)
     max_nodes, chunk_size = opts.max_nodes, opts.chunk_size
     t0 = time.perf_counter()
@@ -172,12 +163,7 @@ def exact_node_effects(req: NodeRequest, options: MethodOptions) -> NodeEffects:
             ae = dictionaries[s.name]
             c, p, delta, eff = clean[s.name], patch[s.name], deltas[s.name], effects[s.name]
             n_feat = c.f.shape[-1]
-            chunks = position_chunks(nodes[:, 1], chunk_size) if runner.resumed else None
-            if chunks is None:  # full re-runs: position order does not matter, fill every chunk
-                chunks = [
-                    (i, min(i + chunk_size, nodes.shape[0])) for i in range(0, nodes.shape[0], chunk_size)
-                ]
-            for start, stop in chunks:
+            for start, stop in row_chunks(int(nodes.shape[0]), chunk_size):
                 chunk = nodes[start:stop]
                 e, pos, j = chunk[:, 0], chunk[:, 1], chunk[:, 2]
                 with torch.no_grad():

@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from feature_circuits.dictionaries.base import Dictionary, decoder_directions_by_vjp
+from feature_circuits.dictionaries.base import Dictionary, FeatureGradients, decoder_directions_by_vjp
 from feature_circuits.dictionaries.identity import IdentityDictionary
 from feature_circuits.dictionaries.splice import encode_with_error, splice_patched, splice_with_grad_leaves
 
@@ -61,6 +61,7 @@ _LAZY.update(
 __all__ = [
     "KNOWN_SAES",
     "Dictionary",
+    "FeatureGradients",
     "IdentityDictionary",
     "MarksAutoEncoder",
     "SAELensDictionary",

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from torch import Tensor
 
-__all__ = ["Dictionary", "decoder_directions_by_vjp"]
+__all__ = ["Dictionary", "FeatureGradients", "decoder_directions_by_vjp"]
 
 
 @runtime_checkable
@@ -41,6 +41,18 @@ class Dictionary(Protocol):
     def decoder_directions(self, like: Tensor) -> Tensor:
         """The (F, d) matrix whose row ``k`` is ``d decode(f) / d f_k``, in ``like``'s dtype and
         device."""
+        ...
+
+
+@runtime_checkable
+class FeatureGradients(Protocol):
+    """Optional: a dictionary whose single features' input gradients are cheap. Edges need
+    ``d f_j(x) / d x`` at each selected downstream feature node; without this method it comes from
+    a full (F-wide) encode and its backward, with it from ``d`` numbers per node."""
+
+    def feature_gradients(self, x: Tensor, j: Tensor) -> Tensor:
+        """(n, d): row ``i`` is ``d f_{j[i]}(x) / d x`` at ``x[i]`` (``x`` (n, d), ``j`` (n,)), equal
+        to what autograd gives through :meth:`Dictionary.encode`."""
         ...
 
 

@@ -97,6 +97,13 @@ class MarksAutoEncoder(AutoEncoder):
     def decoder_directions(self, like: Tensor) -> Tensor:
         return self.decoder.weight.detach().T.to(like)
 
+    def feature_gradients(self, x: Tensor, j: Tensor) -> Tensor:
+        """``d f_j / d x`` of ``f = relu(W_enc (x - b_dec) + b_enc)``: ``W_enc[j]`` where the
+        pre-activation is positive, else 0 (ReLU's derivative at 0 is 0, as in autograd)."""
+        w = self.encoder.weight[j].to(x)  # (n, d)
+        pre = ((x - self.bias.to(x)) * w).sum(-1) + self.encoder.bias[j].to(x)
+        return w * (pre > 0).unsqueeze(-1).to(w.dtype)
+
     def store_decoder_row_major(self) -> None:
         """Keep ``W_dec`` (d, F) with the same shape and values but column-major storage, so that
         each feature's decoder row (a row of :meth:`decoder_directions`, (F, d)) is contiguous: the

@@ -17,8 +17,10 @@ kind patches exactly what a full nnsight re-run patches.
     logits = runner.patched_logits(clean, site, rows, positions, vectors)
 
 ``rows``/``positions``/``vectors``: one patch per row, ``x_site[rows[i], positions[i]] += vectors[i]``
-(rows index the clean batch; several patches of one site share one forward). Rows whose position is
-later than the smallest of the chunk recompute the clean positions in between (the same values).
+(rows index the clean batch; several patches of one site share one forward). The rows are packed:
+each runs only its own positions from the patched one on, as consecutive tokens of one flat
+sequence, so the token-wise work (projections, MLPs, norms) is done once per token that can change;
+the attention scatters the packed queries back to full rows against the clean keys and values.
 
 A runner is built only for a model whose resumed forward reproduces its own full forward on a probe
 input (:func:`resumable` checks, once per model); otherwise callers fall back to full re-runs.
@@ -26,6 +28,7 @@ input (:func:`resumable` checks, once per model); otherwise callers fall back to
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import sys
@@ -52,24 +55,43 @@ __all__ = [
 _MASKED_IMPLEMENTATIONS = ("eager", "sdpa")
 
 
+@dataclass(frozen=True)
+class _Packing:
+    """The layout of a packed resumed forward: row ``i`` of the chunk contributes its positions
+    ``keep[i]`` (those from its own patched position on) as consecutive tokens of one flat
+    sequence (1, T, d), row-major; ``prefix[l]`` are the clean keys and values of those rows
+    (n, kv_heads, s, head_dim) in layer ``l``, into which the new ones are scattered."""
+
+    keep: Tensor
+    prefix: dict[int, tuple[Tensor, Tensor]]
+
+
+#: The packing of the resumed forward running now (None: the clean run, unpacked).
+_PACKING: contextvars.ContextVar[_Packing | None] = contextvars.ContextVar("_PACKING", default=None)
+
+
 def _resumed_attention(
     impl: str, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, *args, **kwargs
 ):
-    """The model's own attention function (``impl``: sdpa, or the model's eager one) on queries of
-    the resumed positions only: they are put at the end of a query of full length (zeros in front),
-    so the attention runs with the full forward's mask and kernel, and the rows of the resumed
-    positions are returned. Each output row depends on its own query only."""
+    """The model's own attention function (``impl``: sdpa, or the model's eager one). In a packed
+    resumed forward (:class:`_Packing`) the flat queries (1, heads, T, head_dim) are scattered back
+    to full rows (n, heads, s, head_dim), zeros at the positions a row does not run, so the
+    attention runs with the full forward's mask and kernel against keys and values of full length
+    (:class:`_PrefixCache` returns them), and the rows of the tokens run are returned, packed again.
+    Each output row depends on its own query only; the zero queries' outputs are dropped."""
     if impl == "sdpa":
         from transformers.integrations.sdpa_attention import sdpa_attention_forward as inner
     else:
         inner = sys.modules[type(module).__module__].eager_attention_forward
-    q_len, kv_len = int(query.shape[2]), int(key.shape[2])
-    if q_len < kv_len:
-        pad = query.new_zeros(*query.shape[:2], kv_len - q_len, query.shape[3])
-        query = torch.cat([pad, query], dim=2)
-    out, weights = inner(module, query, key, value, *args, **kwargs)
-    cut = kv_len - q_len
-    return out[:, cut:], (None if weights is None else weights[..., cut:, :])
+    packing = _PACKING.get()
+    if packing is None:
+        return inner(module, query, key, value, *args, **kwargs)
+    keep = packing.keep
+    n, seq = keep.shape
+    q = query.new_zeros(n, seq, query.shape[1], query.shape[3])
+    q[keep] = query[0].transpose(0, 1)
+    out, _weights = inner(module, q.transpose(1, 2), key, value, *args, **kwargs)
+    return out[keep].unsqueeze(0), None
 
 
 #: The attention implementation a resumed forward switches the model's config to, per original one.
@@ -84,12 +106,13 @@ def _register_resumed_attention() -> None:
 
 
 class _PrefixCache:
-    """A key/value cache in the duck type HF attention modules call (``update``): the clean keys and
-    values of the positions before the resumed ones are put in front of the new ones; with
-    ``record`` the new ones are kept (the clean run)."""
+    """A key/value cache in the duck type HF attention modules call (``update``). In a packed
+    resumed forward (:class:`_Packing`) the new keys and values (1, kv_heads, T, head_dim) are
+    scattered into the clean ones of the chunk's rows, which are returned at full length; with
+    ``record`` (the clean run) the new ones are kept and returned as they are."""
 
-    def __init__(self, prefix: dict[int, tuple[Tensor, Tensor]] | None = None, record: bool = False):
-        self.prefix = prefix or {}
+    def __init__(self, packing: _Packing | None = None, record: bool = False):
+        self.packing = packing
         self.record = record
         self.new: dict[int, tuple[Tensor, Tensor]] = {}
 
@@ -98,10 +121,15 @@ class _PrefixCache:
     ) -> tuple[Tensor, Tensor]:
         if self.record:
             self.new[layer_idx] = (key_states, value_states)
-        pre = self.prefix.get(layer_idx)
-        if pre is None:
+        if self.packing is None:
             return key_states, value_states
-        return torch.cat([pre[0], key_states], dim=-2), torch.cat([pre[1], value_states], dim=-2)
+        keep = self.packing.keep
+        full = []
+        for clean, new in zip(self.packing.prefix[layer_idx], (key_states, value_states), strict=True):
+            t = clean.transpose(1, 2).clone()  # (n, s, kv_heads, head_dim)
+            t[keep] = new[0].transpose(0, 1).to(t.dtype)
+            full.append(t.transpose(1, 2))
+        return full[0], full[1]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -197,13 +225,15 @@ class ResumableForward:
         zero = torch.zeros((), dtype=like.dtype, device=like.device)
         return torch.where(allowed, zero, torch.finfo(like.dtype).min)
 
-    def _run(self, h: Tensor, start: int, q_start: int, seq: int, cache: _PrefixCache) -> list[Tensor]:
-        """Layers ``start ..`` on ``h`` (positions ``q_start .. seq - 1``); the input of every layer
-        run and the last output (``n_layers - start + 1`` tensors)."""
+    def _run(
+        self, h: Tensor, start: int, position_ids: Tensor, seq: int, cache: _PrefixCache
+    ) -> list[Tensor]:
+        """Layers ``start ..`` on ``h`` (tokens at ``position_ids`` (1, q) of inputs of length
+        ``seq``; packed when ``cache.packing``); the input of every layer run and the last output
+        (``n_layers - start + 1`` tensors)."""
         out = [h]
         if start >= self.n_layers:
             return out
-        position_ids = torch.arange(q_start, seq, device=h.device).view(1, -1)
         kinds = sorted(set(self.layer_types[start:]))
         if self.rotary_by_type:
             pos_emb = {t: self.rotary(h, position_ids, t) for t in kinds}
@@ -214,6 +244,7 @@ class ResumableForward:
             t: self._mask(seq, self.sliding_window if t == "sliding_attention" else None, h) for t in kinds
         }
         self.config._attn_implementation = _RESUMED[self.attn_impl]
+        token = _PACKING.set(cache.packing)
         try:
             for li in range(start, self.n_layers):
                 t = self.layer_types[li]
@@ -228,6 +259,7 @@ class ResumableForward:
                     h = h[0]
                 out.append(h)
         finally:
+            _PACKING.reset(token)
             self.config._attn_implementation = self.attn_impl
         return out
 
@@ -250,7 +282,8 @@ class ResumableForward:
         """The clean run of ``ids`` (b, s): every layer's input, keys/values and the logits."""
         seq = int(ids.shape[1])
         cache = _PrefixCache(record=True)
-        hidden = self._run(self._embed(ids), 0, 0, seq, cache)
+        positions = torch.arange(seq, device=ids.device).view(1, -1)
+        hidden = self._run(self._embed(ids), 0, positions, seq, cache)
         if len(cache.new) != self.n_layers:
             raise UnsupportedModelError(
                 f"resumable forward: {len(cache.new)} of {self.n_layers} layers used the key/value cache"
@@ -283,37 +316,35 @@ class ResumableForward:
         activation at ``positions[i]`` in row ``i``: (n, s, V), or (n, 1, V) -- the last position --
         with ``last_only``. Equal (to float rounding) to a full re-run with the same patch."""
         seq = clean.seq_len
-        n = int(rows.shape[0])
         dev = clean.hidden[0].device
         rows = rows.to(dev)
         positions = positions.to(dev)
-        q0 = int(positions.min())
         start = self.start_layer(site)
-        add = torch.zeros(n, seq - q0, vectors.shape[-1], dtype=vectors.dtype, device=dev)
-        add[torch.arange(n, device=dev), positions - q0] = vectors.to(dev)
-        h = clean.hidden[start][rows, q0:]
+        # packed layout: row i runs its positions >= positions[i], as consecutive tokens
+        keep = torch.arange(seq, device=dev).view(1, -1) >= positions.view(-1, 1)  # (n, s)
+        lengths = seq - positions
+        first = torch.cumsum(lengths, 0) - lengths  # the patched token of each row
+        n_tokens = int(lengths.sum())
+        add = torch.zeros(1, n_tokens, vectors.shape[-1], dtype=vectors.dtype, device=dev)
+        add[0, first] = vectors.to(dev)
+        h = clean.hidden[start][rows][keep].unsqueeze(0)
         if site.kind in (SiteKind.EMBED, SiteKind.RESID):
             h = h + add.to(h.dtype)
             handle = None
         else:
             handle = self._patch_hook(site, add)
-        prefix = (
-            {
-                li: (clean.keys[li][rows, :, :q0], clean.values[li][rows, :, :q0])
-                for li in range(start, self.n_layers)
-            }
-            if q0 > 0
-            else {}
-        )
+        prefix = {li: (clean.keys[li][rows], clean.values[li][rows]) for li in range(start, self.n_layers)}
+        cache = _PrefixCache(_Packing(keep=keep, prefix=prefix))
+        position_ids = keep.nonzero()[:, 1].view(1, -1)
         try:
-            out = self._run(h, start, q0, seq, _PrefixCache(prefix))[-1]
+            out = self._run(h, start, position_ids, seq, cache)[-1][0]  # (T, d)
         finally:
             if handle is not None:
                 handle.remove()
         if last_only:
-            return self._logits(out[:, -1:])
+            return self._logits(out[first + lengths - 1]).unsqueeze(1)
         logits = clean.logits[rows].clone()
-        logits[:, q0:] = self._logits(out)
+        logits[keep] = self._logits(out).to(logits.dtype)
         return logits
 
     def _patch_hook(self, site: Site, add: Tensor) -> torch.utils.hooks.RemovableHandle:
@@ -360,7 +391,8 @@ _ATTR = "_feature_circuits_resumable"
 
 def _self_check(runner: ResumableForward) -> str | None:
     """A reason the runner does not reproduce the model, or None: a probe input run in full by the
-    model, cleanly by the runner, and resumed from layer 0 halfway along with a zero patch."""
+    model, cleanly by the runner, and resumed from layer 0 with a zero patch, one row from position 1
+    and one from halfway along (a packed forward of two lengths)."""
     model = runner.model
     param = next(model.parameters())
     vocab = int(getattr(runner.config, "vocab_size", 2))
@@ -373,7 +405,7 @@ def _self_check(runner: ResumableForward) -> str | None:
         want = model(input_ids=ids).logits
         clean = runner.clean(ids)
         embed_site = Site(kind=SiteKind.EMBED, layer=-1, d_model=int(clean.hidden[0].shape[-1]))
-        half = torch.full((2,), seq // 2, device=param.device)
+        half = torch.tensor([1, seq // 2], device=param.device)
         resumed = runner.patched_logits(
             clean,
             embed_site,

@@ -134,3 +134,57 @@ def test_decoder_directions_match_decode():
     assert torch.allclose(ae.decoder_directions(like), expect, atol=1e-14)
     assert torch.allclose(decoder_directions_by_vjp(ae.decode, ae.dict_size, like), expect, atol=1e-14)
     assert torch.equal(IdentityDictionary(4).decoder_directions(like), torch.eye(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("make", [tiny_gpt_neox, tiny_llama], ids=["neox", "llama"])
+@pytest.mark.parametrize("lrp", [None, LRPConfig()], ids=["grad", "lrp"])
+def test_position_wise_probe_finds_the_attention_pairs(make, lrp, tmp_path):
+    """The probe that lets a VJP row carry one node per (example, position): the direct path into
+    a site mixes positions exactly when it crosses attention (the layer input -> attn_z_l, or ->
+    attn_l without attn_z), with plain gradients and with the LRP rules."""
+    from feature_circuits.attribution.edges import leaf_forward, pair_sites, position_wise
+    from feature_circuits.types import SiteKind
+
+    loaded, _ = _load(tmp_path, make)
+    kinds = {s.name: s.kind for s in loaded.all_sites}
+    for with_z in (False, True):
+        names = {n for n, k in kinds.items() if with_z or k is not SiteKind.ATTN_Z}
+        pairs = site_pairs(loaded, names)
+        leaves, outs = leaf_forward(loaded, _batch().clean, pair_sites(pairs), lrp)
+        assert any(kinds[p.down] is SiteKind.ATTN_Z for p in pairs) == with_z
+        for down in dict.fromkeys(p.down for p in pairs):
+            ups = [p.up for p in pairs if p.down == down]
+            mixes = kinds[down] is SiteKind.ATTN_Z or (kinds[down] is SiteKind.ATTN and not with_z)
+            assert position_wise(outs[down], [leaves[u] for u in ups]) == (not mixes), (down, ups)
+
+
+def test_marks_feature_gradients_equal_autograd():
+    """The edge cotangent's shortcut for Marks autoencoders: d f_j / dx equals autograd through
+    encode, for active and inactive features (the cotangents then equal the full-encode path)."""
+    from feature_circuits.attribution.edges import _node_cotangents
+    from feature_circuits.dictionaries import FeatureGradients, MarksAutoEncoder
+
+    torch.manual_seed(0)
+    ae = MarksAutoEncoder(8, 32).double()
+    assert isinstance(ae, FeatureGradients)
+    x = torch.randn(40, 8, dtype=torch.float64)
+    j = torch.randint(0, 33, (40,))  # 32: the error node
+    j[:3] = 32
+    xr = x.clone().requires_grad_(True)
+    f = ae.encode(xr)
+    feat = j < 32
+    picked = f[torch.arange(40)[feat], j[feat]]
+    active = picked > 0
+    assert active.any() and (~active).any()
+    (want,) = torch.autograd.grad(picked.sum(), xr)
+    got = ae.feature_gradients(x[feat], j[feat])
+    torch.testing.assert_close(got, want[feat], atol=1e-14, rtol=0)
+    g_f, g_err = torch.randn(40, dtype=torch.float64), torch.randn(40, 8, dtype=torch.float64)
+
+    class Plain:  # the same dictionary without the shortcut
+        dict_size, activation_dim = 32, 8
+        encode, decode = ae.encode, ae.decode
+
+    fast = _node_cotangents(ae, x, j, g_f, g_err, 32)
+    slow = _node_cotangents(Plain(), x, j, g_f, g_err, 32)  # type: ignore[arg-type]
+    torch.testing.assert_close(fast, slow, atol=1e-13, rtol=0)

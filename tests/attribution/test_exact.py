@@ -309,12 +309,33 @@ def test_load_model_default_dtype_runner(tmp_path):
     assert resumable(loaded) is not None
 
 
-def test_position_chunks():
-    from feature_circuits.attribution.exact import position_chunks
+def test_row_chunks():
+    from feature_circuits.attribution.exact import row_chunks
 
-    pos = torch.tensor([0, 0, 0, 2, 3, 3, 3, 3, 3])
-    assert position_chunks(pos, 128, min_rows=1) == [(0, 3), (3, 4), (4, 9)]
-    assert position_chunks(pos, 128, min_rows=4) == [(0, 4), (4, 9)]  # ends at a position change
-    assert position_chunks(pos, 128) == [(0, 9)]  # min_rows 16: one chunk
-    assert position_chunks(pos, 2) == [(0, 2), (2, 3), (3, 4), (4, 6), (6, 8), (8, 9)]
-    assert position_chunks(torch.tensor([], dtype=torch.long), 4) == []
+    assert row_chunks(9, 4) == [(0, 4), (4, 8), (8, 9)]
+    assert row_chunks(9, 128) == [(0, 9)]
+    assert row_chunks(0, 4) == []
+
+
+def test_resumed_forward_runs_only_the_tokens_a_patch_can_change(loaded64):
+    """A chunk of patches at mixed positions is packed: each layer after the site runs
+    sum(s - p_i) tokens (not n * (s - min p)), and the result still equals the full forward."""
+    name, loaded, _ = loaded64
+    runner = resumable(loaded)
+    assert runner is not None
+    ids = _ids()
+    clean = runner.clean(ids)
+    site = loaded.site("mlp_0")
+    rows, pos = torch.tensor([0, 1, 2, 1]), torch.tensor([1, 7, 4, 8])
+    seen: list[int] = []
+    layer = runner.layers[-1]
+    handle = layer.register_forward_pre_hook(lambda _m, args: seen.append(int(args[0].shape[:-1].numel())))
+    try:
+        vec = torch.randn(4, site.d_model, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        got = runner.patched_logits(clean, site, rows, pos, vec)
+    finally:
+        handle.remove()
+    assert seen == [int((ids.shape[1] - pos).sum())], name
+    add = torch.zeros(4, ids.shape[1], site.d_model, dtype=torch.float64)
+    add[torch.arange(4), pos] = vec
+    torch.testing.assert_close(got, _hooked_forward(loaded, site, ids[rows], add), atol=1e-10, rtol=0)

@@ -329,3 +329,11 @@ def test_component_exact_resumed_llama_float64(tmp_path):
     full = component_exact(loaded, batch, resume=False)
     for k in full:
         torch.testing.assert_close(resumed[k], full[k], atol=1e-10, rtol=0)
+    # before the first token where clean and patch differ nothing changes: not run, exactly 0
+    first = (batch.clean != batch.patch).int().argmax(1)
+    assert int(first.min()) > 0
+    for k in full:
+        for e, p in enumerate(first.tolist()):
+            assert torch.equal(resumed[k][e, :p], torch.zeros(p, dtype=resumed[k].dtype)), k
+            assert torch.equal(full[k][e, :p], torch.zeros(p, dtype=full[k].dtype)), k
+        assert resumed[k].abs().max() > 0, k
