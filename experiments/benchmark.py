@@ -504,6 +504,7 @@ def bench_model(
     loop_repeats: int,
     steps: int = 10,
     methods: tuple[str, ...] = METHODS,
+    exact_max_nodes: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     dev = loaded.device
@@ -534,6 +535,9 @@ def bench_model(
             for k in fl
         )
     res["nodes"] = {m: {**timed[m], "ratio_to_floor": timed[m]["median_s"] / floor_s} for m in methods}
+    if exact_max_nodes is not None:
+        log(f"[{name}] exact features (at most {exact_max_nodes} per site): resumed vs full re-runs")
+        res["exact_features"] = bench_exact_features(loaded, dicts, batch, exact_max_nodes, floor_s)
     downstream = {p.down for p in site_pairs(loaded, set(dicts))}
     log(f"[{name}] edges (interleaved)")
     thresholds = {m: threshold_for(node_results[m], n_edge_nodes, downstream) for m in methods}
@@ -609,6 +613,43 @@ def bench_model(
 #: circuit size the end-to-end discovery run aims at on a random model (the default thresholds,
 #: made for trained models, keep nothing of random weights' tiny effects)
 DISCOVERY_NODES, DISCOVERY_EDGES = 32, 64
+
+
+def bench_exact_features(
+    loaded: Any, dicts: dict[str, Any], batch: Any, max_nodes: int, floor_s: float
+) -> dict[str, Any]:
+    """Exact node effects (feature and error nodes) with at most ``max_nodes`` feature nodes per
+    site (the largest |delta| first; every error node with a non-zero delta), once resumed and
+    once with full re-runs, each timed once with its peak memory: times, ratios to the floor, the
+    speedup and the max |difference| of the effects."""
+    from feature_circuits.attribution.registry import ExactOptions
+
+    def run(resume: bool) -> Any:
+        opts = ExactOptions(max_nodes=max_nodes, resume=resume, progress=False)
+        return node_effects(loaded, dicts, batch, Method.EXACT, options=opts)
+
+    out: dict[str, Any] = {"max_nodes_per_site": max_nodes}
+    results = {}
+    for key, resume in (("resumed", True), ("full_reruns", False)):
+        results[key] = run(resume)  # warm-up of this mode (and the result compared below)
+        out[key] = {**measure(lambda resume=resume: run(resume), loaded.device, 1, 0)}
+        out[key]["ratio_to_floor"] = out[key]["median_s"] / floor_s
+        out[key]["forwards"] = int(results[key].timing_s["forwards"])
+    res, full = results["resumed"], results["full_reruns"]
+    patched = [torch.isfinite(v) & (v != 0) for v in res.effects.values()]
+    out["patches"] = int(
+        sum(
+            min(max_nodes, int((d.f != 0).sum())) + int((d.err != 0).any(-1).sum())
+            for d in res.deltas.values()
+        )
+    )
+    out["nonzero_effects"] = int(sum(int(m.sum()) for m in patched))
+    out["speedup"] = out["full_reruns"]["median_s"] / out["resumed"]["median_s"]
+    out["max_abs_diff"] = max(
+        float((res.effects[k] - full.effects[k]).nan_to_num(0.0).abs().max()) for k in res.effects
+    )
+    out["max_abs_effect"] = max(float(v.nan_to_num(0.0).abs().max()) for v in res.effects.values())
+    return out
 
 
 def _kth_largest(values: Tensor, k: int) -> float:
@@ -811,6 +852,15 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| edges {m} ({x['n_downstream_nodes']} downstream nodes) | {x['median_s']:.3f} | "
                 f"{x['ratio_to_floor']:.2f} | {_fmt_mb(x['peak_mem_mb'])} |"
             )
+        ef = r.get("exact_features")
+        if ef is not None:
+            for key, what in (("resumed", "resumed"), ("full_reruns", "full re-runs")):
+                x = ef[key]
+                out.append(
+                    f"| exact features, {what} ({ef['patches']} patches, <= {ef['max_nodes_per_site']} "
+                    f"features per site) | {x['median_s']:.3f} | {x['ratio_to_floor']:.2f} | "
+                    f"{_fmt_mb(x['peak_mem_mb'])} |"
+                )
         lp = r["edge_loop"]
         how = (
             f"extrapolated from {lp['n_backwards_timed']} timed backwards "
@@ -818,8 +868,16 @@ def markdown(report: dict[str, Any]) -> str:
             if lp["extrapolated"]
             else "measured"
         )
+        out += [""]
+        if ef is not None:
+            out += [
+                (
+                    f"Exact features: resumed {ef['speedup']:.2f}x faster than full re-runs, "
+                    f"max |difference| {ef['max_abs_diff']:.2e} (max |effect| {ef['max_abs_effect']:.2e})."
+                ),
+                "",
+            ]
         out += [
-            "",
             (
                 f"Edges ({lp['method']}), batched VJPs vs one backward per downstream node "
                 f"({lp['n_backwards_full_loop']} backwards, {how}): loop {lp['loop_full_s']:.2f} s, batched "
@@ -1009,6 +1067,7 @@ def _bench_shaped(
             loop_nodes_per_pair=2 if quick else 4,
             loop_repeats=1,
             methods=methods,
+            exact_max_nodes=8 if quick else 64,
             log=log,
         )
         clean = node_effects(loaded, dicts, batch, Method.ATP).clean
@@ -1104,6 +1163,7 @@ def run_benchmark(
                 loop_nodes_per_pair=None,
                 loop_repeats=1 if quick else 3,
                 methods=methods,
+                exact_max_nodes=8 if quick else 64,
                 log=log,
             )
             del loaded, dicts

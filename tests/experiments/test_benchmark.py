@@ -68,11 +68,14 @@ def test_quick_benchmark_tiny(tmp_path):
         assert set(r[part]) == {"atp", "relp", "ig"}
         for x in r[part].values():
             assert x["median_s"] > 0 and x["peak_mem_mb"] >= 0 and x["ratio_to_floor"] > 0
+    ef = r["exact_features"]  # at most 8 feature nodes per site in quick mode, resumed and full
+    assert ef["max_nodes_per_site"] == 8 and ef["patches"] > r["n_sites"] and ef["max_abs_diff"] < 1e-4
+    assert ef["resumed"]["forwards"] > 0 and ef["speedup"] > 0 and ef["max_abs_effect"] > 0
     loop = r["edge_loop"]
     assert loop["n_backwards_timed"] > 0 and loop["max_abs_diff"] < 1e-5  # loop and batched agree
     assert sum(r["mean_active_features_per_token"].values()) > 0
     md = (tmp_path / "bench.md").read_text()
-    assert "ratio to floor" in md and "## Targets" in md
+    assert "ratio to floor" in md and "## Targets" in md and "| exact features, resumed (" in md
     assert "Data-parallel speedup of 2 processes" in md and "data-parallel discovery" in md
     ex = data["exact_components"]  # experiments/bench_exact.py, tiny in quick mode
     assert "error" not in ex, ex.get("error")
