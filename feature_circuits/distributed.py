@@ -22,8 +22,10 @@ discovery runs in one process as before.
   objects are CPU tensors either way (the accumulators keep their sums on the CPU).
 
 torchrun sets ``OMP_NUM_THREADS=1`` per process unless it is set already, so ``N`` ranks on ``N``
-cores do not oversubscribe them. Models that do not fit one device are a different axis
-(``device_map="auto"``, tensor parallelism): docs/methods.md, "Scale".
+cores do not oversubscribe them. Models that do not fit one device are a different axis:
+``--device-map`` (accelerate; one process), or ``--tensor-parallel`` under torchrun, where the ranks
+shard one copy of the weights instead of the examples (:attr:`DataParallel.tensor_parallel`: every
+rank runs every example and computes the same sums, rank 0 writes); docs/methods.md, "Scale".
 """
 
 from __future__ import annotations
@@ -68,12 +70,17 @@ class DataParallel:
     world_size: int
     local_rank: int
     backend: str
+    #: the ranks shard one model copy (tensor parallelism) instead of the examples: every rank runs
+    #: every example, the same numbers (:meth:`shard` keeps all, :meth:`merge` is the identity)
+    tensor_parallel: bool = False
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     def describe(self) -> str:
+        if self.tensor_parallel:
+            return f"rank {self.rank} of {self.world_size} ({self.backend}), tensor parallel: weights sharded"
         return f"rank {self.rank} of {self.world_size} ({self.backend}), examples sharded by index"
 
     def device_for(self, device: str | None) -> str | None:
@@ -88,11 +95,17 @@ class DataParallel:
         return device
 
     def shard(self, items: Sequence[_T]) -> list[_T]:
-        """Items ``rank, rank + N, ...`` (deterministic; every item on exactly one rank)."""
+        """Items ``rank, rank + N, ...`` (deterministic; every item on exactly one rank); every item
+        under tensor parallelism."""
+        if self.tensor_parallel:
+            return list(items)
         return list(items[self.rank :: self.world_size])
 
     def merge(self, acc: _A) -> _A:
-        """Every rank's accumulator, added up in rank order (the same result on every rank)."""
+        """Every rank's accumulator, added up in rank order (the same result on every rank); under
+        tensor parallelism each rank's own (every rank computed the same sums)."""
+        if self.tensor_parallel:
+            return acc
         import torch.distributed as td
 
         gathered: list[Any] = [None] * self.world_size
@@ -115,7 +128,9 @@ class DataParallel:
             td.destroy_process_group()
 
 
-def init_from_env(device: str | None = None, *, timeout_s: float = 1800.0) -> DataParallel | None:
+def init_from_env(
+    device: str | None = None, *, timeout_s: float = 1800.0, tensor_parallel: bool = False
+) -> DataParallel | None:
     """Join the process group torchrun describes in the environment (None for a single process).
     Backend: NCCL when this run uses CUDA, gloo otherwise. Idempotent: a second call in the same
     process reuses the group."""
@@ -136,5 +151,9 @@ def init_from_env(device: str | None = None, *, timeout_s: float = 1800.0) -> Da
     else:
         backend = str(td.get_backend())
     return DataParallel(
-        rank=td.get_rank(), world_size=td.get_world_size(), local_rank=local_rank, backend=backend
+        rank=td.get_rank(),
+        world_size=td.get_world_size(),
+        local_rank=local_rank,
+        backend=backend,
+        tensor_parallel=tensor_parallel,
     )

@@ -177,6 +177,13 @@ _DEVICE_MAP_HELP = _help(
 _OFFLOAD_HELP = _help(
     "with --device-map: directory for the weights of modules offloaded to disk", metavar="DIR"
 )
+#: ``--tensor-parallel`` of discover
+_TENSOR_PARALLEL_HELP = _help(
+    "under torchrun --nproc-per-node N: shard the model's weights over the N ranks (transformers "
+    "tensor parallelism: attention heads and MLP columns split; gloo on the CPU, NCCL on GPUs) "
+    "instead of sharding the examples; every rank runs every example, rank 0 writes. The attn_z "
+    "sites (sharded by head) are left out"
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -249,6 +256,7 @@ class DiscoverConfig:
     device: str | None = field(default="cpu", metadata=_help("cpu, cuda, cuda:N or auto"))
     device_map: DeviceMapSpec | None = field(default=None, metadata=_DEVICE_MAP_HELP)
     offload_folder: str | None = field(default=None, metadata=_OFFLOAD_HELP)
+    tensor_parallel: bool = field(default=False, metadata=_TENSOR_PARALLEL_HELP)
     dtype: DType = field(default="float32", metadata=_help("model and dictionary dtype"))
     threads: int | None = field(
         default=None,
@@ -482,7 +490,12 @@ def discover(cfg: DiscoverConfig, *, log: Log = _quiet) -> Circuit:
     if cfg.labels is not None:
         load_labels(cfg.labels)
     out = None if cfg.out is None else check_out_dir(cfg.out, "--out")
-    dist = distributed.init_from_env(cfg.device)
+    if cfg.tensor_parallel and distributed.world_size_from_env() < 2:
+        raise ConfigError(
+            "--tensor-parallel shards the model over torchrun's ranks: run it under "
+            "`torchrun --nproc-per-node N -m feature_circuits discover ...` (N >= 2)"
+        )
+    dist = distributed.init_from_env(cfg.device, tensor_parallel=cfg.tensor_parallel)
     main_rank = dist is None or dist.is_main
     if not main_rank:
         log = _quiet
@@ -490,7 +503,7 @@ def discover(cfg: DiscoverConfig, *, log: Log = _quiet) -> Circuit:
         log("method exact has no gradients: computing nodes only (no edges)")
     log(f"torch threads: {apply_threads(cfg.threads)}")
     if dist is not None:
-        log(f"data parallel: {dist.describe()}")
+        log(f"{'tensor' if dist.tensor_parallel else 'data'} parallel: {dist.describe()}")
     seed_everything(cfg.seed)
     timing: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -510,6 +523,7 @@ def discover(cfg: DiscoverConfig, *, log: Log = _quiet) -> Circuit:
         dtype=cfg.dtype,
         device_map=cfg.device_map,
         offload_folder=cfg.offload_folder,
+        tensor_parallel=cfg.tensor_parallel,
     )
     timing["load"] = time.perf_counter() - t_start
     labels = (

@@ -166,3 +166,75 @@ def test_torchrun_two_processes_same_circuit(tmp_path, neox_dir, neox_saes, dp_d
         if ctx:
             last = min(c[2] for c in ctx)
             assert {c for c in ctx if c[2] > last} == {c for c in ctx2 if c[2] > last}, k
+
+
+@pytest.mark.parametrize("family", ["neox", "llama"])
+def test_torchrun_tensor_parallel_same_circuit(tmp_path, family, neox_dir, neox_saes, llama_dir, dp_data):
+    """``discover --tensor-parallel`` under torchrun with 2 CPU processes: the weights are sharded
+    (transformers tensor parallelism, gloo), every rank runs every example, rank 0 writes; nodes,
+    edges and every effect equal one process's (float64)."""
+    from safetensors.torch import load_file
+
+    from tests.helpers import save_random_saes, tiny_llama
+
+    model, saes = (
+        (neox_dir, neox_saes)
+        if family == "neox"
+        else (llama_dir, save_random_saes(tiny_llama(), tmp_path / "saes"))
+    )
+    common: dict[str, Any] = dict(
+        method="relp",
+        model=str(model),
+        saes=str(saes),
+        dataset=str(dp_data),
+        num_examples=9,
+        batch_size=3,
+        node_threshold=1e-3,
+        edge_threshold=1e-5,
+        dtype="float64",
+    )
+    discover(DiscoverConfig(**common, progress=False, html=False, out=str(tmp_path / "one")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("WORLD_SIZE", None)
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in common.items()]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        "--master-addr=127.0.0.1",
+        f"--master-port={_free_port()}",
+        "-m",
+        "feature_circuits",
+        "discover",
+        *args,
+        "--tensor-parallel",
+        "--no-progress",
+        "--no-html",
+        f"--out={tmp_path / 'tp'}",
+    ]
+    res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "tensor parallel: rank 0 of 2 (gloo)" in res.stderr
+    assert res.stdout.count("wrote ") == 1
+    one, tp = _graph(tmp_path / "one" / "circuit.json"), _graph(tmp_path / "tp" / "circuit.json")
+    assert one[2] == tp[2] == 9 and one[0] and one[1]
+    assert one == tp
+    a, b = (
+        load_file(tmp_path / "one" / "effects.safetensors"),
+        load_file(tmp_path / "tp" / "effects.safetensors"),
+    )
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-12, rtol=1e-9, msg=k)
+
+
+def test_tensor_parallel_needs_torchrun(neox_dir, neox_saes, dp_data, monkeypatch):
+    from feature_circuits.errors import ConfigError
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg = DiscoverConfig(
+        model=str(neox_dir), saes=str(neox_saes), dataset=str(dp_data), tensor_parallel=True, html=False
+    )
+    with pytest.raises(ConfigError, match="torchrun"):
+        discover(cfg)

@@ -81,11 +81,13 @@ def load_for_attribution(
     device_map: DeviceMap | None = None,
     max_memory: Mapping[int | str, int | str] | None = None,
     offload_folder: str | os.PathLike[str] | None = None,
+    tensor_parallel: bool = False,
 ) -> tuple[LoadedModel, dict[str, Dictionary]]:
     """Load a model with the LRP rules installed (all off) and its dictionaries: ``(loaded, dicts)``.
     ``device_map`` / ``max_memory`` / ``offload_folder``: split the model over devices
     (:func:`~feature_circuits.model.loading.load_model`); each dictionary then goes on its site's
-    device."""
+    device. ``tensor_parallel``: shard the weights over the torchrun job's ranks (the dictionaries
+    are replicated on every rank)."""
     from feature_circuits.dictionaries.marks import load_dictionaries
     from feature_circuits.model.loading import load_model
 
@@ -97,6 +99,7 @@ def load_for_attribution(
         device_map=device_map,
         max_memory=max_memory,
         offload_folder=offload_folder,
+        tensor_parallel=tensor_parallel,
     )
     dicts = load_dictionaries(loaded.sites, saes, device=loaded.device, dtype=loaded.dtype, model=loaded)
     return loaded, dicts

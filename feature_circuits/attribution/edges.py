@@ -256,6 +256,22 @@ def _node_cotangents(ae: Dictionary, x: Tensor, j: Tensor, g_f: Tensor, g_err: T
     return cot
 
 
+def _vjp_rows(
+    out: Tensor, leaves: Sequence[Tensor], cot: Tensor, *, batched: bool
+) -> tuple[Tensor | None, ...]:
+    """VJPs of the rows of ``cot`` (R, *out.shape) from ``out`` to each leaf: (R, *leaf.shape) each,
+    None for a leaf ``out`` does not depend on. One vmapped backward, or (``batched`` False) one
+    backward per row, stacked."""
+    if batched:
+        return torch.autograd.grad(
+            [out], list(leaves), [cot], retain_graph=True, is_grads_batched=True, allow_unused=True
+        )
+    rows = [torch.autograd.grad([out], list(leaves), [c], retain_graph=True, allow_unused=True) for c in cot]
+    return tuple(
+        None if rows[0][k] is None else torch.stack([r[k] for r in rows]) for k in range(len(leaves))
+    )
+
+
 def position_wise(out: Tensor, leaves: Sequence[Tensor]) -> bool:
     """Whether the derivative of ``out`` (b, s, d) with respect to every leaf (b, s, d_u) is
     block-diagonal over positions (the direct path mixes no positions: MLPs, norms, residual sums;
@@ -377,10 +393,13 @@ def down_edges(
     node_threshold: float,
     chunk_size: int = 64,
     per_position: bool | None = None,
+    batched_vjp: bool = True,
 ) -> dict[str, Tensor]:
     """Sparse COO (b, s_d, F_d+1, s_u, F_u+1) edge effects into site ``down`` from each of ``ups``.
     ``per_position``: whether the direct paths into ``down`` mix no positions (None: probe it,
-    :func:`position_wise`).
+    :func:`position_wise`). ``batched_vjp``: the rows of a chunk in one vmapped backward
+    (``is_grads_batched``); False: one backward per row (a tensor-parallel model, whose collectives
+    have no batching rule).
 
     The VJP is factored so that no F-wide tensor is ever backpropagated: each selected downstream
     node's cotangent on its site output row is computed through its own dictionary (n rows, not
@@ -425,9 +444,7 @@ def down_edges(
         ce, cp, cj, cr = e[sel], p[sel], j[sel], rank[sel] - r0
         cot = torch.zeros(r1 - r0, *xd.shape, dtype=xd.dtype, device=xd.device)
         cot[cr, ce, cp] = cot_rows[sel]
-        grads = torch.autograd.grad(
-            [xd], up_leaves, [cot], retain_graph=True, is_grads_batched=True, allow_unused=True
-        )
+        grads = _vjp_rows(xd, up_leaves, cot, batched=batched_vjp)
         with torch.no_grad():
             if per_position:  # each node's gradient lies at its own position only
                 q = cp.view(-1, 1)
@@ -520,6 +537,7 @@ def edge_effects(
                 node_threshold=node_threshold,
                 chunk_size=chunk_size,
                 per_position=known[key],
+                batched_vjp=loaded.tensor_parallel == 1,
             )
             for u in ups:
                 edges[(u, down)] = got[u]

@@ -73,7 +73,9 @@ class LoadedModel:
     ``device`` is where input ids go (the model's device; with a ``device_map``, the embedding's).
     ``device_map`` is accelerate's placement (``hf_device_map``: module path -> device, ``"cpu"`` or
     ``"disk"``) when the model was loaded with one, else None; ``site_devices`` then maps each site to
-    the device its activation is on (:meth:`site_device`; empty: every site is on ``device``)."""
+    the device its activation is on (:meth:`site_device`; empty: every site is on ``device``).
+    ``tensor_parallel``: the number of ranks the weights are sharded over (transformers tensor
+    parallelism under torchrun; 1: not sharded)."""
 
     name: str
     lm: LanguageModel
@@ -86,6 +88,7 @@ class LoadedModel:
     attn_z_sites: tuple[Site, ...] = ()
     device_map: Mapping[str, str | int] | None = None
     site_devices: Mapping[str, torch.device] = field(default_factory=dict)
+    tensor_parallel: int = 1
 
     def __post_init__(self) -> None:
         if not self.sites:
@@ -320,6 +323,7 @@ def load_model(
     device_map: DeviceMap | None = None,
     max_memory: Mapping[int | str, int | str] | None = None,
     offload_folder: str | os.PathLike[str] | None = None,
+    tensor_parallel: bool = False,
 ) -> LoadedModel:
     """Load a causal LM by HF id, short name (``embedded``, ``pythia-70m-deduped``) or local
     directory; put it in eval mode on ``device`` in ``dtype`` (float32 by default); run
@@ -329,11 +333,20 @@ def load_model(
     :func:`check_device_map`) splits the model over devices instead: it, ``max_memory`` (device ->
     bytes or ``"10GiB"``) and ``offload_folder`` (where ``"disk"`` modules' weights go) are passed to
     ``from_pretrained``, and ``device`` must then be None (the embedding's device becomes
-    :attr:`LoadedModel.device`)."""
+    :attr:`LoadedModel.device`).
+
+    ``tensor_parallel`` shards the weights over the ranks of the torchrun job (transformers tensor
+    parallelism, the model's own ``base_model_tp_plan``: attention heads and MLP columns split, the
+    outputs of ``o_proj`` / ``down_proj`` all-reduced); ``device`` is this rank's (``cpu``, gloo; or
+    ``cuda:LOCAL_RANK``, NCCL). The attention, MLP, residual and embedding sites are then replicated
+    on every rank, so each rank splices the same dictionaries; the ``attn_z`` sites (the ``o_proj``
+    input) are sharded by head and left out."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model_name(name_or_path)
     placement: dict[str, object] = {}
+    if tensor_parallel:
+        placement.update(_tensor_parallel_placement(source, device_map))
     if device_map is None:
         if max_memory is not None or offload_folder is not None:
             raise ModelLoadError("max_memory and offload_folder need a device_map")
@@ -376,7 +389,10 @@ def load_model(
     # is loaded there as a plain model, without either
     accelerate_map = getattr(hf_model, "hf_device_map", None) if device_map is not None else None
     dispatched = isinstance(accelerate_map, Mapping)
-    if device_map is None:
+    if tensor_parallel:  # the weights are on this rank's device already (DTensor shards)
+        hf_model.eval()
+        dev = next(hf_model.parameters()).device
+    elif device_map is None:
         nn.Module.to(hf_model, dev).eval()
     else:
         hf_model.eval()
@@ -390,7 +406,7 @@ def load_model(
     arch = detect_architecture(hf_model)
     every = build_sites(hf_model, attn_z=True, devices=None if device_map is None else site_devices)
     sites = tuple(s for s in every if s.kind is not SiteKind.ATTN_Z)
-    attn_z_sites = tuple(s for s in every if s.kind is SiteKind.ATTN_Z)
+    attn_z_sites = tuple(s for s in every if s.kind is SiteKind.ATTN_Z and not tensor_parallel)
     if dispatched:
         dev = input_device(hf_model)
     if before_wrap is not None:
@@ -408,7 +424,61 @@ def load_model(
         attn_z_sites=attn_z_sites,
         device_map=hf_device_map,
         site_devices=site_devices,
+        tensor_parallel=_tp_world() if tensor_parallel else 1,
     )
+
+
+def _tp_world() -> int:
+    import torch.distributed as td
+
+    return td.get_world_size() if td.is_initialized() else 1
+
+
+def _tensor_parallel_placement(source: str, device_map: object) -> dict[str, object]:
+    """``from_pretrained`` keywords of tensor parallelism over the torchrun job's ranks: the model's
+    own plan, except that the input embedding (and a tied unembedding) stay replicated. transformers
+    would shard a model's ``embed_tokens`` over the vocabulary, and the value of a vocab-parallel
+    embedding carries a single-use ``_MaskPartial`` placement that nnsight 0.8 cannot tap (reading
+    the module's output makes its own reduce fail), while the ``embed`` site reads exactly that."""
+    import torch.distributed as td
+
+    if device_map is not None:
+        raise ModelLoadError("tensor parallelism and a device_map are two ways to split a model: pick one")
+    if not td.is_initialized() or td.get_world_size() < 2:
+        raise ModelLoadError(
+            "tensor parallelism shards the model over the ranks of a torchrun job: run under "
+            "`torchrun --nproc-per-node N` (N >= 2)"
+        )
+    from transformers import AutoConfig, AutoModelForCausalLM, DistributedConfig
+
+    _nnsight_tp_compat()
+    try:
+        config = AutoConfig.from_pretrained(source)
+        with torch.device("meta"):  # the module layout only, no weights
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f"could not read the model {source!r} for tensor parallelism: {err}") from err
+    plan: dict[str, str] = {}
+    base = skeleton.base_model
+    if isinstance(getattr(base, "embed_tokens", None), nn.Embedding):
+        prefix = "" if base is skeleton else f"{skeleton.base_model_prefix}."
+        plan[f"{prefix}embed_tokens"] = "replicated_with_grad_allreduce"
+        if getattr(config.get_text_config(), "tie_word_embeddings", False):
+            plan["lm_head"] = "replicated_with_grad_allreduce"
+    return {"distributed_config": DistributedConfig(tp_plan=plan or "auto")}
+
+
+def _nnsight_tp_compat() -> None:
+    """nnsight 0.8.1 reads a sharded model's plan with ``_get_parameter_plan`` from
+    ``transformers.distributed.tensor_parallel``, which later transformers releases moved to
+    ``transformers.distributed.parallel_utils`` (same function): alias it where it is missing, so
+    nnsight's tensor-parallel tracing finds it. Nothing else is changed."""
+    import transformers.distributed.tensor_parallel as tp
+
+    if not hasattr(tp, "_get_parameter_plan"):
+        from transformers.distributed import parallel_utils
+
+        tp._get_parameter_plan = parallel_utils._get_parameter_plan  # type: ignore[attr-defined]
 
 
 def wrap(
