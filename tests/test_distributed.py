@@ -80,6 +80,29 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _torchrun_discover(options: dict[str, Any], out: Path, *flags: str) -> subprocess.CompletedProcess:
+    """``discover`` with ``options`` (and ``flags``) in 2 torchrun CPU processes, writing to ``out``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("WORLD_SIZE", None)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        "--master-addr=127.0.0.1",
+        f"--master-port={_free_port()}",
+        "-m",
+        "feature_circuits",
+        "discover",
+        *(f"--{k.replace('_', '-')}={v}" for k, v in options.items()),
+        *flags,
+        "--no-progress",
+        "--no-html",
+        f"--out={out}",
+    ]
+    return subprocess.run(cmd, env=env, cwd=out.parent, capture_output=True, text=True, timeout=300)
+
+
 def _graph(path: Path):
     c = json.loads(path.read_text())
     nodes = [(n["id"], round(n["effect"], 5)) for n in c["nodes"]]
@@ -127,25 +150,7 @@ def test_torchrun_two_processes_same_circuit(tmp_path, neox_dir, neox_saes, dp_d
         seed=1,
     )
     discover(DiscoverConfig(**common, progress=False, html=False, out=str(tmp_path / "one")))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    env.pop("WORLD_SIZE", None)
-    args = [f"--{k.replace('_', '-')}={v}" for k, v in common.items()]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node=2",
-        "--master-addr=127.0.0.1",
-        f"--master-port={_free_port()}",
-        "-m",
-        "feature_circuits",
-        "discover",
-        *args,
-        "--no-progress",
-        "--no-html",
-        f"--out={tmp_path / 'two'}",
-    ]
-    res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    res = _torchrun_discover(common, tmp_path / "two")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "rank 0 of 2 (gloo)" in res.stderr
     assert res.stdout.count("wrote ") == 1  # only rank 0 reports (and writes)
@@ -194,26 +199,7 @@ def test_torchrun_tensor_parallel_same_circuit(tmp_path, family, neox_dir, neox_
         dtype="float64",
     )
     discover(DiscoverConfig(**common, progress=False, html=False, out=str(tmp_path / "one")))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    env.pop("WORLD_SIZE", None)
-    args = [f"--{k.replace('_', '-')}={v}" for k, v in common.items()]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node=2",
-        "--master-addr=127.0.0.1",
-        f"--master-port={_free_port()}",
-        "-m",
-        "feature_circuits",
-        "discover",
-        *args,
-        "--tensor-parallel",
-        "--no-progress",
-        "--no-html",
-        f"--out={tmp_path / 'tp'}",
-    ]
-    res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    res = _torchrun_discover(common, tmp_path / "tp", "--tensor-parallel")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "tensor parallel: rank 0 of 2 (gloo)" in res.stderr
     assert res.stdout.count("wrote ") == 1

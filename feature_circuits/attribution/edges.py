@@ -171,9 +171,12 @@ def edge_forward(
     return saved
 
 
-def select_nodes(effects: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Downstream nodes with |effect| > threshold: (example, position, index, rank within example),
-    in (example, position, index) order; ``effects`` (b, s, F+1) dense or sparse COO."""
+def select_nodes(
+    effects: Tensor, threshold: float, *, per_position: bool = False
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Downstream nodes with |effect| > threshold: (example, position, index, rank within example
+    -- within (example, position) with ``per_position``), in (example, position, index) order;
+    ``effects`` (b, s, F+1) dense or sparse COO."""
     if effects.is_sparse:
         t = effects.coalesce()
         keep = t.values().abs() > threshold
@@ -181,9 +184,10 @@ def select_nodes(effects: Tensor, threshold: float) -> tuple[Tensor, Tensor, Ten
     else:
         idx = (effects.abs() > threshold).nonzero()
         e, p, j = idx[:, 0], idx[:, 1], idx[:, 2]
-    counts = torch.bincount(e, minlength=effects.shape[0])
+    group = e * effects.shape[1] + p if per_position else e
+    counts = torch.bincount(group, minlength=effects.shape[0] * (effects.shape[1] if per_position else 1))
     starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(e.shape[0], device=e.device) - starts[e]
+    rank = torch.arange(e.shape[0], device=e.device) - starts[group]
     return e, p, j, rank
 
 
@@ -412,16 +416,13 @@ def down_edges(
     xd = outs[down]
     b, s, n_fd = gd.shape
     shapes = {u: (b, s, n_fd + 1, s, nodes.deltas[u].n_features + 1) for u in ups}
-    e, p, j, rank = select_nodes(nodes.effects[down], node_threshold)
-    if e.numel() == 0:
-        return {u: _empty_edges(shapes[u], gd.f) for u in ups}
     up_leaves = [leaves[u] for u in ups]
     if per_position is None:
         per_position = position_wise(xd, up_leaves)
-    if per_position:  # a row carries one node of every (example, position)
-        key = e * s + p
-        counts = torch.bincount(key, minlength=b * s)
-        rank = torch.arange(key.shape[0], device=key.device) - (torch.cumsum(counts, 0) - counts)[key]
+    # a VJP row carries one node of every example (every (example, position) when per_position)
+    e, p, j, rank = select_nodes(nodes.effects[down], node_threshold, per_position=per_position)
+    if e.numel() == 0:
+        return {u: _empty_edges(shapes[u], gd.f) for u in ups}
     j_f = j.clamp(max=n_fd - 1)
     cot_rows = _node_cotangents(
         dictionaries[down],
