@@ -6,6 +6,7 @@ checks that the page raised no JavaScript error and made no network request."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -46,7 +47,7 @@ if not (CHROMIUM and DRIVER and HAVE_SELENIUM) and not os.environ.get("CI"):
     )
 
 from selenium import webdriver  # noqa: E402
-from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
+from selenium.common.exceptions import NoAlertPresentException, TimeoutException  # noqa: E402
 from selenium.webdriver import Chrome as WebDriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
@@ -274,16 +275,25 @@ def test_search_finds_labels_and_ids(driver, page):
     check_clean(driver, page)
 
 
+def _visible_once(driver: WebDriver, want: set[str]) -> set[str]:
+    """The visible node ids once they equal ``want`` (the page applies a trace asynchronously), or
+    as they are after 10 s."""
+    script = "return fcExplorer.cy.nodes('.fc:visible').map(n => n.id())"
+    with contextlib.suppress(TimeoutException):
+        WebDriverWait(driver, 10).until(lambda d: set(d.execute_script(script)) == want)
+    return set(driver.execute_script(script))
+
+
 def test_trace_from_the_answer(driver, page, circuit):
     open_page(driver, page)
     driver.find_element(By.ID, "fc-trace").click()
     want = traced_nodes(circuit, 2)
-    shown = set(driver.execute_script("return fcExplorer.cy.nodes('.fc:visible').map(n => n.id())"))
+    shown = _visible_once(driver, want)
     assert shown == want and 0 < len(want) < len(circuit.nodes)
     k = driver.find_element(By.ID, "fc-trace-k")
     k.clear()
     k.send_keys("1", Keys.TAB)
-    shown1 = set(driver.execute_script("return fcExplorer.cy.nodes('.fc:visible').map(n => n.id())"))
+    shown1 = _visible_once(driver, traced_nodes(circuit, 1))
     assert shown1 == traced_nodes(circuit, 1) and shown1 < want
     driver.find_element(By.ID, "fc-trace").click()
     assert int(status(driver)["visibleNodes"]) == len(circuit.nodes)
